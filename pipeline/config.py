@@ -1,0 +1,242 @@
+"""Experiment configuration: frozen dataclasses with every default in one place, read from YAML.
+
+Relative paths in a config are relative to the working directory (the repository root
+when run through make). ``pkg://PACKAGE/path`` names a file inside an installed Python
+package, which is how the embedded demo finds its packaged model and data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+PACKAGE_SCHEME = "pkg://"
+
+
+class ConfigError(ValueError):
+    """A config file or value that cannot be used; the message names the key."""
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Where a labeled text data set lives and how to read it (a file under data/)."""
+
+    path: str  # CSV/TSV/JSON/JSONL/Parquet file, a saved HF dataset directory, or pkg://...
+    text_columns: tuple[str, ...] = ("text",)  # one column, or two for sentence pairs
+    label_column: str = "label"
+    label_names: tuple[str, ...] | None = None  # class order; rows with other labels are dropped
+    format: str | None = None  # csv, tsv, json, jsonl, parquet or hf; None: from the file name
+    encoding: str = "utf-8"
+
+    def __post_init__(self):
+        _check(1 <= len(self.text_columns) <= 2, f"text_columns must name 1 or 2 columns; got {self.text_columns!r}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str  # path of a dataset definition (YAML), e.g. data/rotten_tomatoes.yaml
+    test_size: int | float = 0.15  # held-out rows for the final report: a count, or a fraction in (0, 1)
+    validation_size: int | float = 0.05  # rows for model selection during training: a count or a fraction
+    labeled_train_size: int | None = None  # keep labels on this many training rows; the rest are unlabeled
+    max_examples: int | None = None  # use only this many rows in all (quick runs); None: all
+    max_length: int = 128  # tokens per example after truncation
+
+    def __post_init__(self):
+        _check(self.test_size > 0 and self.validation_size > 0, "data.test_size and data.validation_size must be > 0")
+        _check(self.max_length >= 8, f"data.max_length must be >= 8; got {self.max_length!r}")
+        _check(
+            self.labeled_train_size is None or self.labeled_train_size > 0,
+            f"data.labeled_train_size must be > 0 or null; got {self.labeled_train_size!r}",
+        )
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    base_model: str  # HF model id, local directory or pkg://...
+    fine_tune: bool = True  # False: base_model already is a classifier for this task
+    epochs: int = 3
+    learning_rate: float = 5e-5
+    batch_size: int = 32
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    output_root: str = "models/teachers"  # fine-tuned teachers live in <output_root>/<key>/
+
+    def __post_init__(self):
+        _check(self.epochs >= 1, f"teacher.epochs must be >= 1; got {self.epochs!r}")
+        _check(0 < self.learning_rate < 1, f"teacher.learning_rate must be in (0, 1); got {self.learning_rate!r}")
+
+
+@dataclass(frozen=True)
+class CaptureConfig:
+    hidden_layers: tuple[int, ...] = ()  # teacher layers (1..N; 0 = embeddings) whose hidden states are stored
+    attention_layers: tuple[int, ...] = ()  # teacher layers (1..N) whose attention maps are stored
+    hidden_dtype: str = "float16"
+    attention_dtype: str = "float16"
+    batch_size: int = 64
+    shard_rows: int = 1024  # examples per shard
+    cache_root: str = "caches"  # caches live in <cache_root>/<key>/
+
+    def __post_init__(self):
+        _check(self.shard_rows > 0, f"capture.shard_rows must be > 0; got {self.shard_rows!r}")
+        for name in ("hidden_dtype", "attention_dtype"):
+            value = getattr(self, name)
+            _check(value in ("float16", "float32"), f"capture.{name} must be float16 or float32; got {value!r}")
+
+
+LOSS_ATTENTION_KINDS = ("kl", "mse")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    alpha: float = 0.5  # weight of KL(student/T || teacher/T) * T^2; (1 - alpha) goes to hard-label CE
+    temperature: float = 2.0
+    hidden_weight: float = 0.0  # MSE between mapped hidden states (learned projection when widths differ)
+    attention_weight: float = 0.0  # loss between mapped attention maps
+    attention_loss: str = "kl"  # kl or mse
+
+    def __post_init__(self):
+        _check(0 <= self.alpha <= 1, f"loss.alpha must be in [0, 1]; got {self.alpha!r}")
+        _check(self.temperature > 0, f"loss.temperature must be > 0; got {self.temperature!r}")
+        _check(
+            self.attention_loss in LOSS_ATTENTION_KINDS,
+            f"unknown loss.attention_loss {self.attention_loss!r}; choose from {list(LOSS_ATTENTION_KINDS)}",
+        )
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    name: str
+    teacher_layers: tuple[int, ...] | None = None  # cut from these teacher layers (1..N), DistilBERT-style
+    pretrained: str | None = None  # or start from this checkpoint (same tokenizer as the teacher)
+    layer_map: tuple[tuple[int, int], ...] | None = None  # (student layer, teacher layer); default: teacher_layers
+    freeze_embeddings: bool = False  # keep the word embeddings fixed (faster steps on CPU)
+
+    def __post_init__(self):
+        _check(
+            (self.teacher_layers is None) != (self.pretrained is None),
+            f"student {self.name!r}: give exactly one of teacher_layers or pretrained",
+        )
+
+    @property
+    def mapping(self) -> tuple[tuple[int, int], ...]:
+        """(student layer, teacher layer) pairs for the intermediate losses."""
+        if self.layer_map is not None:
+            return self.layer_map
+        if self.teacher_layers is not None:
+            return tuple((i + 1, t) for i, t in enumerate(self.teacher_layers))
+        return ()
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    students: tuple[StudentConfig, ...]
+    loss: LossConfig = field(default_factory=LossConfig)
+    epochs: int = 3
+    learning_rate: float = 1e-4
+    batch_size: int = 32
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    seeds: tuple[int, ...] = (0,)  # each student (and baseline) is trained once per seed
+    baselines: bool = True  # also train each student architecture on hard labels only
+    run_root: str = "runs"  # each run writes <run_root>/<timestamp>-<name>/; <run_root>/latest points to it
+
+    def __post_init__(self):
+        _check(len(self.students) > 0, "distill.students must list at least one student")
+        names = [s.name for s in self.students]
+        _check(len(set(names)) == len(names), f"student names must be unique; got {names}")
+        _check(len(self.seeds) > 0, "distill.seeds must list at least one seed")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    name: str
+    data: DataConfig
+    teacher: TeacherConfig
+    distill: DistillConfig
+    capture: CaptureConfig = field(default_factory=CaptureConfig)
+    seed: int = 0  # the data split and the teacher's fine-tuning
+
+
+def load_config(path: str | Path) -> ExperimentConfig:
+    """Read an experiment YAML into an ExperimentConfig.
+
+    Raises:
+        ConfigError: unknown or missing keys, or values out of range; the message names the key.
+    """
+    return _build(ExperimentConfig, _read_yaml(path), str(path))
+
+
+def load_dataset_spec(path: str | Path) -> DatasetSpec:
+    """Read a dataset definition YAML (see data/)."""
+    return _build(DatasetSpec, _read_yaml(path), str(path))
+
+
+def _read_yaml(path: str | Path) -> dict:
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    _check(isinstance(raw, dict), f"{path} must hold a mapping of keys")
+    return raw
+
+
+def _build(cls, raw, where: str):
+    """Turn a YAML mapping into the dataclass ``cls``, refusing unknown keys by name."""
+    _check(isinstance(raw, dict), f"{where}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - known)
+    _check(not unknown, f"{where}: unknown key(s) {unknown}; choose from {sorted(known)}")
+    values = {name: _convert(hints[name], value, f"{where}.{name}") for name, value in raw.items()}
+    try:
+        return cls(**values)
+    except TypeError as e:  # a required key is missing
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def _convert(hint, value, where: str):
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            return None
+        return _convert(next(a for a in args if a is not type(None)), value, where)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where)
+    if origin is tuple:
+        _check(isinstance(value, (list, tuple)), f"{where}: expected a list, got {value!r}")
+        item = args[0]
+        return tuple(_convert(item, v, f"{where}[{i}]") for i, v in enumerate(value))
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool):
+        _check(isinstance(value, hint) and not (hint is int and isinstance(value, bool)),
+               f"{where}: expected {hint.__name__}, got {value!r}")
+    return value
+
+
+def resolve_location(location: str) -> str:
+    """Turn ``pkg://PACKAGE/rel/path`` into a path inside the installed package; anything else is returned as is.
+
+    Raises:
+        ConfigError: the package is not installed.
+    """
+    if not location.startswith(PACKAGE_SCHEME):
+        return location
+    package, _, relative = location[len(PACKAGE_SCHEME) :].partition("/")
+    spec = importlib.util.find_spec(package)  # locate without importing: these packages only carry files
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(f"package {package!r} (for {location}) is not installed; run `make setup`")
+    return str(Path(spec.submodule_search_locations[0]) / relative)

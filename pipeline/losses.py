@@ -1,0 +1,75 @@
+"""Distillation loss terms. Each takes (student, teacher[, mask]) tensors and returns a scalar."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .data import UNLABELED
+
+
+def logit_kl(student: torch.Tensor, teacher: torch.Tensor, *, temperature: float) -> torch.Tensor:
+    """KL(teacher/T || student/T) * T^2, averaged over the batch (Hinton et al.).
+
+    Args:
+        student, teacher: logits (B, C).
+    """
+    log_p_student = F.log_softmax(student / temperature, dim=-1)
+    log_p_teacher = F.log_softmax(teacher / temperature, dim=-1)
+    return F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="batchmean") * temperature**2
+
+
+def hard_label_ce(student: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy on the labeled rows only; 0 when the batch has none.
+
+    Args:
+        student: logits (B, C); labels: (B,) with UNLABELED (-1) for unlabeled rows.
+    """
+    if not (labels != UNLABELED).any():
+        return student.sum() * 0.0
+    return F.cross_entropy(student, labels, ignore_index=UNLABELED)
+
+
+def hidden_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over real tokens only.
+
+    Args:
+        student: projected student hidden states (B, T, H); teacher: (B, T, H); mask: (B, T), 1 = real token.
+    """
+    mask = mask.unsqueeze(-1).to(student.dtype)  # (B, T, 1)
+    return ((student - teacher) ** 2 * mask).sum() / (mask.sum() * student.shape[-1])
+
+
+def attention_kl(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) of each real query row's attention distribution, averaged over rows and heads.
+
+    Args:
+        student, teacher: attention probabilities (B, heads, T, T); mask: (B, T), 1 = real token.
+    """
+    student, teacher = _match_heads(student, teacher)
+    log_s = torch.log(student.clamp_min(1e-12))
+    log_t = torch.log(teacher.clamp_min(1e-12))
+    row_kl = (teacher * (log_t - log_s)).sum(-1)  # (B, heads, T)
+    rows = mask.unsqueeze(1).to(row_kl.dtype)  # (B, 1, T)
+    return (row_kl * rows).sum() / (rows.sum() * row_kl.shape[1])
+
+
+def attention_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """MSE between attention probabilities over real (query, key) pairs (TinyBERT).
+
+    Args:
+        student, teacher: (B, heads, T, T); mask: (B, T), 1 = real token.
+    """
+    student, teacher = _match_heads(student, teacher)
+    pairs = (mask.unsqueeze(-1) * mask.unsqueeze(-2)).unsqueeze(1).to(student.dtype)  # (B, 1, T, T)
+    return ((student - teacher) ** 2 * pairs).sum() / (pairs.sum() * student.shape[1])
+
+
+def _match_heads(student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compare head-averaged maps when the head counts differ."""
+    if student.shape[1] != teacher.shape[1]:
+        return student.mean(1, keepdim=True), teacher.mean(1, keepdim=True)
+    return student, teacher
+
+
+ATTENTION_LOSSES = {"kl": attention_kl, "mse": attention_mse}

@@ -1,0 +1,94 @@
+"""The run report: one table on the terminal, in report.md and in report.json."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+
+@dataclass(frozen=True)
+class ModelResult:
+    """One trained (or the teacher) model's test results."""
+
+    name: str
+    role: str  # teacher, student or baseline
+    seed: int
+    accuracy: float
+    macro_f1: float
+    params: int
+    size_bytes: int
+    examples_per_s: float  # CPU inference, batch 32
+    path: str
+    baseline: str | None = None  # for a student: the name of its no-KD baseline
+
+
+def summarize(results: list[ModelResult]) -> list[dict]:
+    """One entry per model name: metrics averaged over seeds, with their spread."""
+    teacher_accuracy = next(r.accuracy for r in results if r.role == "teacher")
+    summary = []
+    for name in dict.fromkeys(r.name for r in results):
+        runs = [r for r in results if r.name == name]
+        accuracy = [r.accuracy for r in runs]
+        summary.append({
+            "name": name,
+            "role": runs[0].role,
+            "seeds": [r.seed for r in runs],
+            "accuracy": float(np.mean(accuracy)),
+            "accuracy_std": float(np.std(accuracy)),
+            "macro_f1": float(np.mean([r.macro_f1 for r in runs])),
+            "params": runs[0].params,
+            "size_bytes": runs[0].size_bytes,
+            "examples_per_s": float(np.mean([r.examples_per_s for r in runs])),
+            "pct_of_teacher": 100 * float(np.mean(accuracy)) / teacher_accuracy,
+            "baseline": runs[0].baseline,
+            "paths": [r.path for r in runs],
+        })  # fmt: skip
+    return summary
+
+
+_COLUMNS = ("model", "role", "accuracy", "macro-F1", "% of teacher", "params", "size", "examples/s")
+
+
+def _row(entry: dict) -> tuple[str, ...]:
+    spread = f" ± {entry['accuracy_std']:.4f}" if len(entry["seeds"]) > 1 else ""
+    return (
+        entry["name"],
+        entry["role"],
+        f"{entry['accuracy']:.4f}{spread}",
+        f"{entry['macro_f1']:.4f}",
+        f"{entry['pct_of_teacher']:.1f}%",
+        f"{entry['params'] / 1e6:.1f}M",
+        f"{entry['size_bytes'] / 1e6:.1f} MB",
+        f"{entry['examples_per_s']:.0f}",
+    )
+
+
+def write_report(run_dir: Path, results: list[ModelResult], *, config: dict, cache_key: str) -> list[dict]:
+    """Print the table and write report.md and report.json into ``run_dir``."""
+    summary = summarize(results)
+    rows = [_row(entry) for entry in summary]
+    table = Table(title=f"kdcache run {run_dir.name} (test split)")
+    for column in _COLUMNS:
+        table.add_column(column, justify="left" if column in ("model", "role") else "right")
+    for row in rows:
+        table.add_row(*row)
+    Console().print(table)
+    lines = ["| " + " | ".join(_COLUMNS) + " |", "|" + "---|" * len(_COLUMNS)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    seeds = sorted({r.seed for r in results if r.role != "teacher"})
+    note = f"Accuracy is the mean over seeds {seeds} (± standard deviation); throughput is CPU inference at batch 32."
+    (run_dir / "report.md").write_text(f"# kdcache run {run_dir.name}\n\n{note}\n\n" + "\n".join(lines) + "\n")
+    report = {
+        "cache_key": cache_key,
+        "models": summary,
+        "runs": [dataclasses.asdict(r) for r in results],
+        "config": config,
+    }
+    (run_dir / "report.json").write_text(json.dumps(report, indent=1))
+    return summary

@@ -1,0 +1,131 @@
+"""Stage 0: fine-tune the teacher on the task, content-addressed so it is trained once."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from cache_store import Fingerprint
+
+from .config import ConfigError, ExperimentConfig
+from .data import UNLABELED, TextData, load_splits, tokenize
+from .models import load_classifier, load_tokenizer, model_dir, model_files, save_model
+from .training import classification_metrics, fit, pad_ids, predict_logits
+
+TEACHER_RECORD = "teacher.json"
+
+
+@dataclass(frozen=True)
+class TeacherResult:
+    path: Path
+    key: str
+    reused: bool
+
+
+def teacher_key(cfg: ExperimentConfig, base: Path, splits: dict[str, TextData], tokenizer) -> str:
+    """Hash of what determines the fine-tuned weights: base model files, data content, hyperparameters."""
+    fp = Fingerprint("kdcache-teacher-v1").update_files("base", base, model_files(base))
+    for name in ("train", "validation"):
+        ids = tokenize(tokenizer, splits[name], max_length=cfg.data.max_length)
+        fp.update_array(f"{name}/ids", np.concatenate(ids)).update_array(f"{name}/lengths", [len(x) for x in ids])
+        fp.update_array(f"{name}/labels", splits[name].labels)
+    settings = {k: v for k, v in dataclasses.asdict(cfg.teacher).items() if k not in ("base_model", "output_root")}
+    return fp.update_json("settings", {**settings, "seed": cfg.seed, "max_length": cfg.data.max_length}).hexdigest()
+
+
+def locate_teacher(cfg: ExperimentConfig, splits: dict[str, TextData]) -> tuple[Path, str]:
+    """The teacher directory for ``cfg`` and its key; the base model itself when fine_tune is off."""
+    base = model_dir(cfg.teacher.base_model)
+    if not cfg.teacher.fine_tune:
+        return base, Fingerprint("kdcache-teacher-v1").update_files("base", base, model_files(base)).hexdigest()
+    key = teacher_key(cfg, base, splits, load_tokenizer(base))
+    return Path(cfg.teacher.output_root) / key, key
+
+
+def require_teacher(cfg: ExperimentConfig, splits: dict[str, TextData]) -> tuple[Path, str]:
+    """Like locate_teacher, but refuses a fine-tuned teacher that has not been trained yet."""
+    path, key = locate_teacher(cfg, splits)
+    if cfg.teacher.fine_tune and not (path / TEACHER_RECORD).exists():
+        raise ConfigError(f"no fine-tuned teacher {key} at {path}; run `kdcache teacher-train --config ...` first")
+    return path, key
+
+
+def run_teacher_train(cfg: ExperimentConfig) -> TeacherResult:
+    """Fine-tune ``teacher.base_model`` on the labeled training rows, keep the best epoch, save it.
+
+    Reuses an existing teacher with the same key (same base model, data and settings).
+    """
+    splits = load_splits(cfg.data, seed=cfg.seed)
+    path, key = locate_teacher(cfg, splits)
+    if not cfg.teacher.fine_tune:
+        print(f"teacher: using {cfg.teacher.base_model} as is (fine_tune: false)")
+        return TeacherResult(path, key, reused=True)
+    if (path / TEACHER_RECORD).exists():
+        print(f"reused teacher {key} at {path}")
+        return TeacherResult(path, key, reused=True)
+    base = model_dir(cfg.teacher.base_model)
+    tokenizer = load_tokenizer(base)
+    train = splits["train"].take(np.flatnonzero(splits["train"].labels != UNLABELED))
+    train_ids = tokenize(tokenizer, train, max_length=cfg.data.max_length)
+    val_ids = tokenize(tokenizer, splits["validation"], max_length=cfg.data.max_length)
+    torch.manual_seed(cfg.seed)
+    model = load_classifier(base, num_labels=len(train.label_names))
+    model.config.id2label = dict(enumerate(train.label_names))
+    model.config.label2id = {name: i for i, name in enumerate(train.label_names)}
+    pad_id = tokenizer.pad_token_id
+    batch_size = cfg.teacher.batch_size
+    steps = -(-len(train_ids) // batch_size)
+
+    def epoch_batches(epoch: int):
+        order = np.random.default_rng([cfg.seed, epoch]).permutation(len(train_ids))
+        for start in range(0, len(order), batch_size):
+            index = order[start : start + batch_size]
+            input_ids, mask = pad_ids([train_ids[i] for i in index], pad_id)
+            yield {"input_ids": input_ids, "attention_mask": mask, "labels": torch.from_numpy(train.labels[index])}
+
+    tqdm.write(f"teacher: fine-tuning {cfg.teacher.base_model} on {len(train_ids)} labeled rows")
+    history = fit(
+        model,
+        trainable=[model],
+        epochs=cfg.teacher.epochs,
+        steps_per_epoch=steps,
+        epoch_batches=epoch_batches,
+        step_loss=lambda batch: model(**batch).loss,
+        validate=lambda: classification_metrics(
+            predict_logits(model, val_ids, pad_id=pad_id), splits["validation"].labels
+        ),
+        lr=cfg.teacher.learning_rate,
+        weight_decay=cfg.teacher.weight_decay,
+        warmup_ratio=cfg.teacher.warmup_ratio,
+        desc="teacher",
+    )
+    _save_atomically(model, tokenizer, path, record={
+        "key": key,
+        "base_model": cfg.teacher.base_model,
+        "labeled_rows": len(train_ids),
+        "history": [dataclasses.asdict(h) for h in history],
+    })  # fmt: skip
+    best = max(h.validation_accuracy for h in history)
+    print(f"trained teacher {key} at {path} (validation accuracy {best:.4f})")
+    return TeacherResult(path, key, reused=False)
+
+
+def _save_atomically(model, tokenizer, path: Path, *, record: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        save_model(model, tokenizer, tmp)
+        (tmp / TEACHER_RECORD).write_text(json.dumps(record, indent=1))
+        if path.exists():  # an incomplete directory from an interrupted run
+            shutil.rmtree(path)
+        tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
