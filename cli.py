@@ -35,6 +35,17 @@ def _load(config: Path, *, max_examples: Optional[int] = None, cache_root: Optio
     return dataclasses.replace(cfg, distill=distill)
 
 
+@app.callback()
+def _quiet_libraries() -> None:
+    """Keep the terminal for kdcache's own progress bars: no library load reports or bars."""
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    datasets.disable_progress_bars()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def _fail(error: Exception) -> typer.Exit:
     typer.echo(f"error: {error}", err=True)
     return typer.Exit(1)

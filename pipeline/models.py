@@ -51,14 +51,7 @@ def load_classifier(directory: Path, *, num_labels: int | None = None, attention
     """Load a sequence classifier; eager attention only when attention maps are wanted (sdpa returns none)."""
     extra = {"num_labels": num_labels} if num_labels is not None else {}
     attn = "eager" if attention_maps else "sdpa"
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # a fresh classification head is expected; its load report is noise
-    try:
-        return AutoModelForSequenceClassification.from_pretrained(str(directory), attn_implementation=attn, **extra)
-    finally:
-        hf_logging.set_verbosity(verbosity)
+    return AutoModelForSequenceClassification.from_pretrained(str(directory), attn_implementation=attn, **extra)
 
 
 def encoder_layers(model: nn.Module) -> nn.ModuleList:

@@ -78,7 +78,10 @@ def write_report(run_dir: Path, results: list[ModelResult], *, config: dict, cac
         table.add_column(column, justify="left" if column in ("model", "role") else "right")
     for row in rows:
         table.add_row(*row)
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:  # a log file or pipe: do not squeeze the table into 80 columns
+        console = Console(width=120)
+    console.print(table)
     lines = ["| " + " | ".join(_COLUMNS) + " |", "|" + "---|" * len(_COLUMNS)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     seeds = sorted({r.seed for r in results if r.role != "teacher"})

@@ -11,14 +11,15 @@ from cache_store import Cache
 
 from .capture import ATTENTION, HIDDEN
 from .data import UNLABELED
-from .training import Batch, pad_ids
+from .training import Batch, length_grouped_batches, pad_ids
 
 
 class CacheBatches:
     """Shuffled, padded batches of one cache split with the teacher outputs a student needs.
 
-    Shard order and row order within each shard are shuffled from ``(seed, epoch)``, so a
-    run is reproducible; rows left over at a shard's end join the next shard's first batch.
+    Shards are read whole, one at a time, in an order shuffled from ``(seed, epoch)``;
+    within a shard, rows of similar length are batched together and the batches shuffled.
+    A run is therefore reproducible, and reads are sequential.
 
     Args:
         hidden_layers, attention_layers: teacher layers whose tensors each batch carries.
@@ -30,51 +31,38 @@ class CacheBatches:
         self.cache, self.split, self.batch_size, self.seed, self.pad_id = cache, split, batch_size, seed, pad_id
         self.wanted = [(HIDDEN, k) for k in hidden_layers] + [(ATTENTION, k) for k in attention_layers]
         self.labeled_only = labeled_only
-        self.rows = self._count_rows()
-
-    def _count_rows(self) -> int:
-        if not self.labeled_only:
-            return self.cache.split(self.split).rows
-        return sum(int((shard.rows.label != UNLABELED).sum()) for shard in self.cache.iter_shards(self.split))
+        self._batches_per_shard = [
+            len(self._shard_batches(self.cache.read_shard(entry), np.random.default_rng(0)))
+            for entry in self.cache.shards(split)
+        ]
 
     def __len__(self) -> int:
-        return -(-self.rows // self.batch_size)
+        return sum(self._batches_per_shard)
+
+    def _shard_batches(self, data, rng: np.random.Generator) -> list[np.ndarray]:
+        rows = np.flatnonzero(data.rows.label != UNLABELED) if self.labeled_only else np.arange(len(data.rows))
+        lengths = np.array([len(data.rows.input_ids[i]) for i in rows])
+        return [rows[b] for b in length_grouped_batches(lengths, self.batch_size, rng, window=len(rows) or 1)]
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
         rng = np.random.default_rng([self.seed, epoch])
         shards = self.cache.shards(self.split)
-        pending = []
         for shard_index in rng.permutation(len(shards)):
             data = self.cache.read_shard(shards[shard_index], self.wanted)
-            for i in rng.permutation(len(data.rows)):
-                if self.labeled_only and data.rows.label[i] == UNLABELED:
-                    continue
-                pending.append(self._example(data, i))
-                if len(pending) == self.batch_size:
-                    yield self._collate(pending)
-                    pending = []
-        if pending:
-            yield self._collate(pending)
+            for rows in self._shard_batches(data, rng):
+                yield self._collate(data, rows)
 
-    def _example(self, data, i: int) -> dict:
-        return {
-            "ids": data.rows.input_ids[i],
-            "label": data.rows.label[i],
-            "logits": data.rows.logits[i],
-            **{key: data.example_tensor(*key, i) for key in self.wanted},
-        }
-
-    def _collate(self, examples: list[dict]) -> Batch:
-        input_ids, mask = pad_ids([e["ids"] for e in examples], self.pad_id)  # (B, T)
+    def _collate(self, data, rows: np.ndarray) -> Batch:
+        input_ids, mask = pad_ids([data.rows.input_ids[i] for i in rows], self.pad_id)  # (B, T)
         batch = {
             "input_ids": input_ids,
             "attention_mask": mask,
-            "labels": torch.tensor(np.array([e["label"] for e in examples]), dtype=torch.long),  # (B,)
-            "teacher_logits": torch.from_numpy(np.stack([e["logits"] for e in examples])),  # (B, C)
+            "labels": torch.from_numpy(data.rows.label[rows].astype(np.int64)),  # (B,)
+            "teacher_logits": torch.from_numpy(data.rows.logits[rows]),  # (B, C)
         }
-        longest = input_ids.shape[1]
         for name, layer in self.wanted:
-            batch[f"{name}/{layer}"] = _pad_tensors([e[(name, layer)] for e in examples], longest, name)
+            arrays = [data.example_tensor(name, layer, i) for i in rows]
+            batch[f"{name}/{layer}"] = _pad_tensors(arrays, input_ids.shape[1], name)
         return batch
 
 

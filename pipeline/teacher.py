@@ -18,7 +18,7 @@ from cache_store import Fingerprint
 from .config import ConfigError, ExperimentConfig
 from .data import UNLABELED, TextData, load_splits, tokenize
 from .models import load_classifier, load_tokenizer, model_dir, model_files, save_model
-from .training import classification_metrics, fit, pad_ids, predict_logits
+from .training import classification_metrics, fit, length_grouped_batches, pad_ids, predict_logits
 
 TEACHER_RECORD = "teacher.json"
 
@@ -82,12 +82,12 @@ def run_teacher_train(cfg: ExperimentConfig) -> TeacherResult:
     model.config.label2id = {name: i for i, name in enumerate(train.label_names)}
     pad_id = tokenizer.pad_token_id
     batch_size = cfg.teacher.batch_size
-    steps = -(-len(train_ids) // batch_size)
+
+    lengths = np.array([len(x) for x in train_ids])
+    steps = len(length_grouped_batches(lengths, batch_size, np.random.default_rng(0)))
 
     def epoch_batches(epoch: int):
-        order = np.random.default_rng([cfg.seed, epoch]).permutation(len(train_ids))
-        for start in range(0, len(order), batch_size):
-            index = order[start : start + batch_size]
+        for index in length_grouped_batches(lengths, batch_size, np.random.default_rng([cfg.seed, epoch])):
             input_ids, mask = pad_ids([train_ids[i] for i in index], pad_id)
             yield {"input_ids": input_ids, "attention_mask": mask, "labels": torch.from_numpy(train.labels[index])}
 

@@ -26,6 +26,21 @@ def pad_ids(ids: list[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Ten
     return input_ids, mask
 
 
+def length_grouped_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator, *, window: int = 50) -> list[np.ndarray]:
+    """Random batches of rows of similar length, so little compute goes to padding.
+
+    Rows are shuffled, sorted by length within windows of ``window`` batches, cut into
+    batches, and the batches shuffled (as HF's ``group_by_length`` does).
+    """
+    order = rng.permutation(len(lengths))
+    batches = []
+    for start in range(0, len(order), batch_size * window):
+        chunk = order[start : start + batch_size * window]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
 @torch.inference_mode()
 def predict_logits(model: nn.Module, ids: list[np.ndarray], *, pad_id: int, batch_size: int = 32) -> np.ndarray:
     """Class logits (N, C) in input order; batches are formed from length-sorted rows."""

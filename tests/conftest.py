@@ -1,0 +1,99 @@
+"""Shared fixtures: a tiny BERT teacher built from a config, a tiny labeled data set, a config."""
+
+from __future__ import annotations
+
+import csv
+import random
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
+
+from pipeline.config import load_config
+
+GOOD = ["great", "moving", "brilliant", "funny", "warm", "sharp", "lovely", "smart"]
+BAD = ["dull", "flat", "boring", "clumsy", "tired", "messy", "bland", "weak"]
+FILLER = ["the", "film", "movie", "story", "is", "a", "and", "very", "plot", "cast", "but", "so"]
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def review(rng: random.Random, positive: bool) -> str:
+    words = rng.choices(FILLER, k=rng.randint(2, 12)) + rng.choices(GOOD if positive else BAD, k=rng.randint(1, 3))
+    rng.shuffle(words)
+    return " ".join(words)
+
+
+def write_reviews(path: Path, rows: int, seed: int = 0) -> None:
+    rng = random.Random(seed)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["review", "sentiment"])
+        for i in range(rows):
+            positive = i % 2 == 0
+            writer.writerow([review(rng, positive), "pos" if positive else "neg"])
+        writer.writerow(["a plot summary row that is dropped", "plot"])
+
+
+def build_tiny_teacher(directory: Path, *, layers: int = 4, hidden: int = 32, seed: int = 0) -> Path:
+    """A random tiny BERT classifier and a word-level tokenizer, saved like a real checkpoint."""
+    directory.mkdir(parents=True, exist_ok=True)
+    words = SPECIAL + sorted(set(GOOD + BAD + FILLER + ["summary", "row", "that", "dropped"]))
+    tokenizer = BertTokenizer(vocab={word: i for i, word in enumerate(words)})
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=64, num_labels=2,
+    )  # fmt: skip
+    BertForSequenceClassification(config).save_pretrained(str(directory))
+    tokenizer.save_pretrained(str(directory))
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory) -> Path:
+    return build_tiny_teacher(tmp_path_factory.mktemp("tiny-teacher"))
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> Path:
+    """A dataset definition (YAML) over 120 synthetic reviews plus one row to drop."""
+    root = tmp_path_factory.mktemp("tiny-data")
+    write_reviews(root / "reviews.csv", 120)
+    definition = root / "reviews.yaml"
+    definition.write_text(yaml.safe_dump({
+        "path": str(root / "reviews.csv"), "text_columns": ["review"],
+        "label_column": "sentiment", "label_names": ["neg", "pos"],
+    }))  # fmt: skip
+    return definition
+
+
+def tiny_config_dict(tmp_path: Path, teacher: Path, dataset: Path) -> dict:
+    return {
+        "name": "tiny",
+        "seed": 0,
+        "data": {"dataset": str(dataset), "test_size": 20, "validation_size": 20, "labeled_train_size": 50,
+                 "max_length": 32},
+        "teacher": {"base_model": str(teacher), "epochs": 1, "learning_rate": 1e-3, "batch_size": 16,
+                    "output_root": str(tmp_path / "teachers")},
+        "capture": {"hidden_layers": [0, 2, 4], "attention_layers": [2, 4], "batch_size": 8, "shard_rows": 32,
+                    "cache_root": str(tmp_path / "caches")},
+        "distill": {
+            "students": [{"name": "tiny-l2", "teacher_layers": [2, 4]}],
+            "loss": {"alpha": 0.5, "temperature": 2.0, "hidden_weight": 1.0, "attention_weight": 1.0},
+            "epochs": 1, "learning_rate": 1e-3, "batch_size": 16, "run_root": str(tmp_path / "runs"),
+        },
+    }  # fmt: skip
+
+
+@pytest.fixture
+def config_file(tmp_path, tiny_teacher, tiny_dataset) -> Path:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tiny_config_dict(tmp_path, tiny_teacher, tiny_dataset)))
+    return path
+
+
+@pytest.fixture
+def config(config_file):
+    return load_config(config_file)

@@ -1,0 +1,64 @@
+"""Loss terms against hand computations, and padding never counts."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.data import UNLABELED
+from pipeline.losses import attention_kl, attention_mse, hard_label_ce, hidden_mse, logit_kl
+
+
+def test_logit_kl_is_zero_for_equal_logits_and_matches_the_definition():
+    torch.manual_seed(0)
+    s, t = torch.randn(5, 3), torch.randn(5, 3)
+    assert logit_kl(t, t, temperature=2.0).abs() < 1e-6
+    T = 3.0
+    p_t = F.softmax(t / T, -1)
+    expected = (p_t * (p_t.log() - F.log_softmax(s / T, -1))).sum(-1).mean() * T**2
+    torch.testing.assert_close(logit_kl(s, t, temperature=T), expected)
+
+
+def test_hard_label_ce_ignores_unlabeled_rows():
+    torch.manual_seed(1)
+    logits = torch.randn(4, 2)
+    labels = torch.tensor([1, UNLABELED, 0, UNLABELED])
+    torch.testing.assert_close(hard_label_ce(logits, labels), F.cross_entropy(logits[[0, 2]], labels[[0, 2]]))
+    assert hard_label_ce(logits, torch.full((4,), UNLABELED)) == 0
+
+
+def test_hidden_mse_counts_real_tokens_only():
+    torch.manual_seed(2)
+    s, t = torch.randn(2, 4, 3), torch.randn(2, 4, 3)
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
+    expected = torch.cat([(s[0, :2] - t[0, :2]) ** 2, (s[1] - t[1]) ** 2]).mean()
+    torch.testing.assert_close(hidden_mse(s, t, mask), expected)
+    t_changed = t.clone()
+    t_changed[0, 2:] += 100  # padding positions
+    torch.testing.assert_close(hidden_mse(s, t_changed, mask), expected)
+
+
+def _attention(batch, heads, length, seed):
+    torch.manual_seed(seed)
+    return F.softmax(torch.randn(batch, heads, length, length), -1)
+
+
+def test_attention_losses_are_zero_for_equal_maps_and_ignore_padded_queries():
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    a, b = _attention(2, 2, 4, 3), _attention(2, 2, 4, 4)
+    for loss in (attention_kl, attention_mse):
+        assert loss(a, a, mask).abs() < 1e-6
+        base = loss(a, b, mask)
+        assert base > 0
+        a_changed, b_changed = a.clone(), b.clone()
+        a_changed[0, :, 3, :] = torch.tensor([0.7, 0.1, 0.1, 0.1])  # the padded query row of example 0
+        b_changed[0, :, 3, :] = 0.25
+        torch.testing.assert_close(loss(a_changed, b_changed, mask), base)
+
+
+def test_attention_kl_matches_the_row_definition_on_unpadded_maps():
+    mask = torch.ones(1, 3, dtype=torch.long)
+    a, b = _attention(1, 2, 3, 5), _attention(1, 2, 3, 6)
+    expected = (b * (b.log() - a.log())).sum(-1).mean()
+    torch.testing.assert_close(attention_kl(a, b, mask), expected)
+    torch.testing.assert_close(attention_mse(a, b, mask), ((a - b) ** 2).mean())

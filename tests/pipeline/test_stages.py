@@ -1,0 +1,114 @@
+"""The three stages on a tiny teacher: train once, capture what the teacher computes, distill from the cache."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification
+
+from cache_store import open_cache
+from pipeline.capture import plan_cache, run_capture
+from pipeline.config import ConfigError
+from pipeline.distill import run_distill
+from pipeline.models import load_classifier
+from pipeline.teacher import run_teacher_train
+from pipeline.training import pad_ids
+
+
+def test_teacher_is_trained_once_and_then_reused(config, capsys):
+    first = run_teacher_train(config)
+    assert not first.reused and (first.path / "config.json").exists()
+    second = run_teacher_train(config)
+    assert second.reused and second.path == first.path
+    assert f"reused teacher {first.key}" in capsys.readouterr().out
+    changed = dataclasses.replace(config, teacher=dataclasses.replace(config.teacher, learning_rate=5e-4))
+    with pytest.raises(ConfigError, match="run `kdcache teacher-train"):
+        run_capture(changed)  # a different teacher key: nothing trained for it yet
+
+
+@pytest.fixture
+def captured(config):
+    run_teacher_train(config)
+    return run_capture(config)
+
+
+def test_cache_holds_exactly_what_the_live_teacher_computes(config, captured):
+    plan = plan_cache(config)
+    teacher = load_classifier(plan.teacher_path, attention_maps=True).eval()
+    cache = open_cache(captured.path)
+    wanted = [("hidden_states", k) for k in (0, 2, 4)] + [("attentions", k) for k in (2, 4)]
+    data = cache.read_shard(cache.shards("train")[0], wanted)
+    rows = range(5)
+    with torch.no_grad():
+        for i in rows:
+            ids, mask = pad_ids([plan.token_ids["train"][i]], 0)
+            out = teacher(input_ids=ids, attention_mask=mask, output_hidden_states=True, output_attentions=True)
+            np.testing.assert_array_equal(data.rows.input_ids[i], plan.token_ids["train"][i])
+            np.testing.assert_allclose(data.rows.logits[i], out.logits[0].numpy(), atol=1e-5)
+            for k in (0, 2, 4):  # stored as float16
+                np.testing.assert_allclose(data.example_tensor("hidden_states", k, i), out.hidden_states[k][0], atol=2e-2, rtol=1e-2)
+            for k in (2, 4):
+                np.testing.assert_allclose(data.example_tensor("attentions", k, i), out.attentions[k - 1][0], atol=1e-3)
+    train = plan.splits["train"]
+    assert cache.split("train").rows == len(train)
+    assert sum((s.rows for s in cache.shards("train"))) == len(train)
+    np.testing.assert_array_equal(np.concatenate([d.rows.label for d in cache.iter_shards("train")]), train.labels)
+
+
+def test_capture_reuses_its_cache_and_any_input_change_gives_a_new_key(config, captured, capsys):
+    again = run_capture(config)
+    assert again.reused and again.path == captured.path
+    assert f"reused cache {captured.manifest.key}" in capsys.readouterr().out
+    variants = [
+        dataclasses.replace(config, capture=dataclasses.replace(config.capture, hidden_layers=(2, 4))),
+        dataclasses.replace(config, capture=dataclasses.replace(config.capture, hidden_dtype="float32")),
+        dataclasses.replace(config, capture=dataclasses.replace(config.capture, attention_layers=(4,))),
+    ]
+    keys = {plan_cache(v).key for v in variants}
+    assert captured.manifest.key not in keys and len(keys) == len(variants)
+    moved = dataclasses.replace(config, capture=dataclasses.replace(config.capture, cache_root="elsewhere"))
+    assert plan_cache(moved).key == captured.manifest.key  # where a cache lives is not what it is
+
+
+def test_distill_refuses_a_config_without_a_cache(config):
+    run_teacher_train(config)
+    with pytest.raises(ConfigError, match="no teacher cache .* run `kdcache teacher-cache"):
+        run_distill(config)
+
+
+def test_distill_refuses_a_mapping_to_layers_not_in_the_cache(config, captured):
+    student = dataclasses.replace(config.distill.students[0], layer_map=((1, 1), (2, 3)))
+    bad = dataclasses.replace(config, distill=dataclasses.replace(config.distill, students=(student,)))
+    with pytest.raises(ConfigError, match=r"maps to teacher layers \[1, 3\].*add them to capture.hidden_layers"):
+        run_distill(bad)
+
+
+def test_distill_trains_students_and_baselines_and_writes_the_report(config, captured, tmp_path):
+    result = run_distill(config)
+    report = json.loads((result.run_dir / "report.json").read_text())
+    models = {m["name"]: m for m in report["models"]}
+    assert {m["role"] for m in models.values()} == {"teacher", "student", "baseline"}
+    assert models["tiny-l2"]["baseline"] == "tiny-l2-no-kd"
+    for entry in models.values():
+        assert 0 <= entry["accuracy"] <= 1 and 0 <= entry["macro_f1"] <= 1
+        assert entry["params"] > 0 and entry["size_bytes"] > 0 and entry["examples_per_s"] > 0
+    assert models["tiny-l2"]["params"] < models["teacher"]["params"]
+    assert "| tiny-l2 | student |" in (result.run_dir / "report.md").read_text()
+    latest = result.run_dir.parent / "latest"
+    assert latest.resolve() == result.run_dir.resolve()
+    student_dir = models["tiny-l2"]["paths"][0]
+    model = AutoModelForSequenceClassification.from_pretrained(student_dir)
+    assert model.config.num_hidden_layers == 2
+
+
+def test_distill_without_baselines_and_with_several_seeds(config, captured):
+    cfg = dataclasses.replace(config, distill=dataclasses.replace(config.distill, baselines=False, seeds=(0, 1)))
+    result = run_distill(cfg)
+    roles = [(m.name, m.role, m.seed) for m in result.models]
+    assert roles == [("teacher", "teacher", 0), ("tiny-l2", "student", 0), ("tiny-l2", "student", 1)]
+    summary = json.loads((result.run_dir / "report.json").read_text())["models"]
+    assert summary[1]["seeds"] == [0, 1] and summary[1]["baseline"] is None

@@ -1,0 +1,46 @@
+"""The command line: each stage through `kdcache`, JSON output, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import yaml
+from typer.testing import CliRunner
+
+from cli import app
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_the_three_stages_run_from_the_command_line(config_file, tmp_path):
+    assert invoke("teacher-train", "--config", config_file).exit_code == 0
+    first = invoke("teacher-cache", "--config", config_file, "--json")
+    assert first.exit_code == 0, first.output
+    summary = json.loads(first.stdout.strip().splitlines()[-1])
+    assert summary["reused"] is False and summary["rows"] == 100 and summary["bytes"] > 0
+    again = json.loads(invoke("teacher-cache", "--config", config_file, "--json").stdout.strip().splitlines()[-1])
+    assert again == {**summary, "reused": True}
+    other_root = tmp_path / "other-root"
+    moved = invoke("teacher-cache", "--config", config_file, "--cache-root", other_root, "--json")
+    assert json.loads(moved.stdout.strip().splitlines()[-1])["path"] == str(other_root / summary["key"])
+    result = invoke("distill", "--config", config_file, "--no-baselines", "--seeds", "3")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "runs" / "latest" / "report.json").read_text())
+    assert [(m["name"], m["seeds"]) for m in report["models"]] == [("teacher", [0]), ("tiny-l2", [3])]
+
+
+def test_errors_are_one_line_and_exit_1(config_file, tmp_path):
+    result = invoke("distill", "--config", tmp_path / "missing.yaml")
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines() == [f"error: config file {tmp_path / 'missing.yaml'} does not exist"]
+    raw = yaml.safe_load(config_file.read_text())
+    raw["capture"]["hidden_layers"] = [9]
+    config_file.write_text(yaml.safe_dump(raw))
+    assert invoke("teacher-train", "--config", config_file).exit_code == 0
+    result = invoke("teacher-cache", "--config", config_file)
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines()[-1] == "error: capture.hidden_layers [9]: [9] outside 0..4 for this teacher"
