@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -20,8 +19,8 @@ ConfigOption = typer.Option(DEFAULT_CONFIG, "--config", "-c", help="experiment Y
 MaxExamplesOption = typer.Option(None, "--max-examples", help="use only this many rows of the data set")
 
 
-def _load(config: Path, *, max_examples: Optional[int] = None, cache_root: Optional[str] = None,
-          seeds: Optional[str] = None, baselines: Optional[bool] = None) -> ExperimentConfig:  # fmt: skip
+def _load(config: Path, *, max_examples: int | None = None, cache_root: str | None = None,
+          seeds: str | None = None, baselines: bool | None = None) -> ExperimentConfig:  # fmt: skip
     cfg = load_config(config)
     if max_examples is not None:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, max_examples=max_examples))
@@ -52,7 +51,7 @@ def _fail(error: Exception) -> typer.Exit:
 
 
 @app.command("teacher-train")
-def teacher_train(config: Path = ConfigOption, max_examples: Optional[int] = MaxExamplesOption) -> None:
+def teacher_train(config: Path = ConfigOption, max_examples: int | None = MaxExamplesOption) -> None:
     """Fine-tune the teacher on the task (reused when already trained)."""
     from pipeline.teacher import run_teacher_train
 
@@ -65,8 +64,8 @@ def teacher_train(config: Path = ConfigOption, max_examples: Optional[int] = Max
 @app.command("teacher-cache")
 def teacher_cache(
     config: Path = ConfigOption,
-    max_examples: Optional[int] = MaxExamplesOption,
-    cache_root: Optional[str] = typer.Option(None, "--cache-root", help="directory that holds caches"),
+    max_examples: int | None = MaxExamplesOption,
+    cache_root: str | None = typer.Option(None, "--cache-root", help="directory that holds caches"),
     as_json: bool = typer.Option(False, "--json", help="end with one JSON line: path, key, rows, bytes, reused"),
 ) -> None:
     """Run the teacher over the data once and write its outputs into a cache."""
@@ -86,9 +85,9 @@ def teacher_cache(
 @app.command("distill")
 def distill(
     config: Path = ConfigOption,
-    max_examples: Optional[int] = MaxExamplesOption,
-    seeds: Optional[str] = typer.Option(None, "--seeds", help="comma-separated seeds, e.g. 0,1,2"),
-    baselines: Optional[bool] = typer.Option(None, "--baselines/--no-baselines", help="also train no-KD baselines"),
+    max_examples: int | None = MaxExamplesOption,
+    seeds: str | None = typer.Option(None, "--seeds", help="comma-separated seeds, e.g. 0,1,2"),
+    baselines: bool | None = typer.Option(None, "--baselines/--no-baselines", help="also train no-KD baselines"),
 ) -> None:
     """Train the students from the cache, evaluate them beside the teacher, write the report."""
     from pipeline.distill import run_distill

@@ -25,20 +25,20 @@ class Fingerprint:
     def _frame(self, name: str, payload_kind: str) -> None:
         self._hash.update(f"\x00{name}\x00{payload_kind}\x00".encode())
 
-    def update_json(self, name: str, value) -> "Fingerprint":
+    def update_json(self, name: str, value) -> Fingerprint:
         """Add a JSON-serialisable value (dict keys are sorted, so order never matters)."""
         self._frame(name, "json")
         self._hash.update(json.dumps(value, sort_keys=True, separators=(",", ":")).encode())
         return self
 
-    def update_array(self, name: str, array: np.ndarray) -> "Fingerprint":
+    def update_array(self, name: str, array: np.ndarray) -> Fingerprint:
         """Add an array's dtype, shape and bytes."""
         array = np.ascontiguousarray(array)
         self._frame(name, f"array:{array.dtype.str}:{array.shape}")
         self._hash.update(array.data)
         return self
 
-    def update_files(self, name: str, root: Path, relative_paths: list[str]) -> "Fingerprint":
+    def update_files(self, name: str, root: Path, relative_paths: list[str]) -> Fingerprint:
         """Add the contents of files under ``root`` (by relative name, in sorted order)."""
         for rel in sorted(relative_paths):
             self._frame(f"{name}/{rel}", "file")

@@ -122,7 +122,7 @@ class Manifest:
         return json.dumps(asdict(self), indent=1, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str, *, where: str) -> "Manifest":
+    def from_json(cls, text: str, *, where: str) -> Manifest:
         try:
             raw = json.loads(text)
         except json.JSONDecodeError as e:

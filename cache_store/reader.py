@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from .errors import CacheFormatError
 from .manifest import Manifest, ShardEntry, read_manifest

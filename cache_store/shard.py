@@ -144,7 +144,9 @@ def _write_tensor(group: zarr.Group, spec: TensorSpec, layer: int, arrays: list[
     )
 
 
-def read_shard(shard_dir: Path, entry: ShardEntry, specs: dict[str, TensorSpec], wanted: list[tuple[str, int]]) -> ShardData:
+def read_shard(
+    shard_dir: Path, entry: ShardEntry, specs: dict[str, TensorSpec], wanted: list[tuple[str, int]]
+) -> ShardData:
     """Read a shard's rows and the ``wanted`` (tensor, layer) arrays into memory."""
     with pa.memory_map(str(shard_dir / ROWS_FILE)) as source:
         table = pa.ipc.open_file(source).read_all()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import shutil
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -68,7 +68,7 @@ class CacheWriter:
         """Write the manifest, which commits the cache; returns it."""
         manifest = Manifest(
             key=self.key,
-            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            created=datetime.now(UTC).isoformat(timespec="seconds"),
             num_labels=self.num_labels,
             tensors=tuple(self.specs.values()),
             splits={

@@ -10,7 +10,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from cache_store import FORMAT_VERSION, MANIFEST_NAME, CacheWriter, Fingerprint, Manifest, ShardRows, TensorSpec, read_manifest
+from cache_store import (
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    CacheWriter,
+    Fingerprint,
+    Manifest,
+    ShardRows,
+    TensorSpec,
+    read_manifest,
+)
 
 from .config import ConfigError, ExperimentConfig
 from .data import TextData, load_splits, tokenize
@@ -55,7 +64,9 @@ def plan_cache(cfg: ExperimentConfig) -> CachePlan:
     for name in CAPTURED_SPLITS:
         ids = token_ids[name]
         fp.update_array(f"{name}/ids", np.concatenate(ids)).update_array(f"{name}/lengths", [len(x) for x in ids])
-        fp.update_array(f"{name}/labels", splits[name].labels).update_array(f"{name}/example_id", splits[name].example_id)
+        fp.update_array(f"{name}/labels", splits[name].labels).update_array(
+            f"{name}/example_id", splits[name].example_id
+        )
     fp.update_json("capture", {**dataclasses.asdict(cfg.capture), "cache_root": None, "precision": "float32"})
     key = fp.hexdigest()
     return CachePlan(key, Path(cfg.capture.cache_root) / key, teacher_path, splits, token_ids)
@@ -107,7 +118,10 @@ def run_capture(cfg: ExperimentConfig) -> CaptureResult:
 def tensor_specs(cfg: ExperimentConfig, model_config) -> list[TensorSpec]:
     """The ragged tensors a cache stores, checked against the teacher's depth."""
     depth, capture = model_config.num_hidden_layers, cfg.capture
-    for what, layers, low in (("hidden_layers", capture.hidden_layers, 0), ("attention_layers", capture.attention_layers, 1)):
+    for what, layers, low in (
+        ("hidden_layers", capture.hidden_layers, 0),
+        ("attention_layers", capture.attention_layers, 1),
+    ):
         bad = [layer for layer in layers if not low <= layer <= depth]
         if bad:
             raise ConfigError(f"capture.{what} {list(layers)}: {bad} outside {low}..{depth} for this teacher")

@@ -222,8 +222,10 @@ def _convert(hint, value, where: str):
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint in (int, float, str, bool):
-        _check(isinstance(value, hint) and not (hint is int and isinstance(value, bool)),
-               f"{where}: expected {hint.__name__}, got {value!r}")
+        _check(
+            isinstance(value, hint) and not (hint is int and isinstance(value, bool)),
+            f"{where}: expected {hint.__name__}, got {value!r}",
+        )
     return value
 
 

@@ -33,7 +33,7 @@ class TextData:
     def __len__(self) -> int:
         return len(self.example_id)
 
-    def take(self, index: np.ndarray) -> "TextData":
+    def take(self, index: np.ndarray) -> TextData:
         return TextData(self.example_id[index], [self.texts[i] for i in index], self.labels[index], self.label_names)
 
 
@@ -121,6 +121,6 @@ def load_splits(cfg: DataConfig, *, seed: int) -> dict[str, TextData]:
 
 def tokenize(tokenizer, data: TextData, *, max_length: int) -> list[np.ndarray]:
     """Token ids per example (no padding), truncated to ``max_length``."""
-    columns = list(zip(*data.texts)) if data.texts else [[]]
+    columns = list(zip(*data.texts, strict=True)) if data.texts else [[]]
     encoded = tokenizer(*[list(c) for c in columns], truncation=True, max_length=max_length)
     return [np.asarray(ids, dtype=np.int32) for ids in encoded["input_ids"]]

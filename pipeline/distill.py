@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -19,10 +18,18 @@ from .capture import ATTENTION, HIDDEN, CachePlan, plan_cache
 from .config import ConfigError, ExperimentConfig, StudentConfig
 from .data import tokenize
 from .losses import ATTENTION_LOSSES, hard_label_ce, hidden_mse, logit_kl
-from .models import count_parameters, cut_student, directory_bytes, load_classifier, load_tokenizer, model_dir, save_model
+from .models import (
+    count_parameters,
+    cut_student,
+    directory_bytes,
+    load_classifier,
+    load_tokenizer,
+    model_dir,
+    save_model,
+)
 from .report import ModelResult, write_report
 from .streaming import CacheBatches
-from .training import evaluate, fit, predict_logits, classification_metrics
+from .training import classification_metrics, evaluate, fit, predict_logits
 
 
 @dataclass(frozen=True)
@@ -47,7 +54,10 @@ class Objective(nn.Module):
         self.attention_map = spec.mapping if kd and self.loss.attention_weight > 0 else ()
         width = student.config.hidden_size
         self.projections = nn.ModuleDict(
-            {str(s): nn.Linear(width, teacher_width) if width != teacher_width else nn.Identity() for s, _ in self.hidden_map}
+            {
+                str(s): nn.Linear(width, teacher_width) if width != teacher_width else nn.Identity()
+                for s, _ in self.hidden_map
+            }
         )
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -113,7 +123,9 @@ def run_distill(cfg: ExperimentConfig) -> RunResult:
                 directory = run_dir / "models" / f"{name}-seed{seed}"
                 student = train_student(cfg, spec, cache, plan, seed=seed, kd=kd)
                 save_model(student, tokenizer, directory)
-                role, baseline = ("student", baseline_name if cfg.distill.baselines else None) if kd else ("baseline", None)
+                role, baseline = (
+                    ("student", baseline_name if cfg.distill.baselines else None) if kd else ("baseline", None)
+                )
                 results.append(evaluated(student, name, role, seed, directory, baseline))
     write_report(run_dir, results, config=dataclasses.asdict(cfg), cache_key=cache.key)
     _point_latest(run_dir)
@@ -134,11 +146,15 @@ def build_student(cfg: ExperimentConfig, spec: StudentConfig, plan: CachePlan, *
     return student
 
 
-def train_student(cfg: ExperimentConfig, spec: StudentConfig, cache: Cache, plan: CachePlan, *, seed: int, kd: bool) -> nn.Module:
+def train_student(
+    cfg: ExperimentConfig, spec: StudentConfig, cache: Cache, plan: CachePlan, *, seed: int, kd: bool
+) -> nn.Module:
     """Train one student (kd) or its hard-label baseline (not kd); returns the best-validation model."""
     torch.manual_seed(seed)
     student = build_student(cfg, spec, plan, kd=kd)
-    teacher_width = cache.manifest.tensor(HIDDEN).example_shape[-1] if _has(cache, HIDDEN) else student.config.hidden_size
+    teacher_width = (
+        cache.manifest.tensor(HIDDEN).example_shape[-1] if _has(cache, HIDDEN) else student.config.hidden_size
+    )
     objective = Objective(student, cfg, spec, teacher_width=teacher_width, kd=kd)
     batches = CacheBatches(
         cache,

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -26,7 +26,9 @@ def pad_ids(ids: list[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Ten
     return input_ids, mask
 
 
-def length_grouped_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator, *, window: int = 50) -> list[np.ndarray]:
+def length_grouped_batches(
+    lengths: np.ndarray, batch_size: int, rng: np.random.Generator, *, window: int = 50
+) -> list[np.ndarray]:
     """Random batches of rows of similar length, so little compute goes to padding.
 
     Rows are shuffled, sorted by length within windows of ``window`` batches, cut into
@@ -74,7 +76,9 @@ class Evaluation:
     examples_per_s: float
 
 
-def evaluate(model: nn.Module, ids: list[np.ndarray], labels: np.ndarray, *, pad_id: int, batch_size: int = 32) -> Evaluation:
+def evaluate(
+    model: nn.Module, ids: list[np.ndarray], labels: np.ndarray, *, pad_id: int, batch_size: int = 32
+) -> Evaluation:
     """Accuracy, macro-F1 and CPU inference throughput (examples/s at ``batch_size``)."""
     start = time.perf_counter()
     logits = predict_logits(model, ids, pad_id=pad_id, batch_size=batch_size)
@@ -147,7 +151,9 @@ def fit(
                 bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}", ex_s=f"{seen / (time.perf_counter() - start):.0f}")
         metrics = validate()
         history.append(EpochRecord(epoch + 1, float(np.mean(losses)), metrics["accuracy"], metrics["macro_f1"]))
-        tqdm.write(f"{desc} epoch {epoch + 1}: loss {np.mean(losses):.4f}, validation accuracy {metrics['accuracy']:.4f}")
+        tqdm.write(
+            f"{desc} epoch {epoch + 1}: loss {np.mean(losses):.4f}, validation accuracy {metrics['accuracy']:.4f}"
+        )
         if metrics["accuracy"] > best_accuracy:
             best_accuracy = metrics["accuracy"]
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}

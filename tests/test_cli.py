@@ -43,4 +43,6 @@ def test_errors_are_one_line_and_exit_1(config_file, tmp_path):
     assert invoke("teacher-train", "--config", config_file).exit_code == 0
     result = invoke("teacher-cache", "--config", config_file)
     assert result.exit_code == 1
-    assert result.stderr.strip().splitlines()[-1] == "error: capture.hidden_layers [9]: [9] outside 0..4 for this teacher"
+    assert (
+        result.stderr.strip().splitlines()[-1] == "error: capture.hidden_layers [9]: [9] outside 0..4 for this teacher"
+    )

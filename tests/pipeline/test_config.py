@@ -31,7 +31,9 @@ def demo_raw() -> dict:
 def test_unknown_key_is_named_with_the_choices(tmp_path):
     raw = demo_raw()
     raw["distill"]["loss"]["temprature"] = 3
-    with pytest.raises(ConfigError, match=r"distill\.loss: unknown key\(s\) \['temprature'\]; choose from .*temperature"):
+    with pytest.raises(
+        ConfigError, match=r"distill\.loss: unknown key\(s\) \['temprature'\]; choose from .*temperature"
+    ):
         load_config(write(tmp_path, raw))
 
 

@@ -28,7 +28,9 @@ def test_every_format_loads_and_unlisted_labels_are_dropped(tmp_path, fmt):
         FRAME.to_parquet(path)
     else:
         datasets.Dataset.from_pandas(FRAME).save_to_disk(str(path))
-    data = load_text_data(DatasetSpec(path=str(path), text_columns=("a",), label_column="y", label_names=("neg", "pos")))
+    data = load_text_data(
+        DatasetSpec(path=str(path), text_columns=("a",), label_column="y", label_names=("neg", "pos"))
+    )
     assert data.texts == [("good film",), ("bad film",), ("awful",)]
     assert data.labels.tolist() == [1, 0, 0]
     assert data.label_names == ("neg", "pos")

@@ -50,12 +50,14 @@ def test_cache_holds_exactly_what_the_live_teacher_computes(config, captured):
             np.testing.assert_array_equal(data.rows.input_ids[i], plan.token_ids["train"][i])
             np.testing.assert_allclose(data.rows.logits[i], out.logits[0].numpy(), atol=1e-5)
             for k in (0, 2, 4):  # stored as float16
-                np.testing.assert_allclose(data.example_tensor("hidden_states", k, i), out.hidden_states[k][0], atol=2e-2, rtol=1e-2)
+                np.testing.assert_allclose(
+                    data.example_tensor("hidden_states", k, i), out.hidden_states[k][0], atol=2e-2, rtol=1e-2
+                )
             for k in (2, 4):
                 np.testing.assert_allclose(data.example_tensor("attentions", k, i), out.attentions[k - 1][0], atol=1e-3)
     train = plan.splits["train"]
     assert cache.split("train").rows == len(train)
-    assert sum((s.rows for s in cache.shards("train"))) == len(train)
+    assert sum(s.rows for s in cache.shards("train")) == len(train)
     np.testing.assert_array_equal(np.concatenate([d.rows.label for d in cache.iter_shards("train")]), train.labels)
 
 
