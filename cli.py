@@ -65,20 +65,26 @@ def teacher_train(config: Path = ConfigOption, max_examples: int | None = MaxExa
 def teacher_cache(
     config: Path = ConfigOption,
     max_examples: int | None = MaxExamplesOption,
-    cache_root: str | None = typer.Option(None, "--cache-root", help="directory that holds caches"),
+    cache_root: str | None = typer.Option(None, "--cache-root", help="directory or URL (s3://...) holding caches"),
+    num_shards: int = typer.Option(1, "--num-shards", help="split the capture among this many processes"),
+    shard_index: int = typer.Option(0, "--shard-index", help="this process's part, 0 .. num-shards - 1"),
     as_json: bool = typer.Option(False, "--json", help="end with one JSON line: path, key, rows, bytes, reused"),
 ) -> None:
-    """Run the teacher over the data once and write its outputs into a cache."""
+    """Run the teacher over the data once and write its outputs into a cache (resumes a partial one)."""
     from pipeline.capture import run_capture
 
     try:
-        result = run_capture(_load(config, max_examples=max_examples, cache_root=cache_root))
-    except (ConfigError, CacheError) as e:
+        cfg = _load(config, max_examples=max_examples, cache_root=cache_root)
+        result = run_capture(cfg, num_shards=num_shards, shard_index=shard_index)
+    except (ConfigError, CacheError, ValueError) as e:
         raise _fail(e) from None
     if as_json:
         manifest = result.manifest
-        summary = {"path": str(result.path), "key": manifest.key, "rows": manifest.rows,
-                   "bytes": manifest.bytes, "reused": result.reused}  # fmt: skip
+        summary = {
+            "path": str(result.location), "key": result.key, "complete": manifest is not None,
+            "rows": manifest.rows if manifest else None, "bytes": manifest.bytes if manifest else None,
+            "reused": result.reused,
+        }  # fmt: skip
         typer.echo(json.dumps(summary))
 
 
@@ -97,6 +103,97 @@ def distill(
     except (ConfigError, CacheError) as e:
         raise _fail(e) from None
     typer.echo(f"report: {result.run_dir / 'report.md'}")
+
+
+cache_app = typer.Typer(no_args_is_help=True, help="Inspect, check, copy and remove caches.")
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("verify")
+def cache_verify(path: str = typer.Argument(..., help="cache directory or URL")) -> None:
+    """Recompute every checksum; exit 1 naming each damaged shard."""
+    from cache_store import verify_cache
+
+    try:
+        bad = verify_cache(path)
+    except CacheError as e:
+        raise _fail(e) from None
+    for shard, problems in bad.items():
+        typer.echo(f"bad shard {shard}: {'; '.join(problems)}", err=True)
+    if bad:
+        raise typer.Exit(1)
+    typer.echo(f"ok: {path}")
+
+
+@cache_app.command("ls")
+def cache_ls(root: str = typer.Argument("caches", help="cache root directory or URL")) -> None:
+    """List the caches under a root: key, teacher, dataset, rows, size, created, state."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from cache_store import list_caches
+
+    table = Table()
+    for column in ("key", "teacher", "dataset", "rows", "size", "created", "state"):
+        table.add_column(column)
+    try:
+        listings = list_caches(root)
+    except CacheError as e:
+        raise _fail(e) from None
+    for c in listings:
+        created = c.created.strftime("%Y-%m-%d %H:%M") if c.created else "-"
+        table.add_row(c.key, c.teacher, c.dataset, str(c.rows), f"{c.bytes / 1e6:.1f} MB", created,
+                      "complete" if c.complete else "partial")  # fmt: skip
+    Console(width=160).print(table)
+
+
+@cache_app.command("info")
+def cache_info(path: str = typer.Argument(..., help="cache directory or URL")) -> None:
+    """Print a cache's manifest summary as JSON: splits, tensors, size, metadata."""
+    from cache_store import open_cache
+
+    try:
+        manifest = open_cache(path).manifest
+    except CacheError as e:
+        raise _fail(e) from None
+    info = {
+        "key": manifest.key, "format_version": manifest.format_version, "rows": manifest.rows,
+        "bytes": manifest.bytes, "num_labels": manifest.num_labels,
+        "splits": {n: {"rows": s.rows, "tokens": s.tokens, "shards": len(s.shards), "bytes": s.bytes}
+                   for n, s in manifest.splits.items()},
+        "tensors": [dataclasses.asdict(t) for t in manifest.tensors], "metadata": manifest.metadata,
+    }  # fmt: skip
+    typer.echo(json.dumps(info, indent=1))
+
+
+@cache_app.command("rm")
+def cache_rm(
+    path: str = typer.Argument(..., help="cache directory or URL"),
+    force: bool = typer.Option(False, "--force", help="also remove a partial cache whose writer may be running"),
+) -> None:
+    """Remove a cache (refuses a partial cache of a live writer unless forced)."""
+    from cache_store import remove_cache
+
+    try:
+        remove_cache(path, force=force)
+    except CacheError as e:
+        raise _fail(e) from None
+    typer.echo(f"removed {path}")
+
+
+@cache_app.command("push")
+def cache_push(
+    source: str = typer.Argument(..., help="cache directory or URL to copy"),
+    dest_root: str = typer.Argument(..., help="cache root (directory or URL) to copy it into"),
+) -> None:
+    """Copy a cache into another root and verify it on arrival."""
+    from cache_store import push_cache
+
+    try:
+        copy, copied = push_cache(source, dest_root)
+    except CacheError as e:
+        raise _fail(e) from None
+    typer.echo(f"{'copied' if copied else 'already present'}: {copy.location} (verified)")
 
 
 if __name__ == "__main__":

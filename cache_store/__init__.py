@@ -1,31 +1,43 @@
-"""kdcache's cache format: sharded, padding-free teacher outputs with a manifest.
+"""kdcache's cache format: sharded, padding-free, verified teacher outputs with a manifest.
 
-Usable on its own: ``open_cache(path)`` reads a cache, ``CacheWriter`` makes one.
-The format is described in docs/cache-format.md.
+Usable on its own: ``open_cache(path_or_url)`` reads a cache (with dask views for
+inspection), ``CacheWriter`` makes one, ``verify_cache`` checks one, and ``catalog``
+lists, removes and copies caches. The format is described in docs/cache-format.md.
 """
 
-from .errors import CacheError, CacheFormatError, CacheNotFoundError
+from .catalog import CacheListing, describe, list_caches, push_cache, remove_cache
+from .errors import CacheBusyError, CacheCorruptError, CacheError, CacheFormatError, CacheNotFoundError
 from .fingerprint import Fingerprint, file_digest
-from .manifest import FORMAT_VERSION, MANIFEST_NAME, Manifest, ShardEntry, TensorSpec, read_manifest
-from .reader import Cache, open_cache
+from .manifest import FORMAT_VERSION, MANIFEST_NAME, Manifest, ShardEntry, TensorSpec
+from .reader import Cache, open_cache, verify_cache
 from .shard import ShardData, ShardRows
-from .writer import CacheWriter
+from .storage import Location
+from .writer import CacheWriter, ShardTask
 
 __all__ = [
     "FORMAT_VERSION",
     "MANIFEST_NAME",
     "Cache",
+    "CacheBusyError",
+    "CacheCorruptError",
     "CacheError",
     "CacheFormatError",
+    "CacheListing",
     "CacheNotFoundError",
     "CacheWriter",
     "Fingerprint",
+    "Location",
     "Manifest",
     "ShardData",
     "ShardEntry",
     "ShardRows",
+    "ShardTask",
     "TensorSpec",
+    "describe",
     "file_digest",
+    "list_caches",
     "open_cache",
-    "read_manifest",
+    "push_cache",
+    "remove_cache",
+    "verify_cache",
 ]

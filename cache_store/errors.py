@@ -15,3 +15,11 @@ class CacheNotFoundError(CacheError, FileNotFoundError):
 
 class CacheFormatError(CacheError, ValueError):
     """A manifest or shard that this reader cannot accept (version, paths, schema)."""
+
+
+class CacheCorruptError(CacheError, IOError):
+    """A shard file that is missing or whose bytes do not match its recorded checksum."""
+
+
+class CacheBusyError(CacheError, PermissionError):
+    """A partial cache whose writer may still be running."""

@@ -1,25 +1,31 @@
-"""The manifest: the one JSON file that describes a cache and marks it complete.
+"""The manifest and shard entries: the JSON that describes a cache and marks it complete.
 
-It is written last (to a temporary name, then renamed), so a directory without
-``manifest.json`` is never mistaken for a finished cache. Every path it holds is relative
-to the cache directory; a reader refuses absolute paths and ``..`` so that a manifest from
-someone else cannot point it outside the cache.
+Each shard directory ends with ``shard.json`` (its entry: rows, files, checksums), written
+last, so a shard with that file is committed. The cache's ``manifest.json`` gathers all
+shard entries and is written once every shard is committed: no manifest, no cache.
+
+Every path in them is relative to the cache directory; a reader refuses absolute paths
+and ``..`` so that a manifest from someone else cannot point it outside the cache.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 
-from .errors import CacheFormatError, CacheNotFoundError
+import numpy as np
+
+from .errors import CacheFormatError
 
 FORMAT_NAME = "kdcache"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+SHARD_ENTRY_NAME = "shard.json"
 TOKENS = "L"  # the placeholder for an example's token count in a tensor's shape
+DTYPES = ("float16", "float32", "bfloat16")
+QUANTIZATIONS = (None, "sqrt-uint8")
 
 
 @dataclass(frozen=True)
@@ -31,6 +37,10 @@ class TensorSpec:
     Each example's array is stored flattened, C order, as a contiguous run along axis 0
     of one Zarr array per layer; trailing fixed dimensions stay as columns (so hidden
     states are a ``(total_tokens, width)`` array).
+
+    ``dtype`` is what readers return. bfloat16 is stored as its uint16 bit pattern (Zarr
+    has no bfloat16) and read back as float32. ``quantization="sqrt-uint8"`` stores
+    probabilities p as round(255 * sqrt(p)) in uint8 and reads back (q / 255)^2.
     """
 
     name: str
@@ -38,12 +48,25 @@ class TensorSpec:
     example_shape: tuple[int | str, ...]
     dtype: str = "float16"
     codec: str = "zstd"
+    quantization: str | None = None
 
     def __post_init__(self):
         if not self.layers:
             raise ValueError(f"tensor {self.name!r} needs at least one layer")
         if TOKENS not in self.example_shape:
             raise ValueError(f"tensor {self.name!r} shape {self.example_shape} has no {TOKENS!r} axis")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"tensor {self.name!r} dtype must be one of {DTYPES}; got {self.dtype!r}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(
+                f"tensor {self.name!r} quantization must be one of {QUANTIZATIONS}; got {self.quantization!r}"
+            )
+
+    @property
+    def stored_dtype(self) -> str:
+        if self.quantization == "sqrt-uint8":
+            return "uint8"
+        return "uint16" if self.dtype == "bfloat16" else self.dtype
 
     @property
     def tail(self) -> tuple[int, ...]:
@@ -58,6 +81,11 @@ class TensorSpec:
         """How many rows of the stored array one example of ``length`` tokens occupies."""
         return math.prod(self.shape_for(length)) // math.prod(self.tail)
 
+    def offsets(self, lengths: np.ndarray) -> np.ndarray:
+        """(N + 1,) row offsets of each example's block in the stored array."""
+        counts = [self.leading_count(int(n)) for n in lengths]
+        return np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]).astype(np.int64)
+
     def array_path(self, layer: int) -> str:
         return f"{self.name}/layer_{layer:02d}"
 
@@ -65,17 +93,19 @@ class TensorSpec:
 @dataclass(frozen=True)
 class FileEntry:
     bytes: int
-    sha256: str
+    xxh3: str  # xxh3-128 of the file's bytes, hex
 
 
 @dataclass(frozen=True)
 class ShardEntry:
-    """One committed shard: a contiguous row range with its files and their checksums."""
+    """One committed shard: a contiguous row range with its files, checksums and array shapes."""
 
     path: str
     row_start: int
     row_end: int
+    tokens: int
     files: dict[str, FileEntry]
+    arrays: dict[str, tuple[int, ...]]  # stored shape of each Zarr array, e.g. hidden_states/layer_03
 
     @property
     def rows(self) -> int:
@@ -85,6 +115,23 @@ class ShardEntry:
     def bytes(self) -> int:
         return sum(f.bytes for f in self.files.values())
 
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1, sort_keys=True)
+
+    @classmethod
+    def from_raw(cls, raw: dict, where: str) -> ShardEntry:
+        try:
+            return cls(
+                path=check_relative(raw["path"], where),
+                row_start=int(raw["row_start"]),
+                row_end=int(raw["row_end"]),
+                tokens=int(raw["tokens"]),
+                files={check_relative(n, where): FileEntry(**e) for n, e in raw["files"].items()},
+                arrays={check_relative(n, where): tuple(s) for n, s in raw["arrays"].items()},
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise CacheFormatError(f"{where}: malformed shard entry ({e!r})") from e
+
 
 @dataclass(frozen=True)
 class SplitEntry:
@@ -92,12 +139,16 @@ class SplitEntry:
     tokens: int
     shards: tuple[ShardEntry, ...]
 
+    @property
+    def bytes(self) -> int:
+        return sum(s.bytes for s in self.shards)
+
 
 @dataclass(frozen=True)
 class Manifest:
     key: str
-    created: str
     num_labels: int
+    shard_rows: int
     tensors: tuple[TensorSpec, ...]
     splits: dict[str, SplitEntry]
     metadata: dict = field(default_factory=dict)  # who made it: teacher, dataset, capture spec
@@ -106,7 +157,7 @@ class Manifest:
 
     @property
     def bytes(self) -> int:
-        return sum(s.bytes for split in self.splits.values() for s in split.shards)
+        return sum(split.bytes for split in self.splits.values())
 
     @property
     def rows(self) -> int:
@@ -122,88 +173,44 @@ class Manifest:
         return json.dumps(asdict(self), indent=1, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str, *, where: str) -> Manifest:
+    def from_json(cls, text: str | bytes, *, where: str) -> Manifest:
         try:
             raw = json.loads(text)
         except json.JSONDecodeError as e:
             raise CacheFormatError(f"{where}: manifest is not valid JSON ({e})") from e
-        if raw.get("format") != FORMAT_NAME:
-            raise CacheFormatError(f"{where}: not a kdcache manifest (format={raw.get('format')!r})")
+        if not isinstance(raw, dict) or raw.get("format") != FORMAT_NAME:
+            raise CacheFormatError(f"{where}: not a kdcache manifest")
         if raw.get("format_version") != FORMAT_VERSION:
             raise CacheFormatError(
                 f"{where}: cache format version {raw.get('format_version')!r} is not supported "
                 f"by this kdcache, which reads version {FORMAT_VERSION}"
             )
         try:
-            splits = {
-                name: SplitEntry(
-                    rows=s["rows"],
-                    tokens=s["tokens"],
-                    shards=tuple(_shard_from_raw(e, where) for e in s["shards"]),
-                )
-                for name, s in raw["splits"].items()
-            }
-            tensors = tuple(
-                TensorSpec(
-                    name=t["name"],
-                    layers=tuple(t["layers"]),
-                    example_shape=tuple(t["example_shape"]),
-                    dtype=t["dtype"],
-                    codec=t["codec"],
-                )
-                for t in raw["tensors"]
-            )
             return cls(
                 key=raw["key"],
-                created=raw["created"],
                 num_labels=raw["num_labels"],
-                tensors=tensors,
-                splits=splits,
+                shard_rows=raw["shard_rows"],
+                tensors=tuple(
+                    TensorSpec(**{**t, "layers": tuple(t["layers"]), "example_shape": tuple(t["example_shape"])})
+                    for t in raw["tensors"]
+                ),
+                splits={
+                    name: SplitEntry(
+                        rows=s["rows"],
+                        tokens=s["tokens"],
+                        shards=tuple(ShardEntry.from_raw(e, where) for e in s["shards"]),
+                    )
+                    for name, s in raw["splits"].items()
+                },
                 metadata=raw.get("metadata", {}),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise CacheFormatError(f"{where}: malformed manifest ({e!r})") from e
 
 
-def _shard_from_raw(raw: dict, where: str) -> ShardEntry:
-    files = {check_relative(name, where): FileEntry(**entry) for name, entry in raw["files"].items()}
-    return ShardEntry(
-        path=check_relative(raw["path"], where),
-        row_start=raw["row_start"],
-        row_end=raw["row_end"],
-        files=files,
-    )
-
-
 def check_relative(path: str, where: str) -> str:
     """Refuse a manifest path that could lead outside the cache directory."""
     pure = PurePosixPath(path)
-    if pure.is_absolute() or ".." in pure.parts or "\\" in path or not pure.parts:
+    if pure.is_absolute() or ".." in pure.parts or "\\" in path or not pure.parts or ":" in path:
         raise CacheFormatError(f"{where}: manifest path {path!r} is not a plain relative path")
     return path
-
-
-def read_manifest(cache_dir: Path) -> Manifest:
-    """Read and validate ``cache_dir/manifest.json``.
-
-    Raises:
-        CacheNotFoundError: there is no manifest (no cache, or one that never finished).
-        CacheFormatError: the manifest is malformed or of an unknown format version.
-    """
-    path = Path(cache_dir) / MANIFEST_NAME
-    try:
-        text = path.read_text()
-    except FileNotFoundError as e:
-        raise CacheNotFoundError(f"no complete cache at {cache_dir} (no {MANIFEST_NAME})") from e
-    return Manifest.from_json(text, where=str(path))
-
-
-def write_manifest(cache_dir: Path, manifest: Manifest) -> None:
-    """Write the manifest atomically: a temporary file, fsync, then rename into place."""
-    path = Path(cache_dir) / MANIFEST_NAME
-    tmp = path.with_name(f".{MANIFEST_NAME}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(manifest.to_json())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

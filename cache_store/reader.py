@@ -1,33 +1,46 @@
-"""Reading a committed cache: the manifest, its shards, and dask views for inspection."""
+"""Reading a committed cache: the manifest, verified shards, and dask views for inspection."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
-from .errors import CacheFormatError
-from .manifest import Manifest, ShardEntry, read_manifest
-from .shard import ShardData, read_shard
+import dask
+import dask.array as da
+import dask.dataframe as dd
+import numpy as np
+import pandas as pd
+
+from .errors import CacheFormatError, CacheNotFoundError
+from .manifest import MANIFEST_NAME, Manifest, ShardEntry, SplitEntry
+from .shard import TENSORS_DIR, ShardData, decode, read_shard, verify_shard
+from .storage import Location
 
 
 class Cache:
-    """A committed cache directory, opened read-only.
+    """A committed cache, opened read-only, on any file system fsspec reaches.
+
+    Args:
+        location: the cache directory: a path, an fsspec URL or a Location.
 
     Raises:
-        CacheNotFoundError: no manifest at ``path``.
-        CacheFormatError: the manifest is malformed or of an unknown version.
+        CacheNotFoundError: no manifest there (no cache, or one that never finished).
+        CacheFormatError: the manifest is malformed or of an unknown format version.
     """
 
-    def __init__(self, path: Path | str):
-        self.path = Path(path)
-        self.manifest: Manifest = read_manifest(self.path)
+    def __init__(self, location, **storage_options):
+        self.location = location if isinstance(location, Location) else Location(location, **storage_options)
+        try:
+            text = self.location.read_bytes(MANIFEST_NAME)
+        except FileNotFoundError as e:
+            raise CacheNotFoundError(f"no complete cache at {self.location} (no {MANIFEST_NAME})") from e
+        self.manifest: Manifest = Manifest.from_json(text, where=f"{self.location}/{MANIFEST_NAME}")
         self._specs = {spec.name: spec for spec in self.manifest.tensors}
 
     @property
     def key(self) -> str:
         return self.manifest.key
 
-    def split(self, name: str):
+    def split(self, name: str) -> SplitEntry:
         try:
             return self.manifest.splits[name]
         except KeyError:
@@ -39,19 +52,77 @@ class Cache:
         return self.split(split).shards
 
     def read_shard(self, entry: ShardEntry, wanted: list[tuple[str, int]] = ()) -> ShardData:
-        """Load one shard's rows and the ``wanted`` (tensor, layer) arrays."""
+        """Load one shard's rows and the ``wanted`` (tensor, layer) arrays, verifying their checksums.
+
+        Raises:
+            CacheCorruptError: a file of the shard is missing or damaged (the error names it).
+        """
         for name, layer in wanted:
-            if layer not in self.manifest.tensor(name).layers:
-                raise CacheFormatError(
-                    f"cache {self.key} stores {name} for layers {list(self.manifest.tensor(name).layers)}, not {layer}"
-                )
-        return read_shard(self.path / entry.path, entry, self._specs, list(wanted))
+            layers = self.manifest.tensor(name).layers
+            if layer not in layers:
+                raise CacheFormatError(f"cache {self.key} stores {name} for layers {list(layers)}, not {layer}")
+        return read_shard(self.location, entry, self._specs, list(wanted))
 
     def iter_shards(self, split: str, wanted: list[tuple[str, int]] = ()) -> Iterator[ShardData]:
         for entry in self.shards(split):
             yield self.read_shard(entry, wanted)
 
+    def rows(self, split: str) -> dd.DataFrame:
+        """The split's rows as a dask DataFrame, one partition per shard.
 
-def open_cache(path: Path | str) -> Cache:
-    """Open the committed cache at ``path``."""
-    return Cache(path)
+        Columns: example_id, length, label, logit_0 .. logit_{C-1}, input_ids (lists).
+        """
+        meta = _rows_frame_meta(self.manifest.num_labels)
+        return dd.from_map(self._rows_frame, list(self.shards(split)), meta=meta, enforce_metadata=False)
+
+    def _rows_frame(self, entry: ShardEntry) -> pd.DataFrame:
+        rows = self.read_shard(entry).rows
+        frame = pd.DataFrame({"example_id": rows.example_id, "length": rows.lengths, "label": rows.label})
+        for c in range(rows.logits.shape[1]):
+            frame[f"logit_{c}"] = rows.logits[:, c]
+        frame["input_ids"] = [ids.tolist() for ids in rows.input_ids]
+        frame.index = pd.RangeIndex(entry.row_start, entry.row_end)
+        return frame
+
+    def tensor(self, split: str, name: str, layer: int) -> da.Array:
+        """One stored tensor of one layer as a dask array chunked by shard.
+
+        Hidden states are ``(total_tokens, width)``; use ``rows(split).length`` for offsets.
+        """
+        spec = self.manifest.tensor(name)
+        if layer not in spec.layers:
+            raise CacheFormatError(f"cache {self.key} stores {name} for layers {list(spec.layers)}, not {layer}")
+        path = f"{TENSORS_DIR}/{spec.array_path(layer)}"
+        dtype = decode(np.zeros(0, spec.stored_dtype), spec).dtype
+        read = dask.delayed(lambda entry: self.read_shard(entry, [(name, layer)]).tensors[(name, layer)], pure=True)
+        parts = [da.from_delayed(read(entry), shape=entry.arrays[path], dtype=dtype) for entry in self.shards(split)]
+        return da.concatenate(parts, axis=0)
+
+
+def _rows_frame_meta(num_labels: int) -> pd.DataFrame:
+    columns = {"example_id": np.int64, "length": np.int32, "label": np.int32}
+    columns |= {f"logit_{c}": np.float32 for c in range(num_labels)}
+    meta = pd.DataFrame({name: pd.Series(dtype=dtype) for name, dtype in columns.items()})
+    meta["input_ids"] = pd.Series(dtype=object)
+    return meta
+
+
+def open_cache(location, **storage_options) -> Cache:
+    """Open the committed cache at a path or fsspec URL (``storage_options`` go to fsspec)."""
+    return Cache(location, **storage_options)
+
+
+def verify_cache(location, **storage_options) -> dict[str, list[str]]:
+    """Recompute every checksum of a cache: {shard path: problems} for each damaged shard (empty: sound).
+
+    Raises:
+        CacheNotFoundError, CacheFormatError: there is no readable manifest.
+    """
+    cache = open_cache(location, **storage_options)
+    bad = {}
+    for split in cache.manifest.splits.values():
+        for entry in split.shards:
+            problems = verify_shard(cache.location, entry)
+            if problems:
+                bad[entry.path] = problems
+    return bad

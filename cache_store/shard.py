@@ -1,4 +1,4 @@
-"""One shard on disk: an Arrow IPC file of per-example rows beside a Zarr v3 group of tensors.
+"""One shard: an Arrow IPC file of per-example rows beside a Zarr v3 group of tensors.
 
 A shard directory holds
 
@@ -6,26 +6,27 @@ A shard directory holds
                       label int32 (-1: unlabeled), logits fixed_size_list<float32>
     tensors.zarr/     one array per (tensor, layer), e.g. hidden_states/layer_03,
                       each example's values stored back to back with no padding
+    shard.json        the shard's entry (rows, files, checksums, shapes), written last
 
-Shards are written into a temporary directory and renamed into place, so a shard
-directory with its final name is always complete.
+Reading verifies every file it uses against its checksum before decoding it, so a
+corrupted shard raises an error naming it instead of yielding a wrong tensor.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import xxhash
 import zarr
+from zarr.core.buffer import cpu
+from zarr.storage import MemoryStore
 
-from .errors import CacheFormatError
-from .fingerprint import file_digest
-from .manifest import FileEntry, ShardEntry, TensorSpec
+from .errors import CacheCorruptError, CacheFormatError
+from .manifest import SHARD_ENTRY_NAME, FileEntry, ShardEntry, TensorSpec
+from .storage import Location
 
 ROWS_FILE = "rows.arrow"
 TENSORS_DIR = "tensors.zarr"
@@ -37,7 +38,7 @@ _CODECS = {"zstd": lambda: [zarr.codecs.ZstdCodec(level=1)], "none": lambda: Non
 class ShardRows:
     """The per-example columns of one shard, in row order."""
 
-    example_id: np.ndarray  # (N,) int64: the example's index in its data split
+    example_id: np.ndarray  # (N,) int64: the example's index in its data set
     input_ids: list[np.ndarray]  # N arrays (L_i,), no padding
     label: np.ndarray  # (N,) int, -1 for an unlabeled example
     logits: np.ndarray  # (N, C) float32
@@ -52,10 +53,10 @@ class ShardRows:
 
 @dataclass
 class ShardData:
-    """A shard read back: its rows plus the requested tensors as flat arrays with offsets."""
+    """A shard read back: its rows plus the requested tensors, decoded, with row offsets."""
 
     rows: ShardRows
-    tensors: dict[tuple[str, int], np.ndarray]  # (name, layer) -> stored array
+    tensors: dict[tuple[str, int], np.ndarray]  # (name, layer) -> stored layout, decoded dtype
     offsets: dict[str, np.ndarray]  # name -> (N + 1,) row offsets into the stored array
     specs: dict[str, TensorSpec]
 
@@ -66,10 +67,28 @@ class ShardData:
         return self.tensors[(name, layer)][start:end].reshape(self.specs[name].shape_for(length))
 
 
-def tensor_offsets(spec: TensorSpec, lengths: np.ndarray) -> np.ndarray:
-    """Row offsets of each example's block in the stored array: (N + 1,) int64."""
-    counts = [spec.leading_count(int(n)) for n in lengths]
-    return np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]).astype(np.int64)
+def checksum(data: bytes) -> str:
+    return xxhash.xxh3_128_hexdigest(data)
+
+
+def encode(values: np.ndarray, spec: TensorSpec) -> np.ndarray:
+    """Values as stored: float16/32 as is, bfloat16 as its bit pattern, sqrt-uint8 quantized."""
+    if spec.quantization == "sqrt-uint8":
+        return np.round(255 * np.sqrt(np.clip(values, 0, 1, dtype=np.float32))).astype(np.uint8)
+    if spec.dtype == "bfloat16":
+        bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+        rounding = ((bits >> 16) & 1) + 0x7FFF  # round to nearest, ties to even
+        return ((bits + rounding) >> 16).astype(np.uint16)
+    return np.asarray(values, dtype=spec.dtype)
+
+
+def decode(stored: np.ndarray, spec: TensorSpec) -> np.ndarray:
+    """Undo ``encode``: float16/32 as stored; bfloat16 and sqrt-uint8 as float32."""
+    if spec.quantization == "sqrt-uint8":
+        return np.square(stored.astype(np.float32) / 255)
+    if spec.dtype == "bfloat16":
+        return (stored.astype(np.uint32) << 16).view(np.float32)
+    return stored
 
 
 def rows_schema(num_labels: int) -> pa.Schema:
@@ -84,8 +103,8 @@ def rows_schema(num_labels: int) -> pa.Schema:
     )
 
 
-def write_shard(
-    shard_dir: Path,
+def build_shard(
+    staging: Path,
     rows: ShardRows,
     tensors: dict[tuple[str, int], list[np.ndarray]],
     specs: dict[str, TensorSpec],
@@ -94,24 +113,28 @@ def write_shard(
     relative_path: str,
     row_start: int,
 ) -> ShardEntry:
-    """Write one shard atomically and return its manifest entry (sizes and checksums)."""
-    tmp = shard_dir.with_name(f".{shard_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir(parents=True)
-    try:
-        _write_rows(tmp / ROWS_FILE, rows, num_labels)
-        group = zarr.open_group(tmp / TENSORS_DIR, mode="w")
-        for (name, layer), arrays in tensors.items():
-            _write_tensor(group, specs[name], layer, arrays)
-        files = {
-            str(p.relative_to(tmp)): FileEntry(bytes=p.stat().st_size, sha256=file_digest(p))
-            for p in sorted(tmp.rglob("*"))
-            if p.is_file()
-        }
-        os.rename(tmp, shard_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return ShardEntry(path=relative_path, row_start=row_start, row_end=row_start + len(rows), files=files)
+    """Write one shard's files into the local directory ``staging``; ``shard.json`` goes last."""
+    _write_rows(staging / ROWS_FILE, rows, num_labels)
+    group = zarr.open_group(staging / TENSORS_DIR, mode="w")
+    arrays = {}
+    for (name, layer), per_example in sorted(tensors.items()):
+        path = f"{TENSORS_DIR}/{specs[name].array_path(layer)}"
+        arrays[path] = _write_tensor(group, specs[name], layer, per_example)
+    files = {}
+    for p in sorted(staging.rglob("*")):
+        if p.is_file():
+            data = p.read_bytes()
+            files[str(p.relative_to(staging))] = FileEntry(bytes=len(data), xxh3=checksum(data))
+    entry = ShardEntry(
+        path=relative_path,
+        row_start=row_start,
+        row_end=row_start + len(rows),
+        tokens=int(rows.lengths.sum()),
+        files=files,
+        arrays=arrays,
+    )
+    (staging / SHARD_ENTRY_NAME).write_text(entry.to_json())
+    return entry
 
 
 def _write_rows(path: Path, rows: ShardRows, num_labels: int) -> None:
@@ -130,10 +153,10 @@ def _write_rows(path: Path, rows: ShardRows, num_labels: int) -> None:
         writer.write_table(table)
 
 
-def _write_tensor(group: zarr.Group, spec: TensorSpec, layer: int, arrays: list[np.ndarray]) -> None:
+def _write_tensor(group: zarr.Group, spec: TensorSpec, layer: int, per_example: list[np.ndarray]) -> tuple[int, ...]:
     tail = spec.tail
-    blocks = [np.asarray(a, dtype=spec.dtype).reshape((-1, *tail)) for a in arrays]
-    data = np.concatenate(blocks) if blocks else np.zeros((0, *tail), spec.dtype)
+    blocks = [encode(a, spec).reshape((-1, *tail)) for a in per_example]
+    data = np.concatenate(blocks) if blocks else np.zeros((0, *tail), spec.stored_dtype)
     row_bytes = int(np.prod(tail, dtype=np.int64)) * data.dtype.itemsize
     chunk_rows = max(1, min(len(data), _CHUNK_BYTES // row_bytes))
     group.create_array(
@@ -141,29 +164,76 @@ def _write_tensor(group: zarr.Group, spec: TensorSpec, layer: int, arrays: list[
         data=data,
         chunks=(chunk_rows, *tail),
         compressors=_CODECS[spec.codec](),
+        attributes={"kdcache_dtype": spec.dtype, "kdcache_quantization": spec.quantization},
     )
+    return tuple(int(d) for d in data.shape)
 
 
 def read_shard(
-    shard_dir: Path, entry: ShardEntry, specs: dict[str, TensorSpec], wanted: list[tuple[str, int]]
+    location: Location, entry: ShardEntry, specs: dict[str, TensorSpec], wanted: list[tuple[str, int]]
 ) -> ShardData:
-    """Read a shard's rows and the ``wanted`` (tensor, layer) arrays into memory."""
-    with pa.memory_map(str(shard_dir / ROWS_FILE)) as source:
-        table = pa.ipc.open_file(source).read_all()
+    """Read, verify and decode a shard's rows and the ``wanted`` (tensor, layer) arrays.
+
+    Raises:
+        CacheCorruptError: a file is missing or does not match its recorded size and checksum.
+    """
+    prefixes = [f"{TENSORS_DIR}/{specs[name].array_path(layer)}/" for name, layer in wanted]
+    names = [
+        n for n in entry.files
+        if n == ROWS_FILE or n.endswith("zarr.json") or any(n.startswith(p) for p in prefixes)
+    ]  # fmt: skip
+    blobs = _fetch_verified(location, entry, names)
+    table = pa.ipc.open_file(pa.BufferReader(blobs[ROWS_FILE])).read_all()
     if table.num_rows != entry.rows:
-        raise CacheFormatError(f"shard {entry.path}: {table.num_rows} rows, manifest says {entry.rows}")
+        raise CacheFormatError(f"shard {entry.path}: {table.num_rows} rows, its entry says {entry.rows}")
     ids = table.column("input_ids").combine_chunks()
     flat_ids, id_offsets = ids.values.to_numpy(), ids.offsets.to_numpy()
     logits = table.column("logits").combine_chunks()
-    num_labels = logits.type.list_size
     rows = ShardRows(
         example_id=table.column("example_id").to_numpy(),
         input_ids=[flat_ids[id_offsets[i] : id_offsets[i + 1]] for i in range(table.num_rows)],
         label=table.column("label").to_numpy(),
-        logits=logits.values.to_numpy().reshape(-1, num_labels),
+        logits=logits.values.to_numpy().reshape(-1, logits.type.list_size),
     )
-    group = zarr.open_group(shard_dir / TENSORS_DIR, mode="r")
+    prefix = f"{TENSORS_DIR}/"
+    store = MemoryStore(
+        {n[len(prefix) :]: cpu.Buffer.from_bytes(b) for n, b in blobs.items() if n.startswith(prefix)}, read_only=True
+    )
     lengths = table.column("length").to_numpy()
-    tensors = {(name, layer): group[specs[name].array_path(layer)][...] for name, layer in wanted}
-    offsets = {name: tensor_offsets(specs[name], lengths) for name in {name for name, _ in wanted}}
+    tensors = {
+        (name, layer): decode(zarr.open_array(store, path=specs[name].array_path(layer), mode="r")[...], specs[name])
+        for name, layer in wanted
+    }
+    offsets = {name: specs[name].offsets(lengths) for name in {name for name, _ in wanted}}
     return ShardData(rows=rows, tensors=tensors, offsets=offsets, specs=specs)
+
+
+def _fetch_verified(location: Location, entry: ShardEntry, names: list[str]) -> dict[str, bytes]:
+    try:
+        blobs = location.read_many([f"{entry.path}/{n}" for n in names])
+    except FileNotFoundError as e:
+        raise CacheCorruptError(f"shard {entry.path} of {location}: a file is missing ({e})") from e
+    out = {}
+    for name in names:
+        data = blobs[f"{entry.path}/{name}"]
+        recorded = entry.files[name]
+        if len(data) != recorded.bytes or checksum(data) != recorded.xxh3:
+            raise CacheCorruptError(f"shard {entry.path} of {location}: {name} does not match its checksum")
+        out[name] = data
+    return out
+
+
+def verify_shard(location: Location, entry: ShardEntry) -> list[str]:
+    """Every problem with a shard's files (missing, wrong size, wrong checksum); empty when sound."""
+    problems = []
+    for name, recorded in entry.files.items():
+        try:
+            data = location.read_bytes(f"{entry.path}/{name}")
+        except FileNotFoundError:
+            problems.append(f"{name} is missing")
+            continue
+        if len(data) != recorded.bytes:
+            problems.append(f"{name} has {len(data)} bytes, expected {recorded.bytes}")
+        elif checksum(data) != recorded.xxh3:
+            problems.append(f"{name} does not match its checksum")
+    return problems

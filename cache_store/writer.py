@@ -1,81 +1,189 @@
-"""CacheWriter: fills a cache directory shard by shard and commits it with the manifest."""
+"""CacheWriter: fills a cache shard by shard; resumable, and safe beside other writers.
+
+The shard layout depends only on the row counts and ``shard_rows``: shard k of a split
+holds rows [k * shard_rows, (k + 1) * shard_rows). So a killed run, a second run of the
+same key, or N cooperating processes (``num_shards``/``shard_index``) all agree on what
+each shard holds; each skips the shards already committed, and whoever finds every shard
+committed writes the manifest.
+"""
 
 from __future__ import annotations
 
-import shutil
-from datetime import UTC, datetime
-from pathlib import Path
+import json
+import os
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 
 from .errors import CacheError
-from .manifest import MANIFEST_NAME, Manifest, ShardEntry, SplitEntry, TensorSpec, write_manifest
-from .shard import ShardRows, write_shard
+from .manifest import MANIFEST_NAME, SHARD_ENTRY_NAME, Manifest, ShardEntry, SplitEntry, TensorSpec
+from .shard import ShardRows, build_shard
+from .storage import Location
+
+WRITERS_DIR = ".writers"
+STAGING_DIR = ".staging"
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """One shard to fill: rows [row_start, row_end) of ``split``."""
+
+    split: str
+    index: int
+    row_start: int
+    row_end: int
+
+    @property
+    def path(self) -> str:
+        return f"{self.split}/shard-{self.index:05d}"
 
 
 class CacheWriter:
-    """Writes one cache: ``write_shard`` for each shard of each split, then ``finish``.
+    """Writes one cache: ``pending()`` yields the shards still to fill, ``write_shard`` commits
+    each, ``finish`` writes the manifest once every shard is committed.
 
     Args:
-        cache_dir: the cache's directory, conventionally ``<root>/<key>``.
+        location: the cache's directory (local path, URL or Location), by convention ``<root>/<key>``.
         key: the content key the caller computed for this cache.
         num_labels: width of the stored logits.
         tensors: the ragged tensors each example carries (hidden states, attention maps).
-        metadata: free-form JSON recorded in the manifest (teacher, dataset, capture spec).
+        split_rows: rows per split, in the order they are written.
+        shard_rows: rows per shard.
+        metadata: JSON recorded in the manifest (teacher, dataset, capture spec).
 
     Raises:
-        CacheError: the directory already holds a complete cache.
+        CacheError: the location already holds a complete cache.
     """
 
-    def __init__(self, cache_dir: Path, *, key: str, num_labels: int, tensors: list[TensorSpec], metadata: dict):
-        self.cache_dir = Path(cache_dir)
-        if (self.cache_dir / MANIFEST_NAME).exists():
-            raise CacheError(f"{self.cache_dir} already holds a complete cache; refusing to overwrite it")
-        if self.cache_dir.exists():  # an unfinished earlier attempt: start again from nothing
-            shutil.rmtree(self.cache_dir)
-        self.cache_dir.mkdir(parents=True)
-        self.key = key
-        self.num_labels = num_labels
+    def __init__(self, location, *, key: str, num_labels: int, tensors: list[TensorSpec],
+                 split_rows: dict[str, int], shard_rows: int = 1024, metadata: dict | None = None):  # fmt: skip
+        self.location = location if isinstance(location, Location) else Location(location)
+        if self.location.exists(MANIFEST_NAME):
+            raise CacheError(f"{self.location} already holds a complete cache; refusing to overwrite it")
+        if shard_rows <= 0:
+            raise ValueError(f"shard_rows must be > 0; got {shard_rows!r}")
+        self.key, self.num_labels, self.shard_rows = key, num_labels, shard_rows
         self.specs = {spec.name: spec for spec in tensors}
-        self.metadata = metadata
-        self._shards: dict[str, list[ShardEntry]] = {}
-        self._tokens: dict[str, int] = {}
+        self.metadata = metadata or {}
+        self.tasks = [
+            ShardTask(split, k, start, min(start + shard_rows, rows))
+            for split, rows in split_rows.items()
+            for k, start in enumerate(range(0, rows, shard_rows))
+        ]
+        self._heartbeat = f"{WRITERS_DIR}/{os.getpid()}@{socket.gethostname()}"
+        self._beat()
 
-    def write_shard(self, split: str, rows: ShardRows, tensors: dict[tuple[str, int], list[np.ndarray]]) -> ShardEntry:
-        """Write the next shard of ``split``: rows in order, plus every (tensor, layer) in the spec."""
+    def _beat(self) -> None:
+        """Mark this writer alive (``cache rm`` refuses to delete a cache with a live writer)."""
+        record = {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}
+        self.location.write_bytes(self._heartbeat, json.dumps(record).encode())
+
+    def is_committed(self, task: ShardTask) -> bool:
+        return self.location.exists(f"{task.path}/{SHARD_ENTRY_NAME}")
+
+    def pending(self, *, num_shards: int = 1, shard_index: int = 0) -> Iterator[ShardTask]:
+        """The shards this writer should fill: every ``num_shards``-th from ``shard_index``, not yet committed.
+
+        Committed shards are checked as the iteration reaches them, so writers running side
+        by side skip each other's work.
+        """
+        if not 0 <= shard_index < num_shards:
+            raise ValueError(f"shard_index must be in [0, {num_shards}); got {shard_index!r}")
+        for i, task in enumerate(self.tasks):
+            if i % num_shards == shard_index and not self.is_committed(task):
+                yield task
+
+    def write_shard(self, task: ShardTask, rows: ShardRows, tensors: dict[tuple[str, int], list[np.ndarray]]) -> bool:
+        """Build the shard locally and publish it; False when another writer committed it first."""
         expected = {(spec.name, layer) for spec in self.specs.values() for layer in spec.layers}
         if set(tensors) != expected:
             raise ValueError(f"shard tensors {sorted(tensors)} differ from the cache's spec {sorted(expected)}")
+        if len(rows) != task.row_end - task.row_start:
+            raise ValueError(f"shard {task.path} needs {task.row_end - task.row_start} rows; got {len(rows)}")
         if rows.logits.shape != (len(rows), self.num_labels):
             raise ValueError(f"logits must be ({len(rows)}, {self.num_labels}); got {rows.logits.shape}")
-        shards = self._shards.setdefault(split, [])
-        row_start = shards[-1].row_end if shards else 0
-        relative = f"{split}/shard-{len(shards):05d}"
-        entry = write_shard(
-            self.cache_dir / relative,
-            rows,
-            tensors,
-            self.specs,
-            num_labels=self.num_labels,
-            relative_path=relative,
-            row_start=row_start,
-        )
-        shards.append(entry)
-        self._tokens[split] = self._tokens.get(split, 0) + int(rows.lengths.sum())
-        return entry
+        staging = self.location.staging_dir(task.path.replace("/", "-"))
+        build_shard(staging, rows, tensors, self.specs, num_labels=self.num_labels,
+                    relative_path=task.path, row_start=task.row_start)  # fmt: skip
+        committed = self.location.commit_dir(staging, task.path, last=SHARD_ENTRY_NAME)
+        self._beat()
+        return committed
 
-    def finish(self) -> Manifest:
-        """Write the manifest, which commits the cache; returns it."""
+    def committed_count(self) -> int:
+        return sum(self.is_committed(task) for task in self.tasks)
+
+    def finish(self) -> Manifest | None:
+        """Write the manifest if every shard is committed and return it; None while some are missing."""
+        if self.committed_count() < len(self.tasks):
+            self.location.remove(self._heartbeat)
+            return None
+        entries = self.location.read_many([f"{task.path}/{SHARD_ENTRY_NAME}" for task in self.tasks])
+        splits: dict[str, list[ShardEntry]] = {}
+        for task in self.tasks:
+            where = f"{self.location}/{task.path}/{SHARD_ENTRY_NAME}"
+            splits.setdefault(task.split, []).append(
+                ShardEntry.from_raw(json.loads(entries[f"{task.path}/{SHARD_ENTRY_NAME}"]), where)
+            )
         manifest = Manifest(
             key=self.key,
-            created=datetime.now(UTC).isoformat(timespec="seconds"),
             num_labels=self.num_labels,
+            shard_rows=self.shard_rows,
             tensors=tuple(self.specs.values()),
             splits={
-                split: SplitEntry(rows=shards[-1].row_end, tokens=self._tokens[split], shards=tuple(shards))
-                for split, shards in self._shards.items()
+                split: SplitEntry(rows=shards[-1].row_end, tokens=sum(s.tokens for s in shards), shards=tuple(shards))
+                for split, shards in splits.items()
             },
             metadata=self.metadata,
         )
-        write_manifest(self.cache_dir, manifest)
+        self.location.write_bytes(MANIFEST_NAME, manifest.to_json().encode())
+        self.location.remove(self._heartbeat)
+        _remove_stale(self.location)
         return manifest
+
+
+def _remove_stale(location: Location) -> None:
+    """Drop heartbeats and staging directories left by writers that are gone."""
+    for folder in (WRITERS_DIR, STAGING_DIR):
+        if not location.exists(folder):
+            continue
+        for path in location.fs.ls(location.path(folder), detail=False):
+            name = path.rstrip("/").rsplit("/", 1)[-1]
+            if folder == WRITERS_DIR:
+                pid, host = _heartbeat_owner(name)
+            else:  # staging is only ever local: <shard>.tmp-<pid>-<random>
+                pid, host = name.rpartition(".tmp-")[2].split("-")[0], socket.gethostname()
+            if not writer_alive(pid, host, location.modified(f"{folder}/{name}")):
+                location.fs.rm(path, recursive=True)
+        if not location.fs.ls(location.path(folder)):
+            location.remove(folder)
+
+
+def live_writers(location: Location) -> list[str]:
+    """Heartbeats (``pid@host``) of writers that may still be filling this cache."""
+    if not location.exists(WRITERS_DIR):
+        return []
+    names = [p.rstrip("/").rsplit("/", 1)[-1] for p in location.fs.ls(location.path(WRITERS_DIR), detail=False)]
+    return [n for n in names if writer_alive(*_heartbeat_owner(n), location.modified(f"{WRITERS_DIR}/{n}"))]
+
+
+def _heartbeat_owner(name: str) -> tuple[str, str]:
+    """(pid, host) from a heartbeat name ``pid@host``, or from its interrupted temporary ``pid@host.tmp-N``."""
+    pid, _, host = name.split(".tmp-")[0].partition("@")
+    return pid, host
+
+
+def writer_alive(pid: str, host: str, modified, *, grace_s: float = 900) -> bool:
+    """Whether a writer may still be running: on this host its process exists; elsewhere its
+    heartbeat was touched within ``grace_s`` seconds."""
+    if host == socket.gethostname() and pid.isdigit():
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+        return True
+    return modified is None or (time.time() - modified.timestamp()) < grace_s

@@ -15,10 +15,11 @@ from cache_store import (
     MANIFEST_NAME,
     CacheWriter,
     Fingerprint,
+    Location,
     Manifest,
     ShardRows,
     TensorSpec,
-    read_manifest,
+    open_cache,
 )
 
 from .config import ConfigError, ExperimentConfig
@@ -33,8 +34,9 @@ HIDDEN, ATTENTION = "hidden_states", "attentions"
 
 @dataclass(frozen=True)
 class CaptureResult:
-    path: Path
-    manifest: Manifest
+    location: Location
+    key: str
+    manifest: Manifest | None  # None while other writers still owe shards
     reused: bool
 
 
@@ -43,7 +45,7 @@ class CachePlan:
     """Everything that decides a cache's content, and the key derived from it."""
 
     key: str
-    path: Path
+    location: Location
     teacher_path: Path
     splits: dict[str, TextData]
     token_ids: dict[str, list[np.ndarray]]
@@ -69,50 +71,62 @@ def plan_cache(cfg: ExperimentConfig) -> CachePlan:
         )
     fp.update_json("capture", {**dataclasses.asdict(cfg.capture), "cache_root": None, "precision": "float32"})
     key = fp.hexdigest()
-    return CachePlan(key, Path(cfg.capture.cache_root) / key, teacher_path, splits, token_ids)
+    return CachePlan(key, Location(cfg.capture.cache_root) / key, teacher_path, splits, token_ids)
 
 
-def run_capture(cfg: ExperimentConfig) -> CaptureResult:
+def run_capture(cfg: ExperimentConfig, *, num_shards: int = 1, shard_index: int = 0) -> CaptureResult:
     """Capture the teacher's logits, hidden states and attention maps for the train and validation splits.
 
-    Reuses a complete cache with the same key at once.
+    Reuses a complete cache with the same key at once, resumes a partial one from its
+    committed shards, and with ``num_shards`` > 1 fills only every ``num_shards``-th shard
+    from ``shard_index`` (the manifest is written by whichever writer completes the set).
     """
     plan = plan_cache(cfg)
-    if (plan.path / MANIFEST_NAME).exists():
-        manifest = read_manifest(plan.path)
-        print(f"reused cache {plan.key} at {plan.path} ({manifest.rows} rows, {manifest.bytes / 1e6:.1f} MB)")
-        return CaptureResult(plan.path, manifest, reused=True)
+    if plan.location.exists(MANIFEST_NAME):
+        manifest = open_cache(plan.location).manifest
+        print(f"reused cache {plan.key} at {plan.location} ({manifest.rows} rows, {manifest.bytes / 1e6:.1f} MB)")
+        return CaptureResult(plan.location, plan.key, manifest, reused=True)
     capture = cfg.capture
     model = load_classifier(plan.teacher_path, attention_maps=bool(capture.attention_layers))
     model.eval()
-    specs = tensor_specs(cfg, model.config)
     writer = CacheWriter(
-        plan.path,
+        plan.location,
         key=plan.key,
         num_labels=model.config.num_labels,
-        tensors=specs,
+        tensors=tensor_specs(cfg, model.config),
+        split_rows={name: len(plan.token_ids[name]) for name in CAPTURED_SPLITS},
+        shard_rows=capture.shard_rows,
         metadata={
             "teacher": str(plan.teacher_path),
             "dataset": cfg.data.dataset,
             "label_names": list(plan.splits["train"].label_names),
             "max_length": cfg.data.max_length,
-            "capture": dataclasses.asdict(capture),
+            "capture": {**dataclasses.asdict(capture), "cache_root": None},
         },
     )
+    done = writer.committed_count()
+    if done:
+        print(f"resuming cache {plan.key}: {done} of {len(writer.tasks)} shards already committed")
+    todo = list(writer.pending(num_shards=num_shards, shard_index=shard_index))
     pad_id = load_tokenizer(plan.teacher_path).pad_token_id
-    for name in CAPTURED_SPLITS:
-        ids, data = plan.token_ids[name], plan.splits[name]
-        with tqdm(total=len(ids), desc=f"capture {name}", unit="ex") as bar:
-            for start in range(0, len(ids), capture.shard_rows):
-                rows = slice(start, start + capture.shard_rows)
-                logits, tensors = _teacher_outputs(model, ids[rows], pad_id, cfg)
-                shard_rows = ShardRows(data.example_id[rows], ids[rows], data.labels[rows], logits)
-                writer.write_shard(name, shard_rows, tensors)
-                bar.update(len(shard_rows))
-                bar.set_postfix(tok_s=f"{sum(map(len, ids[: rows.stop])) / bar.format_dict['elapsed']:.0f}")
+    with tqdm(total=sum(t.row_end - t.row_start for t in todo), desc="capture", unit="ex") as bar:
+        tokens = 0
+        for task in todo:
+            rows = slice(task.row_start, task.row_end)
+            ids, data = plan.token_ids[task.split][rows], plan.splits[task.split]
+            if not writer.is_committed(task):  # another writer may have taken it meanwhile
+                logits, tensors = _teacher_outputs(model, ids, pad_id, cfg)
+                writer.write_shard(task, ShardRows(data.example_id[rows], ids, data.labels[rows], logits), tensors)
+            tokens += sum(map(len, ids))
+            bar.update(len(ids))
+            bar.set_postfix(split=task.split, tok_s=f"{tokens / bar.format_dict['elapsed']:.0f}")
     manifest = writer.finish()
-    print(f"wrote cache {plan.key} at {plan.path} ({manifest.rows} rows, {manifest.bytes / 1e6:.1f} MB)")
-    return CaptureResult(plan.path, manifest, reused=False)
+    if manifest is None:
+        print(f"committed shards of cache {plan.key}; {writer.committed_count()} of {len(writer.tasks)} present, "
+              "the manifest is written once the other writers finish")  # fmt: skip
+    else:
+        print(f"wrote cache {plan.key} at {plan.location} ({manifest.rows} rows, {manifest.bytes / 1e6:.1f} MB)")
+    return CaptureResult(plan.location, plan.key, manifest, reused=False)
 
 
 def tensor_specs(cfg: ExperimentConfig, model_config) -> list[TensorSpec]:
@@ -131,7 +145,15 @@ def tensor_specs(cfg: ExperimentConfig, model_config) -> list[TensorSpec]:
         specs.append(TensorSpec(HIDDEN, tuple(capture.hidden_layers), shape, dtype=capture.hidden_dtype))
     if capture.attention_layers:
         shape = (model_config.num_attention_heads, "L", "L")
-        specs.append(TensorSpec(ATTENTION, tuple(capture.attention_layers), shape, dtype=capture.attention_dtype))
+        specs.append(
+            TensorSpec(
+                ATTENTION,
+                tuple(capture.attention_layers),
+                shape,
+                dtype=capture.attention_dtype,
+                quantization=capture.attention_quantization,
+            )
+        )
     return specs
 
 

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import yaml
 
+from cache_store.manifest import DTYPES, QUANTIZATIONS
+
 PACKAGE_SCHEME = "pkg://"
 
 
@@ -81,8 +83,9 @@ class TeacherConfig:
 class CaptureConfig:
     hidden_layers: tuple[int, ...] = ()  # teacher layers (1..N; 0 = embeddings) whose hidden states are stored
     attention_layers: tuple[int, ...] = ()  # teacher layers (1..N) whose attention maps are stored
-    hidden_dtype: str = "float16"
+    hidden_dtype: str = "float16"  # float16, bfloat16 (stored as its bit pattern) or float32
     attention_dtype: str = "float16"
+    attention_quantization: str | None = None  # "sqrt-uint8": round(255 * sqrt(p)), about 1/5 of float16
     batch_size: int = 64
     shard_rows: int = 1024  # examples per shard
     cache_root: str = "caches"  # caches live in <cache_root>/<key>/
@@ -91,7 +94,11 @@ class CaptureConfig:
         _check(self.shard_rows > 0, f"capture.shard_rows must be > 0; got {self.shard_rows!r}")
         for name in ("hidden_dtype", "attention_dtype"):
             value = getattr(self, name)
-            _check(value in ("float16", "float32"), f"capture.{name} must be float16 or float32; got {value!r}")
+            _check(value in DTYPES, f"capture.{name} must be one of {list(DTYPES)}; got {value!r}")
+        _check(
+            self.attention_quantization in QUANTIZATIONS,
+            f"capture.attention_quantization must be one of {list(QUANTIZATIONS)}; got {self.attention_quantization!r}",
+        )
 
 
 LOSS_ATTENTION_KINDS = ("kl", "mse")

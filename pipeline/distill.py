@@ -92,10 +92,11 @@ def run_distill(cfg: ExperimentConfig) -> RunResult:
     """
     plan = plan_cache(cfg)
     try:
-        cache = open_cache(plan.path)
+        cache = open_cache(plan.location)
     except CacheNotFoundError:
         raise ConfigError(
-            f"no teacher cache {plan.key} for this config at {plan.path}; run `kdcache teacher-cache --config ...` first"
+            f"no teacher cache {plan.key} for this config at {plan.location}; "
+            "run `kdcache teacher-cache --config ...` first"
         ) from None
     tqdm.write(f"distill: reading cache {cache.key} ({cache.manifest.rows} rows, {cache.manifest.bytes / 1e6:.1f} MB)")
     for spec in cfg.distill.students:

@@ -77,7 +77,7 @@ def tiny_config_dict(tmp_path: Path, teacher: Path, dataset: Path) -> dict:
                  "max_length": 32},
         "teacher": {"base_model": str(teacher), "epochs": 1, "learning_rate": 1e-3, "batch_size": 16,
                     "output_root": str(tmp_path / "teachers")},
-        "capture": {"hidden_layers": [0, 2, 4], "attention_layers": [2, 4], "batch_size": 8, "shard_rows": 32,
+        "capture": {"hidden_layers": [0, 2, 4], "attention_layers": [2, 4], "batch_size": 8, "shard_rows": 16,
                     "cache_root": str(tmp_path / "caches")},
         "distill": {
             "students": [{"name": "tiny-l2", "teacher_layers": [2, 4]}],

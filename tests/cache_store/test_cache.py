@@ -1,27 +1,41 @@
-"""The cache format: exact round trips, the manifest as commit marker, refusals of bad manifests."""
+"""The cache store's contract, run against every backend: a local directory and S3 (moto on loopback).
+
+Round trips are exact, the manifest is the commit marker, damage is caught by name,
+interrupted and parallel writers end with the same bytes, and caches list, copy and delete.
+"""
 
 from __future__ import annotations
 
 import json
+import uuid
 
 import numpy as np
 import pytest
 
 from cache_store import (
     MANIFEST_NAME,
+    CacheBusyError,
+    CacheCorruptError,
     CacheError,
     CacheFormatError,
     CacheNotFoundError,
     CacheWriter,
+    Location,
     ShardRows,
     TensorSpec,
+    list_caches,
     open_cache,
+    push_cache,
+    remove_cache,
+    verify_cache,
 )
 
 HEADS, WIDTH, LABELS = 3, 8, 4
+SPLITS = {"train": 12, "validation": 5}
 
 
-def make_rows(rng: np.random.Generator, n: int, start: int = 0) -> ShardRows:
+def make_rows(seed: int, start: int, n: int) -> ShardRows:
+    rng = np.random.default_rng(seed)
     lengths = rng.integers(1, 9, size=n)
     return ShardRows(
         example_id=np.arange(start, start + n, dtype=np.int64),
@@ -31,101 +45,239 @@ def make_rows(rng: np.random.Generator, n: int, start: int = 0) -> ShardRows:
     )
 
 
-def make_tensors(rng, rows: ShardRows, dtype) -> dict:
+def make_tensors(seed: int, rows: ShardRows) -> dict:
+    rng = np.random.default_rng(seed + 1000)
     out = {}
     for layer in (1, 3):
-        out[("hidden", layer)] = [rng.standard_normal((len(ids), WIDTH)).astype(dtype) for ids in rows.input_ids]
-        out[("attn", layer)] = [rng.random((HEADS, len(ids), len(ids))).astype(dtype) for ids in rows.input_ids]
+        out[("hidden", layer)] = [rng.standard_normal((len(ids), WIDTH)).astype(np.float32) for ids in rows.input_ids]
+        attention = [rng.random((HEADS, len(ids), len(ids))).astype(np.float32) for ids in rows.input_ids]
+        out[("attn", layer)] = [a / a.sum(-1, keepdims=True) for a in attention]
     return out
 
 
-def specs(dtype: str, codec: str = "zstd") -> list[TensorSpec]:
+def specs(hidden_dtype="float16", attention_dtype="float16", codec="zstd", quantization=None) -> list[TensorSpec]:
     return [
-        TensorSpec("hidden", (1, 3), ("L", WIDTH), dtype=dtype, codec=codec),
-        TensorSpec("attn", (1, 3), (HEADS, "L", "L"), dtype=dtype, codec=codec),
+        TensorSpec("hidden", (1, 3), ("L", WIDTH), dtype=hidden_dtype, codec=codec),
+        TensorSpec("attn", (1, 3), (HEADS, "L", "L"), dtype=attention_dtype, codec=codec, quantization=quantization),
     ]
 
 
-def write_cache(path, rng, *, dtype="float16", codec="zstd", shards=(5, 7)):
-    writer = CacheWriter(path, key="k1", num_labels=LABELS, tensors=specs(dtype, codec), metadata={"who": "test"})
-    written, start = [], 0
-    for n in shards:
-        rows = make_rows(rng, n, start)
-        tensors = make_tensors(rng, rows, dtype)
-        writer.write_shard("train", rows, tensors)
-        written.append((rows, tensors))
-        start += n
-    return writer.finish(), written
+def new_writer(location, **spec_options) -> CacheWriter:
+    return CacheWriter(location, key="k1", num_labels=LABELS, tensors=specs(**spec_options), split_rows=SPLITS,
+                       shard_rows=5, metadata={"teacher": "t", "dataset": "d"})  # fmt: skip
 
 
-@pytest.mark.parametrize("dtype", ["float16", "float32"])
-@pytest.mark.parametrize("codec", ["zstd", "none"])
-def test_round_trip_is_exact(tmp_path, dtype, codec):
-    rng = np.random.default_rng(0)
-    manifest, written = write_cache(tmp_path / "c", rng, dtype=dtype, codec=codec)
-    cache = open_cache(tmp_path / "c")
-    assert cache.manifest == manifest
-    wanted = [(name, layer) for name in ("hidden", "attn") for layer in (1, 3)]
-    for (rows, tensors), data in zip(written, cache.iter_shards("train", wanted), strict=True):
-        np.testing.assert_array_equal(data.rows.example_id, rows.example_id)
-        np.testing.assert_array_equal(data.rows.label, rows.label)
-        np.testing.assert_array_equal(data.rows.logits, rows.logits)
-        for i, ids in enumerate(rows.input_ids):
-            np.testing.assert_array_equal(data.rows.input_ids[i], ids)
-            for key in wanted:
-                got = data.example_tensor(*key, i)
-                assert got.dtype == np.dtype(dtype)
-                np.testing.assert_array_equal(got, tensors[key][i])
+def shard_content(task):
+    """Deterministic content for a shard, so every writer produces the same bytes."""
+    seed = (0 if task.split == "train" else 100) + task.index
+    rows = make_rows(seed, task.row_start, task.row_end - task.row_start)
+    return rows, make_tensors(seed, rows)
 
 
-def test_manifest_records_rows_tokens_and_checksums(tmp_path):
-    manifest, written = write_cache(tmp_path / "c", np.random.default_rng(1))
-    split = manifest.splits["train"]
-    assert split.rows == 12
-    assert split.tokens == sum(len(ids) for rows, _ in written for ids in rows.input_ids)
-    assert [(s.row_start, s.row_end) for s in split.shards] == [(0, 5), (5, 12)]
-    for shard in split.shards:
-        for name, entry in shard.files.items():
-            assert (tmp_path / "c" / shard.path / name).stat().st_size == entry.bytes
-            assert len(entry.sha256) == 64
+def fill(writer: CacheWriter, *, num_shards=1, shard_index=0, stop_after=None):
+    written = 0
+    for task in writer.pending(num_shards=num_shards, shard_index=shard_index):
+        if stop_after is not None and written == stop_after:
+            return None
+        writer.write_shard(task, *shard_content(task))
+        written += 1
+    return writer.finish()
 
 
-def test_storage_grows_with_real_tokens_not_padding(tmp_path):
-    rng = np.random.default_rng(2)
-    manifest, written = write_cache(tmp_path / "c", rng, dtype="float32", codec="none")
-    cache = open_cache(tmp_path / "c")
-    data = cache.read_shard(cache.shards("train")[0], [("hidden", 1), ("attn", 1)])
-    rows = written[0][0]
-    assert data.tensors[("hidden", 1)].shape == (sum(map(len, rows.input_ids)), WIDTH)
-    assert data.tensors[("attn", 1)].shape == (sum(HEADS * len(ids) ** 2 for ids in rows.input_ids),)
+def snapshot(location: Location) -> dict[str, bytes]:
+    """Every file of a cache, by relative path."""
+    files = location.fs.find(location.path())
+    prefix = location.path() + "/"
+    return {f[len(prefix) :]: location.fs.cat_file(f) for f in files}
 
 
-def test_no_manifest_means_no_cache(tmp_path):
-    writer = CacheWriter(tmp_path / "c", key="k", num_labels=LABELS, tensors=specs("float16"), metadata={})
-    rows = make_rows(np.random.default_rng(3), 4)
-    writer.write_shard("train", rows, make_tensors(np.random.default_rng(3), rows, "float16"))
-    with pytest.raises(CacheNotFoundError, match="no complete cache"):
-        open_cache(tmp_path / "c")
-    writer.finish()
-    assert open_cache(tmp_path / "c").manifest.rows == 4
+class CacheStoreContract:
+    """Subclasses provide ``root``: a fresh cache root (path or URL) per test."""
+
+    interruptions = (0, 1, 3)  # shards committed before a writer dies
+    every_file = True  # flip a byte in every shard file (False: a sample, where each request is slow)
+
+    @pytest.fixture
+    def root(self):
+        raise NotImplementedError
+
+    @pytest.fixture
+    def cache_url(self, root):
+        return f"{root}/k1"
+
+    @pytest.mark.parametrize(
+        "options",
+        [
+            {},
+            {"hidden_dtype": "float32", "attention_dtype": "float32", "codec": "none"},
+            {"hidden_dtype": "bfloat16", "attention_dtype": "bfloat16"},
+            {"quantization": "sqrt-uint8"},
+        ],
+        ids=["float16", "float32-raw", "bfloat16", "sqrt-uint8"],
+    )
+    def test_round_trip(self, cache_url, options):
+        manifest = fill(new_writer(cache_url, **options))
+        cache = open_cache(cache_url)
+        assert cache.manifest == manifest
+        assert [s.rows for s in manifest.splits["train"].shards] == [5, 5, 2]
+        wanted = [(name, layer) for name in ("hidden", "attn") for layer in (1, 3)]
+        tolerance = {"float16": 1e-3, "float32": 0, "bfloat16": 8e-3}
+        for split, entry in [(s, e) for s in SPLITS for e in cache.shards(s)]:
+            data = cache.read_shard(entry, wanted)
+            index = entry.row_start // 5
+            task = type(
+                "T", (), {"split": split, "index": index, "row_start": entry.row_start, "row_end": entry.row_end}
+            )
+            rows, tensors = shard_content(task)
+            np.testing.assert_array_equal(data.rows.example_id, rows.example_id)
+            np.testing.assert_array_equal(data.rows.label, rows.label)
+            np.testing.assert_array_equal(data.rows.logits, rows.logits)
+            for i, ids in enumerate(rows.input_ids):
+                np.testing.assert_array_equal(data.rows.input_ids[i], ids)
+                for key in wanted:
+                    got, expected = data.example_tensor(*key, i), tensors[key][i]
+                    assert got.shape == expected.shape
+                    if key[0] == "attn" and options.get("quantization"):
+                        assert np.abs(np.sqrt(got) - np.sqrt(expected)).max() <= 0.5 / 255 + 1e-6
+                    else:
+                        dtype = options.get(f"{'hidden' if key[0] == 'hidden' else 'attention'}_dtype", "float16")
+                        np.testing.assert_allclose(got, expected, rtol=tolerance[dtype], atol=tolerance[dtype])
+                        if dtype == "float32":
+                            np.testing.assert_array_equal(got, expected)
+
+    def test_storage_grows_with_real_tokens_not_padding(self, cache_url):
+        fill(new_writer(cache_url))
+        cache = open_cache(cache_url)
+        entry = cache.shards("train")[0]
+        data = cache.read_shard(entry, [("hidden", 1), ("attn", 1)])
+        lengths = data.rows.lengths
+        assert (
+            data.tensors[("hidden", 1)].shape == (lengths.sum(), WIDTH) == entry.arrays["tensors.zarr/hidden/layer_01"]
+        )
+        assert data.tensors[("attn", 1)].shape == ((HEADS * lengths**2).sum(),)
+        assert entry.tokens == lengths.sum()
+
+    def test_no_manifest_means_no_cache(self, cache_url):
+        assert fill(new_writer(cache_url), stop_after=2) is None
+        with pytest.raises(CacheNotFoundError, match="no complete cache"):
+            open_cache(cache_url)
+        with pytest.raises(CacheError, match="already holds a complete cache"):
+            fill(new_writer(cache_url))
+            new_writer(cache_url)
+
+    def test_interrupted_writing_resumes_to_identical_bytes(self, root):
+        reference = Location(f"{root}/reference")
+        fill(new_writer(reference))
+        for stop_after in self.interruptions:
+            target = Location(f"{root}/resumed-{stop_after}")
+            assert fill(new_writer(target), stop_after=stop_after) is None  # the writer "dies" here
+            resumed = new_writer(target)
+            assert resumed.committed_count() == stop_after
+            assert fill(resumed) is not None
+            assert snapshot(target) == snapshot(reference)
+
+    def test_parallel_writers_split_the_shards_and_the_last_writes_the_manifest(self, root):
+        reference = Location(f"{root}/reference")
+        fill(new_writer(reference))
+        target = Location(f"{root}/parallel")
+        first, second = new_writer(target), new_writer(target)
+        assert fill(first, num_shards=2, shard_index=0) is None
+        assert not target.exists(MANIFEST_NAME)
+        assert fill(second, num_shards=2, shard_index=1) is not None
+        assert snapshot(target) == snapshot(reference)
+
+    def test_two_writers_of_the_same_shards_leave_one_intact_cache(self, root):
+        target = Location(f"{root}/twice")
+        one, two = new_writer(target), new_writer(target)
+        tasks = list(one.pending())
+        for task in tasks:  # both build every shard; the second commit of each is dropped
+            assert one.write_shard(task, *shard_content(task)) is True
+            assert two.write_shard(task, *shard_content(task)) is False
+        assert one.finish() is not None and two.finish() is not None
+        reference = Location(f"{root}/reference")
+        fill(new_writer(reference))
+        assert snapshot(target) == snapshot(reference)
+
+    def test_flipped_byte_in_any_shard_file_is_caught_by_verify_and_reader(self, cache_url):
+        fill(new_writer(cache_url))
+        location = Location(cache_url)
+        assert verify_cache(cache_url) == {}
+        entry = open_cache(cache_url).shards("train")[1]
+        names = sorted(entry.files)
+        for name in names if self.every_file else [names[0], names[len(names) // 2], names[-1]]:
+            data = bytearray(location.read_bytes(f"{entry.path}/{name}"))
+            data[len(data) // 2] ^= 0x01
+            location.write_bytes(f"{entry.path}/{name}", bytes(data))
+            assert verify_cache(cache_url) == {entry.path: [f"{name} does not match its checksum"]}
+            cache = open_cache(cache_url)
+            wanted = [(n, layer) for n in ("hidden", "attn") for layer in (1, 3)]
+            with pytest.raises(CacheCorruptError, match=f"shard {entry.path} .*: {name} does not match"):
+                cache.read_shard(entry, wanted)
+            data[len(data) // 2] ^= 0x01
+            location.write_bytes(f"{entry.path}/{name}", bytes(data))
+        assert verify_cache(cache_url) == {}
+
+    def test_missing_file_is_named(self, cache_url):
+        fill(new_writer(cache_url))
+        entry = open_cache(cache_url).shards("validation")[0]
+        Location(cache_url).remove(f"{entry.path}/rows.arrow")
+        assert verify_cache(cache_url) == {entry.path: ["rows.arrow is missing"]}
+        with pytest.raises(CacheCorruptError, match=f"shard {entry.path}"):
+            open_cache(cache_url).read_shard(entry)
+
+    def test_dask_views_match_the_shards(self, cache_url):
+        fill(new_writer(cache_url, hidden_dtype="float32"))
+        cache = open_cache(cache_url)
+        rows = cache.rows("train")
+        assert rows.npartitions == 3
+        frame = rows.compute()
+        assert frame.example_id.tolist() == list(range(12))
+        expected = np.concatenate([d.rows.logits for d in cache.iter_shards("train")])
+        np.testing.assert_array_equal(frame[[f"logit_{c}" for c in range(LABELS)]].to_numpy(), expected)
+        hidden = cache.tensor("train", "hidden", 3)
+        assert hidden.numblocks == (3, 1) and hidden.shape == (frame.length.sum(), WIDTH)
+        stored = np.concatenate([d.tensors[("hidden", 3)] for d in cache.iter_shards("train", [("hidden", 3)])])
+        np.testing.assert_array_equal(hidden.compute(), stored)
+
+    def test_list_push_and_remove(self, root, tmp_path):
+        fill(new_writer(f"{root}/k1"))
+        fill(new_writer(f"{root}/partial"), stop_after=1)
+        listing = {c.key: c for c in list_caches(root)}
+        assert listing["k1"].complete and listing["k1"].rows == 17 and listing["k1"].teacher == "t"
+        assert not listing["partial"].complete and listing["partial"].rows == 5
+        copy, copied = push_cache(f"{root}/k1", tmp_path / "elsewhere")
+        assert copied and verify_cache(copy.location) == {}
+        assert snapshot(copy.location) == snapshot(Location(f"{root}/k1"))
+        assert push_cache(f"{root}/k1", tmp_path / "elsewhere")[1] is False
+        remove_cache(f"{root}/partial", force=True)  # its writer (this process) is still "alive"
+        remove_cache(f"{root}/k1")
+        assert [c.key for c in list_caches(root)] == []
+        with pytest.raises(CacheNotFoundError):
+            remove_cache(f"{root}/k1")
+
+    def test_remove_refuses_a_partial_cache_with_a_live_writer(self, cache_url):
+        writer = new_writer(cache_url)  # alive: this very process
+        task = next(writer.pending())
+        writer.write_shard(task, *shard_content(task))
+        with pytest.raises(CacheBusyError, match="is being written by .*--force"):
+            remove_cache(cache_url)
+        remove_cache(cache_url, force=True)
+        assert not Location(cache_url).exists()
 
 
-def test_writer_refuses_a_complete_cache_and_restarts_a_partial_one(tmp_path):
-    write_cache(tmp_path / "c", np.random.default_rng(4))
-    with pytest.raises(CacheError, match="already holds a complete cache"):
-        CacheWriter(tmp_path / "c", key="k", num_labels=LABELS, tensors=specs("float16"), metadata={})
-    (tmp_path / "partial" / "train" / "shard-00000").mkdir(parents=True)
-    CacheWriter(tmp_path / "partial", key="k", num_labels=LABELS, tensors=specs("float16"), metadata={})
-    assert list((tmp_path / "partial").iterdir()) == []
+class TestLocalDirectory(CacheStoreContract):
+    @pytest.fixture
+    def root(self, tmp_path):
+        return str(tmp_path / "caches")
 
 
-def test_writer_refuses_tensors_that_differ_from_its_spec(tmp_path):
-    writer = CacheWriter(tmp_path / "c", key="k", num_labels=LABELS, tensors=specs("float16"), metadata={})
-    rows = make_rows(np.random.default_rng(5), 3)
-    tensors = make_tensors(np.random.default_rng(5), rows, "float16")
-    del tensors[("attn", 3)]
-    with pytest.raises(ValueError, match="differ from the cache's spec"):
-        writer.write_shard("train", rows, tensors)
+class TestS3(CacheStoreContract):
+    interruptions = (2,)
+    every_file = False
+
+    @pytest.fixture
+    def root(self, s3_bucket):
+        return f"s3://{s3_bucket}/{uuid.uuid4().hex[:8]}"
 
 
 def _edit_manifest(path, edit):
@@ -134,23 +286,43 @@ def _edit_manifest(path, edit):
     (path / MANIFEST_NAME).write_text(json.dumps(raw))
 
 
-@pytest.mark.parametrize("bad_path", ["/etc", "../outside", "train/../../x", "a\\b"])
+@pytest.mark.parametrize("bad_path", ["/etc", "../outside", "train/../../x", "a\\b", "s3://other/x"])
 def test_reader_refuses_paths_that_leave_the_cache(tmp_path, bad_path):
-    write_cache(tmp_path / "c", np.random.default_rng(6))
+    fill(new_writer(tmp_path / "c"))
     _edit_manifest(tmp_path / "c", lambda raw: raw["splits"]["train"]["shards"][0].__setitem__("path", bad_path))
     with pytest.raises(CacheFormatError, match="not a plain relative path"):
         open_cache(tmp_path / "c")
 
 
 def test_reader_names_both_versions_when_it_cannot_read_one(tmp_path):
-    write_cache(tmp_path / "c", np.random.default_rng(7))
+    fill(new_writer(tmp_path / "c"))
     _edit_manifest(tmp_path / "c", lambda raw: raw.__setitem__("format_version", 99))
     with pytest.raises(CacheFormatError, match="version 99 .* reads version 1"):
         open_cache(tmp_path / "c")
 
 
 def test_reader_refuses_a_layer_the_cache_does_not_hold(tmp_path):
-    write_cache(tmp_path / "c", np.random.default_rng(8))
+    fill(new_writer(tmp_path / "c"))
     cache = open_cache(tmp_path / "c")
     with pytest.raises(CacheFormatError, match="layers \\[1, 3\\], not 2"):
         cache.read_shard(cache.shards("train")[0], [("hidden", 2)])
+
+
+def test_writer_refuses_tensors_that_differ_from_its_spec(tmp_path):
+    writer = new_writer(tmp_path / "c")
+    task = next(writer.pending())
+    rows, tensors = shard_content(task)
+    del tensors[("attn", 3)]
+    with pytest.raises(ValueError, match="differ from the cache's spec"):
+        writer.write_shard(task, rows, tensors)
+
+
+def test_sqrt_uint8_attention_is_a_fifth_of_float16_with_small_row_kl(tmp_path):
+    sizes = {}
+    for name, options in (("f16", {}), ("q8", {"quantization": "sqrt-uint8"})):
+        manifest = fill(new_writer(tmp_path / name, **options))
+        sizes[name] = sum(
+            f.bytes for split in manifest.splits.values() for s in split.shards
+            for n, f in s.files.items() if "/attn/" in n and "/c/" in n
+        )  # fmt: skip
+    assert sizes["q8"] < 0.6 * sizes["f16"]  # random (incompressible) maps: 1 byte vs 2; real maps reach ~0.2

@@ -39,7 +39,7 @@ def captured(config):
 def test_cache_holds_exactly_what_the_live_teacher_computes(config, captured):
     plan = plan_cache(config)
     teacher = load_classifier(plan.teacher_path, attention_maps=True).eval()
-    cache = open_cache(captured.path)
+    cache = open_cache(captured.location)
     wanted = [("hidden_states", k) for k in (0, 2, 4)] + [("attentions", k) for k in (2, 4)]
     data = cache.read_shard(cache.shards("train")[0], wanted)
     rows = range(5)
@@ -63,7 +63,7 @@ def test_cache_holds_exactly_what_the_live_teacher_computes(config, captured):
 
 def test_capture_reuses_its_cache_and_any_input_change_gives_a_new_key(config, captured, capsys):
     again = run_capture(config)
-    assert again.reused and again.path == captured.path
+    assert again.reused and again.location.url == captured.location.url
     assert f"reused cache {captured.manifest.key}" in capsys.readouterr().out
     variants = [
         dataclasses.replace(config, capture=dataclasses.replace(config.capture, hidden_layers=(2, 4))),

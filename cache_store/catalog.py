@@ -1,0 +1,107 @@
+"""Managing caches under a root: list, describe, remove, copy between roots."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+
+from .errors import CacheBusyError, CacheCorruptError, CacheNotFoundError
+from .manifest import MANIFEST_NAME, SHARD_ENTRY_NAME, ShardEntry
+from .reader import Cache, open_cache
+from .shard import checksum, verify_shard
+from .storage import Location
+from .writer import live_writers
+
+
+@dataclass(frozen=True)
+class CacheListing:
+    key: str
+    complete: bool
+    rows: int  # committed rows (all of them for a complete cache)
+    bytes: int
+    created: datetime | None  # when the manifest (or, for a partial cache, the directory) was written
+    teacher: str
+    dataset: str
+    url: str
+
+
+def describe(location: Location) -> CacheListing:
+    """What is known about the cache directory at ``location``, complete or partial."""
+    if location.exists(MANIFEST_NAME):
+        manifest = Cache(location).manifest
+        return CacheListing(
+            key=manifest.key, complete=True, rows=manifest.rows, bytes=manifest.bytes,
+            created=location.modified(MANIFEST_NAME), teacher=str(manifest.metadata.get("teacher", "")),
+            dataset=str(manifest.metadata.get("dataset", "")), url=str(location),
+        )  # fmt: skip
+    entries = _committed_entries(location)
+    return CacheListing(
+        key=location.name, complete=False, rows=sum(e.rows for e in entries), bytes=sum(e.bytes for e in entries),
+        created=location.modified(""), teacher="", dataset="", url=str(location),
+    )  # fmt: skip
+
+
+def _committed_entries(location: Location) -> list[ShardEntry]:
+    names = [f"{split}/{shard}/{SHARD_ENTRY_NAME}" for split in location.list_dirs() if not split.startswith(".")
+             for shard in location.list_dirs(split)]  # fmt: skip
+    present = [n for n in names if location.exists(n)]
+    return [ShardEntry.from_raw(json.loads(data), n) for n, data in location.read_many(present).items()]
+
+
+def list_caches(root, **storage_options) -> list[CacheListing]:
+    """Every cache directory under ``root``, complete or partial, by key."""
+    base = Location(root, **storage_options)
+    return [describe(base / name) for name in base.list_dirs() if not name.startswith(".")]
+
+
+def remove_cache(location, *, force: bool = False, **storage_options) -> None:
+    """Delete a cache directory.
+
+    Raises:
+        CacheNotFoundError: nothing there.
+        CacheBusyError: a partial cache whose writer may still be running (unless ``force``).
+    """
+    location = location if isinstance(location, Location) else Location(location, **storage_options)
+    if not location.exists():
+        raise CacheNotFoundError(f"no cache at {location}")
+    writers = live_writers(location)
+    if writers and not location.exists(MANIFEST_NAME) and not force:
+        raise CacheBusyError(f"{location} is being written by {', '.join(writers)}; use --force to remove it anyway")
+    location.remove()
+
+
+def push_cache(source, dest_root, **storage_options) -> tuple[Cache, bool]:
+    """Copy a complete cache to ``<dest_root>/<key>`` and verify it there; returns (copy, copied).
+
+    Files are checked against their checksums as they are read, shard entries and the
+    manifest are written after the data they describe, and the copy is verified on arrival.
+    An existing complete copy is reused.
+
+    Raises:
+        CacheCorruptError: the source is damaged, or the copy does not verify.
+    """
+    src = open_cache(source)
+    dest = Location(dest_root, **storage_options) / src.key
+    if dest.exists(MANIFEST_NAME):
+        return open_cache(dest), False
+    for split in src.manifest.splits.values():
+        for entry in split.shards:
+            if dest.exists(f"{entry.path}/{SHARD_ENTRY_NAME}"):
+                continue
+            staging = dest.staging_dir(entry.path.replace("/", "-"))
+            blobs = src.location.read_many([f"{entry.path}/{name}" for name in entry.files])
+            for name, recorded in entry.files.items():
+                data = blobs[f"{entry.path}/{name}"]
+                if checksum(data) != recorded.xxh3:
+                    raise CacheCorruptError(f"shard {entry.path} of {src.location}: {name} does not match its checksum")
+                (staging / name).parent.mkdir(parents=True, exist_ok=True)
+                (staging / name).write_bytes(data)
+            (staging / SHARD_ENTRY_NAME).write_bytes(src.location.read_bytes(f"{entry.path}/{SHARD_ENTRY_NAME}"))
+            dest.commit_dir(staging, entry.path, last=SHARD_ENTRY_NAME)
+    shards = [entry for split in src.manifest.splits.values() for entry in split.shards]
+    bad = [entry.path for entry in shards if verify_shard(dest, entry)]
+    if bad:
+        raise CacheCorruptError(f"the copy at {dest} does not verify: shards {bad}")
+    dest.write_bytes(MANIFEST_NAME, src.location.read_bytes(MANIFEST_NAME))
+    return open_cache(dest), True

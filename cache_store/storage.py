@@ -1,0 +1,143 @@
+"""Where caches live: a local path, a shared directory, or any fsspec URL (s3://bucket/prefix).
+
+Everything the cache store reads or writes goes through ``Location``, so the same code
+serves a laptop directory and an object store. Local writes are atomic renames; on an
+object store each object appears whole when its upload completes, and a shard's own
+``shard.json`` is uploaded last, after its data.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import shutil
+from pathlib import Path
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+
+class Location:
+    """A directory on some file system, addressed by URL or path.
+
+    Args:
+        url: a local path or an fsspec URL; ``storage_options`` go to the file system
+            (for example ``{"client_kwargs": {"endpoint_url": ...}}`` for S3).
+    """
+
+    def __init__(self, url: str | os.PathLike, **storage_options):
+        self.url = str(url)
+        if "://" in self.url and not self.url.startswith("file://"):
+            # other processes add shards: listings must never come from a stale cache
+            storage_options.setdefault("use_listings_cache", False)
+        self.fs, self.root = fsspec.core.url_to_fs(self.url, **storage_options)
+        self.root = self.root.rstrip("/") or "/"
+        self._options = storage_options
+
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.fs, LocalFileSystem)
+
+    def __truediv__(self, relative: str) -> Location:
+        child = object.__new__(Location)
+        child.fs, child._options = self.fs, self._options
+        child.root = posixpath.join(self.root, relative)
+        child.url = child.root if self.is_local else f"{self.url.rstrip('/')}/{relative}"
+        return child
+
+    def __str__(self) -> str:
+        return self.url
+
+    @property
+    def name(self) -> str:
+        return posixpath.basename(self.root)
+
+    def path(self, relative: str = "") -> str:
+        return posixpath.join(self.root, relative) if relative else self.root
+
+    def exists(self, relative: str = "") -> bool:
+        return self.fs.exists(self.path(relative))
+
+    def read_bytes(self, relative: str) -> bytes:
+        return self.fs.cat_file(self.path(relative))
+
+    def read_many(self, relatives: list[str]) -> dict[str, bytes]:
+        """Read several files at once (concurrently on object stores)."""
+        paths = {self.path(r): r for r in relatives}
+        fetched = self.fs.cat(list(paths), on_error="return")
+        out = {}
+        for path, data in fetched.items():
+            if isinstance(data, BaseException):
+                raise data
+            out[paths[path]] = data
+        return out
+
+    def write_bytes(self, relative: str, data: bytes) -> None:
+        """Write a whole file so that readers see either nothing or all of it."""
+        target = self.path(relative)
+        if not self.is_local:
+            self.fs.pipe_file(target, data)
+            return
+        os.makedirs(posixpath.dirname(target), exist_ok=True)
+        tmp = f"{target}.tmp-{os.getpid()}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+
+    def list_dirs(self, relative: str = "") -> list[str]:
+        """Names of the sub-directories (or object prefixes) directly under ``relative``."""
+        try:
+            entries = self.fs.ls(self.path(relative), detail=True)
+        except FileNotFoundError:
+            return []
+        return sorted(posixpath.basename(e["name"].rstrip("/")) for e in entries if e["type"] == "directory")
+
+    def modified(self, relative: str):
+        """The file's modification time as a datetime, or None where the store has none."""
+        try:
+            return self.fs.modified(self.path(relative))
+        except (NotImplementedError, OSError, KeyError):
+            return None
+
+    def remove(self, relative: str = "") -> None:
+        if self.exists(relative):
+            self.fs.rm(self.path(relative), recursive=True)
+
+    def staging_dir(self, name: str) -> Path:
+        """A local directory to build ``name`` in before ``commit_dir`` publishes it."""
+        if self.is_local:
+            staging = Path(self.path(f".staging/{name}.tmp-{os.getpid()}-{os.urandom(4).hex()}"))
+        else:
+            import tempfile
+
+            return Path(tempfile.mkdtemp(prefix=f"kdcache-{name}-"))
+        staging.mkdir(parents=True)
+        return staging
+
+    def commit_dir(self, staging: Path, relative: str, *, last: str) -> bool:
+        """Publish a finished staging directory at ``relative``; the file ``last`` appears last.
+
+        Returns False when another writer already committed ``relative`` (ours is dropped).
+        """
+        target = self.path(relative)
+        try:
+            if self.is_local:
+                os.makedirs(posixpath.dirname(target), exist_ok=True)
+                try:
+                    os.rename(staging, target)  # atomic: the whole shard appears at once
+                except OSError:
+                    if (Path(target) / last).exists():
+                        return False
+                    raise
+                return True
+            if self.exists(f"{relative}/{last}"):
+                return False
+            files = sorted(p for p in staging.rglob("*") if p.is_file() and p.name != last)
+            for p in files:
+                self.fs.put_file(str(p), posixpath.join(target, str(p.relative_to(staging))))
+            self.fs.put_file(str(staging / last), posixpath.join(target, last))
+            return True
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
