@@ -94,12 +94,14 @@ def distill(
     max_examples: int | None = MaxExamplesOption,
     seeds: str | None = typer.Option(None, "--seeds", help="comma-separated seeds, e.g. 0,1,2"),
     baselines: bool | None = typer.Option(None, "--baselines/--no-baselines", help="also train no-KD baselines"),
+    cache: str | None = typer.Option(None, "--cache", help="read this cache (path or URL) instead of the config's"),
 ) -> None:
     """Train the students from the cache, evaluate them beside the teacher, write the report."""
     from pipeline.distill import run_distill
 
     try:
-        result = run_distill(_load(config, max_examples=max_examples, seeds=seeds, baselines=baselines))
+        cfg = _load(config, max_examples=max_examples, seeds=seeds, baselines=baselines)
+        result = run_distill(cfg, cache_location=cache)
     except (ConfigError, CacheError) as e:
         raise _fail(e) from None
     typer.echo(f"report: {result.run_dir / 'report.md'}")

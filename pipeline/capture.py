@@ -49,6 +49,14 @@ class CachePlan:
     teacher_path: Path
     splits: dict[str, TextData]
     token_ids: dict[str, list[np.ndarray]]
+    data_fingerprint: str  # token ids, lengths, labels and example ids of the captured splits
+    tokenizer_fingerprint: str  # the vocabulary the token ids refer to
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of what token ids mean: the vocabulary and the special tokens (not the file format)."""
+    fp = Fingerprint("kdcache-tokenizer").update_json("vocab", tokenizer.get_vocab())
+    return fp.update_json("special", tokenizer.all_special_tokens).hexdigest()
 
 
 def plan_cache(cfg: ExperimentConfig) -> CachePlan:
@@ -61,17 +69,19 @@ def plan_cache(cfg: ExperimentConfig) -> CachePlan:
     teacher_path, _ = require_teacher(cfg, splits)
     tokenizer = load_tokenizer(teacher_path)
     token_ids = {name: tokenize(tokenizer, splits[name], max_length=cfg.data.max_length) for name in CAPTURED_SPLITS}
-    fp = Fingerprint("kdcache-cache").update_json("format_version", FORMAT_VERSION)
-    fp.update_files("teacher", teacher_path, model_files(teacher_path))
+    data = Fingerprint("kdcache-data")
     for name in CAPTURED_SPLITS:
         ids = token_ids[name]
-        fp.update_array(f"{name}/ids", np.concatenate(ids)).update_array(f"{name}/lengths", [len(x) for x in ids])
-        fp.update_array(f"{name}/labels", splits[name].labels).update_array(
-            f"{name}/example_id", splits[name].example_id
-        )
+        data.update_array(f"{name}/ids", np.concatenate(ids)).update_array(f"{name}/lengths", [len(x) for x in ids])
+        data.update_array(f"{name}/labels", splits[name].labels)
+        data.update_array(f"{name}/example_id", splits[name].example_id)
+    data_fp = data.hexdigest()
+    fp = Fingerprint("kdcache-cache").update_json("format_version", FORMAT_VERSION)
+    fp.update_files("teacher", teacher_path, model_files(teacher_path)).update_json("data", data_fp)
     fp.update_json("capture", {**dataclasses.asdict(cfg.capture), "cache_root": None, "precision": "float32"})
     key = fp.hexdigest()
-    return CachePlan(key, Location(cfg.capture.cache_root) / key, teacher_path, splits, token_ids)
+    location = Location(cfg.capture.cache_root) / key
+    return CachePlan(key, location, teacher_path, splits, token_ids, data_fp, tokenizer_fingerprint(tokenizer))
 
 
 def run_capture(cfg: ExperimentConfig, *, num_shards: int = 1, shard_index: int = 0) -> CaptureResult:
@@ -101,6 +111,8 @@ def run_capture(cfg: ExperimentConfig, *, num_shards: int = 1, shard_index: int 
             "dataset": cfg.data.dataset,
             "label_names": list(plan.splits["train"].label_names),
             "max_length": cfg.data.max_length,
+            "data_fingerprint": plan.data_fingerprint,
+            "tokenizer_fingerprint": plan.tokenizer_fingerprint,
             "capture": {**dataclasses.asdict(capture), "cache_root": None},
         },
     )

@@ -12,9 +12,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from cache_store import Cache, CacheNotFoundError, open_cache
+from cache_store import Cache, CacheNotFoundError, Location, open_cache
 
-from .capture import ATTENTION, HIDDEN, CachePlan, plan_cache
+from .capture import ATTENTION, HIDDEN, CachePlan, plan_cache, tokenizer_fingerprint
 from .config import ConfigError, ExperimentConfig, StudentConfig
 from .data import tokenize
 from .losses import ATTENTION_LOSSES, hard_label_ce, hidden_mse, logit_kl
@@ -84,21 +84,27 @@ class Objective(nn.Module):
         return total
 
 
-def run_distill(cfg: ExperimentConfig) -> RunResult:
+def run_distill(cfg: ExperimentConfig, *, cache_location: str | None = None) -> RunResult:
     """Distill every configured student (for each seed) from the cache, evaluate all models, write the report.
 
+    Args:
+        cache_location: read this cache (a path or URL, e.g. a shared one) instead of the
+            one the config's key names; it must hold the same data and tokenizer.
+
     Raises:
-        ConfigError: no cache for this config yet, or a student that does not fit the cache.
+        ConfigError: no cache for this config, a cache of other data or another tokenizer,
+            or a student that does not fit the cache.
     """
     plan = plan_cache(cfg)
+    location = Location(cache_location) if cache_location else plan.location
     try:
-        cache = open_cache(plan.location)
+        cache = open_cache(location)
     except CacheNotFoundError:
         raise ConfigError(
-            f"no teacher cache {plan.key} for this config at {plan.location}; "
-            "run `kdcache teacher-cache --config ...` first"
+            f"no teacher cache {plan.key} for this config at {location}; run `kdcache teacher-cache --config ...` first"
         ) from None
     tqdm.write(f"distill: reading cache {cache.key} ({cache.manifest.rows} rows, {cache.manifest.bytes / 1e6:.1f} MB)")
+    check_cache_matches(plan, cache)
     for spec in cfg.distill.students:
         check_student_fits(cfg, spec, cache)
     run_dir = _new_run_dir(cfg)
@@ -185,8 +191,33 @@ def train_student(
     return student
 
 
+def check_cache_matches(plan: CachePlan, cache: Cache) -> None:
+    """Refuse a cache made from other data, or whose token ids come from another tokenizer."""
+    recorded = cache.manifest.metadata
+    if recorded.get("data_fingerprint") != plan.data_fingerprint:
+        raise ConfigError(
+            f"cache {cache.key} holds other data than this config's train and validation splits "
+            f"(data fingerprint {recorded.get('data_fingerprint')} vs {plan.data_fingerprint})"
+        )
+    if recorded.get("tokenizer_fingerprint") != plan.tokenizer_fingerprint:
+        raise ConfigError(
+            f"cache {cache.key} was tokenized with another tokenizer than the teacher {plan.teacher_path} "
+            f"(vocabulary fingerprint {recorded.get('tokenizer_fingerprint')} vs {plan.tokenizer_fingerprint})"
+        )
+
+
 def check_student_fits(cfg: ExperimentConfig, spec: StudentConfig, cache: Cache) -> None:
-    """Refuse a layer mapping that needs teacher layers the cache does not hold."""
+    """Refuse a student whose tokenizer differs from the cache's, or whose layer mapping needs
+    teacher layers the cache does not hold."""
+    if spec.pretrained is not None:
+        theirs = tokenizer_fingerprint(load_tokenizer(model_dir(spec.pretrained)))
+        ours = cache.manifest.metadata.get("tokenizer_fingerprint")
+        if theirs != ours:
+            raise ConfigError(
+                f"student {spec.name!r}: the tokenizer of {spec.pretrained} differs from the one cache "
+                f"{cache.key} was made with (vocabulary fingerprint {theirs} vs {ours}); "
+                "the cached token ids would mean other tokens to it"
+            )
     loss = cfg.distill.loss
     for name, weight in ((HIDDEN, loss.hidden_weight), (ATTENTION, loss.attention_weight)):
         if weight <= 0:

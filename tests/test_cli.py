@@ -46,3 +46,28 @@ def test_errors_are_one_line_and_exit_1(config_file, tmp_path):
     assert (
         result.stderr.strip().splitlines()[-1] == "error: capture.hidden_layers [9]: [9] outside 0..4 for this teacher"
     )
+
+
+def test_cache_commands_verify_list_describe_copy_and_remove(config_file, tmp_path):
+    assert invoke("teacher-train", "--config", config_file).exit_code == 0
+    summary = json.loads(invoke("teacher-cache", "--config", config_file, "--json").stdout.strip().splitlines()[-1])
+    path = summary["path"]
+    assert invoke("cache", "verify", path).exit_code == 0
+    listing = invoke("cache", "ls", tmp_path / "caches")
+    assert summary["key"] in listing.stdout and "complete" in listing.stdout
+    info = json.loads(invoke("cache", "info", path).stdout)
+    assert info["rows"] == 100 and info["splits"]["train"]["rows"] == 80
+    pushed = invoke("cache", "push", path, tmp_path / "shared")
+    assert pushed.exit_code == 0 and "copied" in pushed.stdout
+    shard = sorted((tmp_path / "caches" / summary["key"] / "train").glob("shard-*"))[1]
+    rows = shard / "rows.arrow"
+    data = bytearray(rows.read_bytes())
+    data[100] ^= 0xFF
+    rows.write_bytes(bytes(data))
+    result = invoke("cache", "verify", path)
+    assert result.exit_code == 1
+    assert result.stderr.strip() == f"bad shard train/{shard.name}: rows.arrow does not match its checksum"
+    assert invoke("cache", "verify", tmp_path / "shared" / summary["key"]).exit_code == 0
+    assert invoke("cache", "rm", path).exit_code == 0
+    gone = invoke("cache", "verify", path)
+    assert gone.exit_code == 1 and "no complete cache" in gone.stderr

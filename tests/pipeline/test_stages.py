@@ -114,3 +114,37 @@ def test_distill_without_baselines_and_with_several_seeds(config, captured):
     assert roles == [("teacher", "teacher", 0), ("tiny-l2", "student", 0), ("tiny-l2", "student", 1)]
     summary = json.loads((result.run_dir / "report.json").read_text())["models"]
     assert summary[1]["seeds"] == [0, 1] and summary[1]["baseline"] is None
+
+
+def test_distill_refuses_a_cache_of_other_data(config, captured, tmp_path):
+    other = dataclasses.replace(config, data=dataclasses.replace(config.data, labeled_train_size=40))
+    run_teacher_train(other)
+    run_capture(other)
+    with pytest.raises(ConfigError, match=r"cache .* holds other data than this config's"):
+        run_distill(config, cache_location=str(plan_cache(other).location))
+
+
+def test_distill_refuses_a_student_with_another_tokenizer(config, captured, tmp_path):
+    from transformers import BertTokenizer
+
+    student_dir = tmp_path / "other-student"
+    load_classifier(plan_cache(config).teacher_path).save_pretrained(str(student_dir))
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "great", "film", "dull", "boring"]
+    BertTokenizer(vocab={w: i for i, w in enumerate(words)}).save_pretrained(str(student_dir))
+    student = dataclasses.replace(config.distill.students[0], teacher_layers=None, pretrained=str(student_dir))
+    bad = dataclasses.replace(config, distill=dataclasses.replace(config.distill, students=(student,)))
+    with pytest.raises(ConfigError, match=r"the tokenizer of .* differs from the one cache .* was made with"):
+        run_distill(bad)
+
+
+def test_distill_from_a_pretrained_student_with_the_same_tokenizer(config, captured, tmp_path):
+    from pipeline.models import cut_student, load_tokenizer, save_model
+
+    plan = plan_cache(config)
+    student_dir = tmp_path / "pretrained-student"
+    save_model(cut_student(load_classifier(plan.teacher_path), (1, 3)), load_tokenizer(plan.teacher_path), student_dir)
+    student = dataclasses.replace(config.distill.students[0], teacher_layers=None, pretrained=str(student_dir),
+                                  layer_map=((1, 2), (2, 4)))  # fmt: skip
+    cfg = dataclasses.replace(config, distill=dataclasses.replace(config.distill, students=(student,), baselines=False))
+    result = run_distill(cfg)
+    assert [m.role for m in result.models] == ["teacher", "student"]
