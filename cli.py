@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import typer
+import yaml
 
 from cache_store import CacheError
 from pipeline.config import ConfigError, ExperimentConfig, load_config
@@ -17,21 +18,15 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Knowledge di
 
 ConfigOption = typer.Option(DEFAULT_CONFIG, "--config", "-c", help="experiment YAML")
 MaxExamplesOption = typer.Option(None, "--max-examples", help="use only this many rows of the data set")
+SetOption = typer.Option([], "--set", help="override a config key: --set distill.loss.alpha=0.7 (repeatable)")
 
 
-def _load(config: Path, *, max_examples: int | None = None, cache_root: str | None = None,
-          seeds: str | None = None, baselines: bool | None = None) -> ExperimentConfig:  # fmt: skip
-    cfg = load_config(config)
-    if max_examples is not None:
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, max_examples=max_examples))
-    if cache_root is not None:
-        cfg = dataclasses.replace(cfg, capture=dataclasses.replace(cfg.capture, cache_root=cache_root))
-    distill = cfg.distill
-    if seeds is not None:
-        distill = dataclasses.replace(distill, seeds=tuple(int(s) for s in seeds.split(",")))
-    if baselines is not None:
-        distill = dataclasses.replace(distill, baselines=baselines)
-    return dataclasses.replace(cfg, distill=distill)
+def _load(config: Path, overrides: list[str], **shortcuts) -> ExperimentConfig:
+    """The config file with the flag shortcuts and --set overrides applied (--set wins)."""
+    keys = {"max_examples": "data.max_examples", "cache_root": "capture.cache_root",
+            "seeds": "distill.seeds", "baselines": "distill.baselines"}  # fmt: skip
+    implied = [f"{keys[name]}={json.dumps(value)}" for name, value in shortcuts.items() if value is not None]
+    return load_config(config, [*implied, *overrides])
 
 
 @app.callback()
@@ -51,12 +46,14 @@ def _fail(error: Exception) -> typer.Exit:
 
 
 @app.command("teacher-train")
-def teacher_train(config: Path = ConfigOption, max_examples: int | None = MaxExamplesOption) -> None:
+def teacher_train(
+    config: Path = ConfigOption, max_examples: int | None = MaxExamplesOption, overrides: list[str] = SetOption
+) -> None:
     """Fine-tune the teacher on the task (reused when already trained)."""
     from pipeline.teacher import run_teacher_train
 
     try:
-        run_teacher_train(_load(config, max_examples=max_examples))
+        run_teacher_train(_load(config, overrides, max_examples=max_examples))
     except (ConfigError, CacheError) as e:
         raise _fail(e) from None
 
@@ -69,12 +66,13 @@ def teacher_cache(
     num_shards: int = typer.Option(1, "--num-shards", help="split the capture among this many processes"),
     shard_index: int = typer.Option(0, "--shard-index", help="this process's part, 0 .. num-shards - 1"),
     as_json: bool = typer.Option(False, "--json", help="end with one JSON line: path, key, rows, bytes, reused"),
+    overrides: list[str] = SetOption,
 ) -> None:
     """Run the teacher over the data once and write its outputs into a cache (resumes a partial one)."""
     from pipeline.capture import run_capture
 
     try:
-        cfg = _load(config, max_examples=max_examples, cache_root=cache_root)
+        cfg = _load(config, overrides, max_examples=max_examples, cache_root=cache_root)
         result = run_capture(cfg, num_shards=num_shards, shard_index=shard_index)
     except (ConfigError, CacheError, ValueError) as e:
         raise _fail(e) from None
@@ -95,12 +93,14 @@ def distill(
     seeds: str | None = typer.Option(None, "--seeds", help="comma-separated seeds, e.g. 0,1,2"),
     baselines: bool | None = typer.Option(None, "--baselines/--no-baselines", help="also train no-KD baselines"),
     cache: str | None = typer.Option(None, "--cache", help="read this cache (path or URL) instead of the config's"),
+    overrides: list[str] = SetOption,
 ) -> None:
     """Train the students from the cache, evaluate them beside the teacher, write the report."""
     from pipeline.distill import run_distill
 
     try:
-        cfg = _load(config, max_examples=max_examples, seeds=seeds, baselines=baselines)
+        seed_list = yaml.safe_load(f"[{seeds}]") if seeds else None
+        cfg = _load(config, overrides, max_examples=max_examples, seeds=seed_list, baselines=baselines)
         result = run_distill(cfg, cache_location=cache)
     except (ConfigError, CacheError) as e:
         raise _fail(e) from None

@@ -175,13 +175,40 @@ class ExperimentConfig:
     seed: int = 0  # the data split and the teacher's fine-tuning
 
 
-def load_config(path: str | Path) -> ExperimentConfig:
+def load_config(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> ExperimentConfig:
     """Read an experiment YAML into an ExperimentConfig.
+
+    Args:
+        overrides: ``dotted.key=value`` settings applied on top of the file, the value read
+            as YAML (``distill.seeds=[0,1,2]``, ``distill.students.0.freeze_embeddings=false``).
 
     Raises:
         ConfigError: unknown or missing keys, or values out of range; the message names the key.
     """
-    return _build(ExperimentConfig, _read_yaml(path), str(path))
+    raw = _read_yaml(path)
+    for override in overrides:
+        _apply_override(raw, override)
+    return _build(ExperimentConfig, raw, str(path))
+
+
+def _apply_override(raw: dict, override: str) -> None:
+    dotted, sep, text = override.partition("=")
+    _check(bool(sep and dotted), f"override {override!r} must look like key.subkey=value")
+    *parents, last = dotted.split(".")
+    node = raw
+    for part in parents:
+        if isinstance(node, list):
+            _check(part.isdigit() and int(part) < len(node), f"override {dotted}: no item {part!r}")
+            node = node[int(part)]
+        else:
+            node = node.setdefault(part, {})
+        _check(isinstance(node, (dict, list)), f"override {dotted}: {part!r} holds a value, not keys")
+    value = yaml.safe_load(text)
+    if isinstance(node, list):
+        _check(last.isdigit() and int(last) < len(node), f"override {dotted}: no item {last!r}")
+        node[int(last)] = value
+    else:
+        node[last] = value
 
 
 def load_dataset_spec(path: str | Path) -> DatasetSpec:

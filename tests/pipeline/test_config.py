@@ -68,3 +68,19 @@ def test_package_locations_resolve_or_say_what_to_install():
     assert resolve_location("plain/path") == "plain/path"
     with pytest.raises(ConfigError, match="'no_such_pkg_xyz' .* is not installed; run `make setup`"):
         resolve_location("pkg://no_such_pkg_xyz/file")
+
+
+def test_overrides_set_nested_keys_and_list_items_and_are_checked():
+    cfg = load_config(
+        ROOT / "configs" / "demo.yaml",
+        ["distill.loss.alpha=0.7", "distill.seeds=[1, 2]", "distill.students.1.freeze_embeddings=false",
+         "data.max_examples=500"],
+    )  # fmt: skip
+    assert cfg.distill.loss.alpha == 0.7 and cfg.distill.seeds == (1, 2) and cfg.data.max_examples == 500
+    assert cfg.distill.students[1].freeze_embeddings is False and cfg.distill.students[0].freeze_embeddings is True
+    with pytest.raises(ConfigError, match=r"distill.loss: unknown key\(s\) \['alfa'\]"):
+        load_config(ROOT / "configs" / "demo.yaml", ["distill.loss.alfa=0.7"])
+    with pytest.raises(ConfigError, match="no item '5'"):
+        load_config(ROOT / "configs" / "demo.yaml", ["distill.students.5.name=x"])
+    with pytest.raises(ConfigError, match="must look like key.subkey=value"):
+        load_config(ROOT / "configs" / "demo.yaml", ["distill.loss.alpha"])

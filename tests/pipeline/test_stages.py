@@ -148,3 +148,15 @@ def test_distill_from_a_pretrained_student_with_the_same_tokenizer(config, captu
     cfg = dataclasses.replace(config, distill=dataclasses.replace(config.distill, students=(student,), baselines=False))
     result = run_distill(cfg)
     assert [m.role for m in result.models] == ["teacher", "student"]
+
+
+def test_capture_to_object_storage_and_distill_from_it(config, s3_bucket):
+    run_teacher_train(config)
+    root = f"s3://{s3_bucket}/team-caches"
+    on_s3 = dataclasses.replace(config, capture=dataclasses.replace(config.capture, cache_root=root))
+    captured = run_capture(on_s3)
+    assert captured.location.url == f"{root}/{captured.key}" and captured.manifest.rows == 100
+    assert run_capture(on_s3).reused
+    cfg = dataclasses.replace(on_s3, distill=dataclasses.replace(config.distill, baselines=False))
+    result = run_distill(cfg)
+    assert [m.role for m in result.models] == ["teacher", "student"]
