@@ -1,0 +1,1 @@
+"""The stages of kdcache: teacher fine-tuning, teacher capture into a cache, distillation from it."""

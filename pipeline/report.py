@@ -1,4 +1,4 @@
-"""The run report: one table on the terminal, in report.md and in report.json."""
+"""The run report: one table on the terminal, in report.md and report.json, and a plot in report.png."""
 
 from __future__ import annotations
 
@@ -94,4 +94,33 @@ def write_report(run_dir: Path, results: list[ModelResult], *, config: dict, cac
         "config": config,
     }
     (run_dir / "report.json").write_text(json.dumps(report, indent=1))
+    plot_summary(summary, run_dir / "report.png", title=f"kdcache run {run_dir.name}")
     return summary
+
+
+_COLORS = {"teacher": "#444444", "student": "#1f77b4", "baseline": "#ff7f0e"}
+
+
+def plot_summary(summary: list[dict], path: Path, *, title: str) -> None:
+    """Test accuracy against CPU throughput, one point per model (error bars: std over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for entry in summary:
+        ax.errorbar(entry["examples_per_s"], 100 * entry["accuracy"], yerr=100 * entry["accuracy_std"], fmt="o",
+                    color=_COLORS[entry["role"]], capsize=3)  # fmt: skip
+        ax.annotate(f"{entry['name']} ({entry['params'] / 1e6:.1f}M)", (entry["examples_per_s"], 100 * entry["accuracy"]),
+                    textcoords="offset points", xytext=(6, 4), fontsize=8)  # fmt: skip
+    for role, color in _COLORS.items():
+        ax.scatter([], [], color=color, label=role)
+    ax.set_xlabel("CPU inference, examples/s (batch 32)")
+    ax.set_ylabel("test accuracy, %")
+    ax.set_title(title, fontsize=10)
+    ax.legend(loc="lower left", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -100,6 +100,7 @@ def test_distill_trains_students_and_baselines_and_writes_the_report(config, cap
         assert entry["params"] > 0 and entry["size_bytes"] > 0 and entry["examples_per_s"] > 0
     assert models["tiny-l2"]["params"] < models["teacher"]["params"]
     assert "| tiny-l2 | student |" in (result.run_dir / "report.md").read_text()
+    assert (result.run_dir / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     latest = result.run_dir.parent / "latest"
     assert latest.resolve() == result.run_dir.resolve()
     student_dir = models["tiny-l2"]["paths"][0]
