@@ -74,7 +74,7 @@ def teacher_cache(
     try:
         cfg = _load(config, overrides, max_examples=max_examples, cache_root=cache_root)
         result = run_capture(cfg, num_shards=num_shards, shard_index=shard_index)
-    except (ConfigError, CacheError, ValueError) as e:
+    except (ConfigError, CacheError) as e:
         raise _fail(e) from None
     if as_json:
         manifest = result.manifest
@@ -195,7 +195,7 @@ def cache_push(
         copy, copied = push_cache(source, dest_root)
     except CacheError as e:
         raise _fail(e) from None
-    typer.echo(f"{'copied' if copied else 'already present'}: {copy.location} (verified)")
+    typer.echo(f"{'copied' if copied else 'already there'}: {copy.location} (verified)")
 
 
 if __name__ == "__main__":

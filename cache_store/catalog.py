@@ -8,10 +8,10 @@ from datetime import datetime
 
 from .errors import CacheBusyError, CacheCorruptError, CacheNotFoundError
 from .manifest import MANIFEST_NAME, SHARD_ENTRY_NAME, ShardEntry
-from .reader import Cache, open_cache
-from .shard import checksum, verify_shard
+from .reader import Cache, open_cache, verify_cache
+from .shard import file_problem, verify_shard
 from .storage import Location
-from .writer import live_writers
+from .writer import WRITERS_DIR, live_writers
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,11 @@ def _committed_entries(location: Location) -> list[ShardEntry]:
     return [ShardEntry.from_raw(json.loads(data), n) for n, data in location.read_many(present).items()]
 
 
+def is_cache_dir(location: Location) -> bool:
+    """Whether ``location`` holds a cache, complete or partial (and not, say, a whole cache root)."""
+    return location.exists(MANIFEST_NAME) or location.exists(WRITERS_DIR) or bool(_committed_entries(location))
+
+
 def list_caches(root, **storage_options) -> list[CacheListing]:
     """Every cache directory under ``root``, complete or partial, by key."""
     base = Location(root, **storage_options)
@@ -63,8 +68,8 @@ def remove_cache(location, *, force: bool = False, **storage_options) -> None:
         CacheBusyError: a partial cache whose writer may still be running (unless ``force``).
     """
     location = location if isinstance(location, Location) else Location(location, **storage_options)
-    if not location.exists():
-        raise CacheNotFoundError(f"no cache at {location}")
+    if not is_cache_dir(location):
+        raise CacheNotFoundError(f"no cache at {location} (no manifest, shard or writer there); nothing removed")
     writers = live_writers(location)
     if writers and not location.exists(MANIFEST_NAME) and not force:
         raise CacheBusyError(f"{location} is being written by {', '.join(writers)}; use --force to remove it anyway")
@@ -84,6 +89,8 @@ def push_cache(source, dest_root, **storage_options) -> tuple[Cache, bool]:
     src = open_cache(source)
     dest = Location(dest_root, **storage_options) / src.key
     if dest.exists(MANIFEST_NAME):
+        if verify_cache(dest):
+            raise CacheCorruptError(f"{dest} already holds a damaged copy; remove it with `kdcache cache rm` first")
         return open_cache(dest), False
     for split in src.manifest.splits.values():
         for entry in split.shards:
@@ -93,8 +100,9 @@ def push_cache(source, dest_root, **storage_options) -> tuple[Cache, bool]:
             blobs = src.location.read_many([f"{entry.path}/{name}" for name in entry.files])
             for name, recorded in entry.files.items():
                 data = blobs[f"{entry.path}/{name}"]
-                if checksum(data) != recorded.xxh3:
-                    raise CacheCorruptError(f"shard {entry.path} of {src.location}: {name} does not match its checksum")
+                problem = file_problem(name, data, recorded)
+                if problem:
+                    raise CacheCorruptError(f"shard {entry.path} of {src.location}: {problem}")
                 (staging / name).parent.mkdir(parents=True, exist_ok=True)
                 (staging / name).write_bytes(data)
             (staging / SHARD_ENTRY_NAME).write_bytes(src.location.read_bytes(f"{entry.path}/{SHARD_ENTRY_NAME}"))

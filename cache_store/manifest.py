@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import PurePosixPath
 
@@ -185,9 +186,12 @@ class Manifest:
                 f"{where}: cache format version {raw.get('format_version')!r} is not supported "
                 f"by this kdcache, which reads version {FORMAT_VERSION}"
             )
+        key = raw.get("key")
+        if not isinstance(key, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}", key):
+            raise CacheFormatError(f"{where}: cache key {key!r} is not a plain name")
         try:
             return cls(
-                key=raw["key"],
+                key=key,
                 num_labels=raw["num_labels"],
                 shard_rows=raw["shard_rows"],
                 tensors=tuple(

@@ -58,10 +58,14 @@ class Cache:
             CacheCorruptError: a file of the shard is missing or damaged (the error names it).
         """
         for name, layer in wanted:
-            layers = self.manifest.tensor(name).layers
-            if layer not in layers:
-                raise CacheFormatError(f"cache {self.key} stores {name} for layers {list(layers)}, not {layer}")
+            self._check_layer(name, layer)
         return read_shard(self.location, entry, self._specs, list(wanted))
+
+    def _check_layer(self, name: str, layer: int):
+        spec = self.manifest.tensor(name)
+        if layer not in spec.layers:
+            raise CacheFormatError(f"cache {self.key} stores {name} for layers {list(spec.layers)}, not {layer}")
+        return spec
 
     def iter_shards(self, split: str, wanted: list[tuple[str, int]] = ()) -> Iterator[ShardData]:
         for entry in self.shards(split):
@@ -89,9 +93,7 @@ class Cache:
 
         Hidden states are ``(total_tokens, width)``; use ``rows(split).length`` for offsets.
         """
-        spec = self.manifest.tensor(name)
-        if layer not in spec.layers:
-            raise CacheFormatError(f"cache {self.key} stores {name} for layers {list(spec.layers)}, not {layer}")
+        spec = self._check_layer(name, layer)
         path = f"{TENSORS_DIR}/{spec.array_path(layer)}"
         dtype = decode(np.zeros(0, spec.stored_dtype), spec).dtype
         read = dask.delayed(lambda entry: self.read_shard(entry, [(name, layer)]).tensors[(name, layer)], pure=True)

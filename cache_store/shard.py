@@ -71,6 +71,15 @@ def checksum(data: bytes) -> str:
     return xxhash.xxh3_128_hexdigest(data)
 
 
+def file_problem(name: str, data: bytes, recorded: FileEntry) -> str | None:
+    """Why ``data`` is not the file its entry records, or None when it is."""
+    if len(data) != recorded.bytes:
+        return f"{name} has {len(data)} bytes, expected {recorded.bytes}"
+    if checksum(data) != recorded.xxh3:
+        return f"{name} does not match its checksum"
+    return None
+
+
 def encode(values: np.ndarray, spec: TensorSpec) -> np.ndarray:
     """Values as stored: float16/32 as is, bfloat16 as its bit pattern, sqrt-uint8 quantized."""
     if spec.quantization == "sqrt-uint8":
@@ -112,7 +121,7 @@ def build_shard(
     num_labels: int,
     relative_path: str,
     row_start: int,
-) -> ShardEntry:
+) -> None:
     """Write one shard's files into the local directory ``staging``; ``shard.json`` goes last."""
     _write_rows(staging / ROWS_FILE, rows, num_labels)
     group = zarr.open_group(staging / TENSORS_DIR, mode="w")
@@ -134,7 +143,6 @@ def build_shard(
         arrays=arrays,
     )
     (staging / SHARD_ENTRY_NAME).write_text(entry.to_json())
-    return entry
 
 
 def _write_rows(path: Path, rows: ShardRows, num_labels: int) -> None:
@@ -216,9 +224,9 @@ def _fetch_verified(location: Location, entry: ShardEntry, names: list[str]) -> 
     out = {}
     for name in names:
         data = blobs[f"{entry.path}/{name}"]
-        recorded = entry.files[name]
-        if len(data) != recorded.bytes or checksum(data) != recorded.xxh3:
-            raise CacheCorruptError(f"shard {entry.path} of {location}: {name} does not match its checksum")
+        problem = file_problem(name, data, entry.files[name])
+        if problem:
+            raise CacheCorruptError(f"shard {entry.path} of {location}: {problem}")
         out[name] = data
     return out
 
@@ -232,8 +240,7 @@ def verify_shard(location: Location, entry: ShardEntry) -> list[str]:
         except FileNotFoundError:
             problems.append(f"{name} is missing")
             continue
-        if len(data) != recorded.bytes:
-            problems.append(f"{name} has {len(data)} bytes, expected {recorded.bytes}")
-        elif checksum(data) != recorded.xxh3:
-            problems.append(f"{name} does not match its checksum")
+        problem = file_problem(name, data, recorded)
+        if problem:
+            problems.append(problem)
     return problems

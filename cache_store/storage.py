@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import posixpath
 import shutil
+import socket
 from pathlib import Path
 
 import fsspec
@@ -32,7 +33,6 @@ class Location:
             storage_options.setdefault("use_listings_cache", False)
         self.fs, self.root = fsspec.core.url_to_fs(self.url, **storage_options)
         self.root = self.root.rstrip("/") or "/"
-        self._options = storage_options
 
     @property
     def is_local(self) -> bool:
@@ -40,7 +40,7 @@ class Location:
 
     def __truediv__(self, relative: str) -> Location:
         child = object.__new__(Location)
-        child.fs, child._options = self.fs, self._options
+        child.fs = self.fs
         child.root = posixpath.join(self.root, relative)
         child.url = child.root if self.is_local else f"{self.url.rstrip('/')}/{relative}"
         return child
@@ -63,6 +63,8 @@ class Location:
 
     def read_many(self, relatives: list[str]) -> dict[str, bytes]:
         """Read several files at once (concurrently on object stores)."""
+        if not relatives:
+            return {}
         paths = {self.path(r): r for r in relatives}
         fetched = self.fs.cat(list(paths), on_error="return")
         out = {}
@@ -108,7 +110,8 @@ class Location:
     def staging_dir(self, name: str) -> Path:
         """A local directory to build ``name`` in before ``commit_dir`` publishes it."""
         if self.is_local:
-            staging = Path(self.path(f".staging/{name}.tmp-{os.getpid()}-{os.urandom(4).hex()}"))
+            owner = f"{os.getpid()}@{socket.gethostname()}"
+            staging = Path(self.path(f".staging/{name}.tmp-{owner}-{os.urandom(4).hex()}"))
         else:
             import tempfile
 

@@ -13,7 +13,6 @@ import json
 import os
 import socket
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -84,17 +83,15 @@ class CacheWriter:
     def is_committed(self, task: ShardTask) -> bool:
         return self.location.exists(f"{task.path}/{SHARD_ENTRY_NAME}")
 
-    def pending(self, *, num_shards: int = 1, shard_index: int = 0) -> Iterator[ShardTask]:
+    def pending(self, *, num_shards: int = 1, shard_index: int = 0) -> list[ShardTask]:
         """The shards this writer should fill: every ``num_shards``-th from ``shard_index``, not yet committed.
 
-        Committed shards are checked as the iteration reaches them, so writers running side
-        by side skip each other's work.
+        Writers running side by side should check ``is_committed`` again just before
+        computing a shard, to skip what another finished meanwhile.
         """
         if not 0 <= shard_index < num_shards:
             raise ValueError(f"shard_index must be in [0, {num_shards}); got {shard_index!r}")
-        for i, task in enumerate(self.tasks):
-            if i % num_shards == shard_index and not self.is_committed(task):
-                yield task
+        return [t for i, t in enumerate(self.tasks) if i % num_shards == shard_index and not self.is_committed(t)]
 
     def write_shard(self, task: ShardTask, rows: ShardRows, tensors: dict[tuple[str, int], list[np.ndarray]]) -> bool:
         """Build the shard locally and publish it; False when another writer committed it first."""
@@ -153,12 +150,15 @@ def _remove_stale(location: Location) -> None:
             name = path.rstrip("/").rsplit("/", 1)[-1]
             if folder == WRITERS_DIR:
                 pid, host = _heartbeat_owner(name)
-            else:  # staging is only ever local: <shard>.tmp-<pid>-<random>
-                pid, host = name.rpartition(".tmp-")[2].split("-")[0], socket.gethostname()
+            else:  # <shard>.tmp-<pid>@<host>-<random>
+                pid, host = _heartbeat_owner(name.rpartition(".tmp-")[2].rpartition("-")[0])
             if not writer_alive(pid, host, location.modified(f"{folder}/{name}")):
                 location.fs.rm(path, recursive=True)
-        if not location.fs.ls(location.path(folder)):
-            location.remove(folder)
+        try:
+            if not location.fs.ls(location.path(folder)):
+                location.remove(folder)
+        except FileNotFoundError:  # object stores have no empty folders: it went with its last file
+            pass
 
 
 def live_writers(location: Location) -> list[str]:

@@ -91,6 +91,10 @@ def run_capture(cfg: ExperimentConfig, *, num_shards: int = 1, shard_index: int 
     committed shards, and with ``num_shards`` > 1 fills only every ``num_shards``-th shard
     from ``shard_index`` (the manifest is written by whichever writer completes the set).
     """
+    if not 0 <= shard_index < num_shards:
+        raise ConfigError(
+            f"--shard-index must be in 0..{num_shards - 1} for --num-shards {num_shards}; got {shard_index}"
+        )
     plan = plan_cache(cfg)
     if plan.location.exists(MANIFEST_NAME):
         manifest = open_cache(plan.location).manifest
@@ -126,12 +130,12 @@ def run_capture(cfg: ExperimentConfig, *, num_shards: int = 1, shard_index: int 
         for task in todo:
             rows = slice(task.row_start, task.row_end)
             ids, data = plan.token_ids[task.split][rows], plan.splits[task.split]
-            if not writer.is_committed(task):  # another writer may have taken it meanwhile
+            if not writer.is_committed(task):  # a writer running beside this one may have done it meanwhile
                 logits, tensors = _teacher_outputs(model, ids, pad_id, cfg)
                 writer.write_shard(task, ShardRows(data.example_id[rows], ids, data.labels[rows], logits), tensors)
             tokens += sum(map(len, ids))
             bar.update(len(ids))
-            bar.set_postfix(split=task.split, tok_s=f"{tokens / bar.format_dict['elapsed']:.0f}")
+            bar.set_postfix(split=task.split, tok_s=f"{tokens / max(bar.format_dict['elapsed'], 1e-3):.0f}")
     manifest = writer.finish()
     if manifest is None:
         print(f"committed shards of cache {plan.key}; {writer.committed_count()} of {len(writer.tasks)} present, "

@@ -106,7 +106,7 @@ LOSS_ATTENTION_KINDS = ("kl", "mse")
 
 @dataclass(frozen=True)
 class LossConfig:
-    alpha: float = 0.5  # weight of KL(student/T || teacher/T) * T^2; (1 - alpha) goes to hard-label CE
+    alpha: float = 0.5  # weight of KL(teacher/T || student/T) * T^2; (1 - alpha) goes to hard-label CE
     temperature: float = 2.0
     hidden_weight: float = 0.0  # MSE between mapped hidden states (learned projection when widths differ)
     attention_weight: float = 0.0  # loss between mapped attention maps

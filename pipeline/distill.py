@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import AutoConfig
 
 from cache_store import Cache, CacheNotFoundError, Location, open_cache
 
@@ -41,7 +42,7 @@ class RunResult:
 class Objective(nn.Module):
     """The distillation loss of one student; owns the learned projections of hidden states.
 
-    alpha * KL(student/T || teacher/T) * T^2 + (1 - alpha) * CE(labels)
+    alpha * KL(teacher/T || student/T) * T^2 + (1 - alpha) * CE(labels)
       + hidden_weight * mean over mapped layers of MSE(proj(student_h), teacher_h)
       + attention_weight * mean over mapped layers of KL or MSE of attention maps.
     With ``kd=False`` it is the hard-label CE alone (the baseline).
@@ -219,11 +220,20 @@ def check_student_fits(cfg: ExperimentConfig, spec: StudentConfig, cache: Cache)
                 "the cached token ids would mean other tokens to it"
             )
     loss = cfg.distill.loss
-    for name, weight in ((HIDDEN, loss.hidden_weight), (ATTENTION, loss.attention_weight)):
+    if spec.teacher_layers is not None:
+        depth = len(spec.teacher_layers)
+    else:
+        depth = AutoConfig.from_pretrained(str(model_dir(spec.pretrained))).num_hidden_layers
+    for name, weight, low in ((HIDDEN, loss.hidden_weight, 0), (ATTENTION, loss.attention_weight, 1)):
         if weight <= 0:
             continue
         if not spec.mapping:
             raise ConfigError(f"student {spec.name!r}: {name} loss needs a layer_map (student layer, teacher layer)")
+        bad = sorted({s for s, _ in spec.mapping if not low <= s <= depth})
+        if bad:
+            raise ConfigError(
+                f"student {spec.name!r}: layer_map student layers {bad} outside {low}..{depth} for {name}"
+            )
         stored = cache.manifest.tensor(name).layers if _has(cache, name) else ()
         missing = sorted({t for _, t in spec.mapping} - set(stored))
         if missing:

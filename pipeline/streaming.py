@@ -31,13 +31,14 @@ class CacheBatches:
         self.cache, self.split, self.batch_size, self.seed, self.pad_id = cache, split, batch_size, seed, pad_id
         self.wanted = [(HIDDEN, k) for k in hidden_layers] + [(ATTENTION, k) for k in attention_layers]
         self.labeled_only = labeled_only
-        self._batches_per_shard = [
-            len(self._shard_batches(self.cache.read_shard(entry), np.random.default_rng(0)))
-            for entry in self.cache.shards(split)
-        ]
+        if labeled_only:  # count the labeled rows of each shard once
+            rows = [int((d.rows.label != UNLABELED).sum()) for d in self.cache.iter_shards(split)]
+        else:
+            rows = [entry.rows for entry in self.cache.shards(split)]
+        self._batches = sum(-(-n // batch_size) for n in rows)  # one short batch at most per shard
 
     def __len__(self) -> int:
-        return sum(self._batches_per_shard)
+        return self._batches
 
     def _shard_batches(self, data, rng: np.random.Generator) -> list[np.ndarray]:
         rows = np.flatnonzero(data.rows.label != UNLABELED) if self.labeled_only else np.arange(len(data.rows))

@@ -257,7 +257,7 @@ class CacheStoreContract:
 
     def test_remove_refuses_a_partial_cache_with_a_live_writer(self, cache_url):
         writer = new_writer(cache_url)  # alive: this very process
-        task = next(writer.pending())
+        task = writer.pending()[0]
         writer.write_shard(task, *shard_content(task))
         with pytest.raises(CacheBusyError, match="is being written by .*--force"):
             remove_cache(cache_url)
@@ -310,7 +310,7 @@ def test_reader_refuses_a_layer_the_cache_does_not_hold(tmp_path):
 
 def test_writer_refuses_tensors_that_differ_from_its_spec(tmp_path):
     writer = new_writer(tmp_path / "c")
-    task = next(writer.pending())
+    task = writer.pending()[0]
     rows, tensors = shard_content(task)
     del tensors[("attn", 3)]
     with pytest.raises(ValueError, match="differ from the cache's spec"):
@@ -326,3 +326,27 @@ def test_sqrt_uint8_attention_is_a_fifth_of_float16_with_small_row_kl(tmp_path):
             for n, f in s.files.items() if "/attn/" in n and "/c/" in n
         )  # fmt: skip
     assert sizes["q8"] < 0.6 * sizes["f16"]  # random (incompressible) maps: 1 byte vs 2; real maps reach ~0.2
+
+
+def test_remove_refuses_a_directory_that_is_not_a_cache(tmp_path):
+    fill(new_writer(tmp_path / "root" / "k1"))
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("keep me")
+    for path in (tmp_path / "root", tmp_path / "other"):
+        with pytest.raises(CacheNotFoundError, match="nothing removed"):
+            remove_cache(path)
+    assert (tmp_path / "other" / "notes.txt").exists() and (tmp_path / "root" / "k1" / MANIFEST_NAME).exists()
+
+
+@pytest.mark.parametrize("key", ["../escaped", "/abs", "a/b", ""])
+def test_reader_refuses_a_key_that_is_not_a_plain_name(tmp_path, key):
+    fill(new_writer(tmp_path / "c"))
+    _edit_manifest(tmp_path / "c", lambda raw: raw.__setitem__("key", key))
+    with pytest.raises(CacheFormatError, match="is not a plain name"):
+        open_cache(tmp_path / "c")
+
+
+def test_listing_a_partial_cache_with_no_committed_shard(tmp_path):
+    new_writer(tmp_path / "root" / "starting")  # a heartbeat, nothing committed yet
+    (listing,) = list_caches(tmp_path / "root")
+    assert not listing.complete and listing.rows == 0

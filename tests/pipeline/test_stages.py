@@ -161,3 +161,10 @@ def test_capture_to_object_storage_and_distill_from_it(config, s3_bucket):
     cfg = dataclasses.replace(on_s3, distill=dataclasses.replace(config.distill, baselines=False))
     result = run_distill(cfg)
     assert [m.role for m in result.models] == ["teacher", "student"]
+
+
+def test_distill_refuses_student_layers_outside_the_student(config, captured):
+    student = dataclasses.replace(config.distill.students[0], layer_map=((1, 2), (3, 4)))
+    bad = dataclasses.replace(config, distill=dataclasses.replace(config.distill, students=(student,)))
+    with pytest.raises(ConfigError, match=r"layer_map student layers \[3\] outside 0..2 for hidden_states"):
+        run_distill(bad)
