@@ -131,10 +131,11 @@ def run_distill(cfg: ExperimentConfig, *, cache_location: str | None = None) -> 
                 directory = run_dir / "models" / f"{name}-seed{seed}"
                 student = train_student(cfg, spec, cache, plan, seed=seed, kd=kd)
                 save_model(student, tokenizer, directory)
-                role, baseline = (
-                    ("student", baseline_name if cfg.distill.baselines else None) if kd else ("baseline", None)
-                )
-                results.append(evaluated(student, name, role, seed, directory, baseline))
+                if kd:
+                    results.append(evaluated(student, name, "student", seed, directory,
+                                             baseline_name if cfg.distill.baselines else None))  # fmt: skip
+                else:
+                    results.append(evaluated(student, name, "baseline", seed, directory))
     write_report(run_dir, results, config=dataclasses.asdict(cfg), cache_key=cache.key)
     _point_latest(run_dir)
     return RunResult(run_dir, results)
