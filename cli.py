@@ -66,13 +66,19 @@ def teacher_cache(
     num_shards: int = typer.Option(1, "--num-shards", help="split the capture among this many processes"),
     shard_index: int = typer.Option(0, "--shard-index", help="this process's part, 0 .. num-shards - 1"),
     as_json: bool = typer.Option(False, "--json", help="end with one JSON line: path, key, rows, bytes, reused"),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="estimate the cache's size and time from a sample; write nothing"
+    ),
     overrides: list[str] = SetOption,
 ) -> None:
     """Run the teacher over the data once and write its outputs into a cache (resumes a partial one)."""
-    from pipeline.capture import run_capture
+    from pipeline.capture import estimate_capture, run_capture
 
     try:
         cfg = _load(config, overrides, max_examples=max_examples, cache_root=cache_root)
+        if dry_run:
+            _print_estimate(estimate_capture(cfg))
+            return
         result = run_capture(cfg, num_shards=num_shards, shard_index=shard_index)
     except (ConfigError, CacheError) as e:
         raise _fail(e) from None
@@ -84,6 +90,13 @@ def teacher_cache(
             "reused": result.reused,
         }  # fmt: skip
         typer.echo(json.dumps(summary))
+
+
+def _print_estimate(estimate) -> None:
+    typer.echo(f"estimate for {estimate.rows} rows (from a sample; nothing written):")
+    for output, size in estimate.bytes_by_output.items():
+        typer.echo(f"  {output:<16}{size / 1e6:10.1f} MB")
+    typer.echo(f"  {'total':<16}{estimate.bytes / 1e6:10.1f} MB, about {estimate.seconds / 60:.1f} min on this machine")
 
 
 @app.command("distill")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from cache_store import (
     TensorSpec,
     open_cache,
 )
+from cache_store.shard import build_shard
 
 from .config import ConfigError, ExperimentConfig
 from .data import TextData, load_splits, tokenize
@@ -143,6 +146,50 @@ def run_capture(cfg: ExperimentConfig, *, num_shards: int = 1, shard_index: int 
     else:
         print(f"wrote cache {plan.key} at {plan.location} ({manifest.rows} rows, {manifest.bytes / 1e6:.1f} MB)")
     return CaptureResult(plan.location, plan.key, manifest, reused=False)
+
+
+@dataclass(frozen=True)
+class CaptureEstimate:
+    """What a capture will cost, extrapolated from a sample of rows."""
+
+    rows: int
+    bytes_by_output: dict[str, int]  # "rows" (ids, labels, logits) and each stored tensor
+    seconds: float  # teacher forward and writing, at the sample's rate
+
+    @property
+    def bytes(self) -> int:
+        return sum(self.bytes_by_output.values())
+
+
+def estimate_capture(cfg: ExperimentConfig, *, sample_rows: int = 256) -> CaptureEstimate:
+    """Run the teacher on evenly spaced rows, store them as one shard in a temporary
+    directory, and scale each output's bytes and the time by what the full capture holds.
+
+    Rows scale by count; each tensor by its element count (tokens for hidden states,
+    squared tokens for attention maps), so the estimate follows the real length mix.
+    """
+    plan = plan_cache(cfg)
+    model = load_classifier(plan.teacher_path, attention_maps=bool(cfg.capture.attention_layers)).eval()
+    specs = tensor_specs(cfg, model.config)
+    ids = [x for name in CAPTURED_SPLITS for x in plan.token_ids[name]]
+    lengths = np.array([len(x) for x in ids])
+    index = np.unique(np.linspace(0, len(ids) - 1, min(sample_rows, len(ids))).astype(int))
+    sample = [ids[i] for i in index]
+    start = time.perf_counter()
+    logits, tensors = _teacher_outputs(model, sample, load_tokenizer(plan.teacher_path).pad_token_id, cfg)
+    with tempfile.TemporaryDirectory() as staging:
+        rows = ShardRows(index.astype(np.int64), sample, np.zeros(len(sample), np.int64), logits)
+        build_shard(Path(staging), rows, tensors, {s.name: s for s in specs}, num_labels=model.config.num_labels,
+                    relative_path="estimate", row_start=0)  # fmt: skip
+        seconds = time.perf_counter() - start
+        files = {str(p.relative_to(staging)): p.stat().st_size for p in Path(staging).rglob("*") if p.is_file()}
+    scaled = {"rows": sum(b for n, b in files.items() if not n.startswith("tensors.zarr/")) * len(ids) / len(sample)}
+    for spec in specs:
+        stored = sum(b for n, b in files.items() if n.startswith(f"tensors.zarr/{spec.name}/"))
+        elements = spec.offsets(lengths)[-1] / spec.offsets(lengths[index])[-1]
+        scaled[spec.name] = stored * elements
+    tokens = lengths.sum() / lengths[index].sum()
+    return CaptureEstimate(len(ids), {k: int(v) for k, v in scaled.items()}, seconds * tokens)
 
 
 def tensor_specs(cfg: ExperimentConfig, model_config) -> list[TensorSpec]:

@@ -168,3 +168,15 @@ def test_distill_refuses_student_layers_outside_the_student(config, captured):
     bad = dataclasses.replace(config, distill=dataclasses.replace(config.distill, students=(student,)))
     with pytest.raises(ConfigError, match=r"layer_map student layers \[3\] outside 0..2 for hidden_states"):
         run_distill(bad)
+
+
+def test_dry_run_estimate_is_within_20_percent_of_the_real_cache(config):
+    from pipeline.capture import estimate_capture
+
+    run_teacher_train(config)
+    estimate = estimate_capture(config, sample_rows=24)
+    assert not plan_cache(config).location.exists()  # a dry run writes nothing
+    manifest = run_capture(config).manifest
+    assert estimate.rows == manifest.rows and set(estimate.bytes_by_output) == {"rows", "hidden_states", "attentions"}
+    assert abs(estimate.bytes - manifest.bytes) / manifest.bytes < 0.2
+    assert estimate.seconds > 0
