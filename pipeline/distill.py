@@ -129,7 +129,7 @@ def run_distill(cfg: ExperimentConfig, *, cache_location: str | None = None) -> 
             for kd in (True, False) if cfg.distill.baselines else (True,):
                 name = spec.name if kd else baseline_name
                 directory = run_dir / "models" / f"{name}-seed{seed}"
-                student = train_student(cfg, spec, cache, plan, seed=seed, kd=kd)
+                student = train_student(cfg, spec, cache, plan, seed=seed, kd=kd, pad_id=tokenizer.pad_token_id)
                 save_model(student, tokenizer, directory)
                 if kd:
                     results.append(evaluated(student, name, "student", seed, directory,
@@ -156,7 +156,7 @@ def build_student(cfg: ExperimentConfig, spec: StudentConfig, plan: CachePlan, *
 
 
 def train_student(
-    cfg: ExperimentConfig, spec: StudentConfig, cache: Cache, plan: CachePlan, *, seed: int, kd: bool
+    cfg: ExperimentConfig, spec: StudentConfig, cache: Cache, plan: CachePlan, *, seed: int, kd: bool, pad_id: int
 ) -> nn.Module:
     """Train one student (kd) or its hard-label baseline (not kd); returns the best-validation model."""
     torch.manual_seed(seed)
@@ -170,13 +170,12 @@ def train_student(
         "train",
         batch_size=cfg.distill.batch_size,
         seed=seed,
-        pad_id=load_tokenizer(plan.teacher_path).pad_token_id,
+        pad_id=pad_id,
         hidden_layers=sorted({t for _, t in objective.hidden_map}),
         attention_layers=sorted({t for _, t in objective.attention_map}),
         labeled_only=not kd,
     )
     val_ids, val_labels = plan.token_ids["validation"], plan.splits["validation"].labels
-    pad_id = batches.pad_id
     fit(
         student,
         trainable=[objective],
