@@ -12,11 +12,12 @@ from .manifest import FORMAT_VERSION, MANIFEST_NAME, Manifest, ShardEntry, Tenso
 from .reader import Cache, open_cache, verify_cache
 from .shard import ShardData, ShardRows
 from .storage import Location
-from .writer import CacheWriter, ShardTask
+from .writer import BackgroundWriter, CacheWriter, ShardTask
 
 __all__ = [
     "FORMAT_VERSION",
     "MANIFEST_NAME",
+    "BackgroundWriter",
     "Cache",
     "CacheBusyError",
     "CacheCorruptError",

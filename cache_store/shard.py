@@ -121,31 +121,34 @@ def build_shard(
     num_labels: int,
     relative_path: str,
     row_start: int,
-) -> None:
-    """Write one shard's files into the local directory ``staging``; ``shard.json`` goes last."""
-    _write_rows(staging / ROWS_FILE, rows, num_labels)
-    group = zarr.open_group(staging / TENSORS_DIR, mode="w")
-    arrays = {}
+) -> ShardEntry:
+    """Write one shard's files into the local directory ``staging``; ``shard.json`` goes last.
+
+    The files are encoded in memory and checksummed from those bytes, so each is written once
+    and never read back.
+    """
+    files = {ROWS_FILE: _rows_bytes(rows, num_labels)}
+    encoded, arrays = {}, {}  # the Zarr store's keys and buffers
+    group = zarr.open_group(MemoryStore(encoded), mode="w")
     for (name, layer), per_example in sorted(tensors.items()):
-        path = f"{TENSORS_DIR}/{specs[name].array_path(layer)}"
-        arrays[path] = _write_tensor(group, specs[name], layer, per_example)
-    files = {}
-    for p in sorted(staging.rglob("*")):
-        if p.is_file():
-            data = p.read_bytes()
-            files[str(p.relative_to(staging))] = FileEntry(bytes=len(data), xxh3=checksum(data))
+        arrays[f"{TENSORS_DIR}/{specs[name].array_path(layer)}"] = _write_tensor(group, specs[name], layer, per_example)
+    files |= {f"{TENSORS_DIR}/{key}": buffer.to_bytes() for key, buffer in encoded.items()}
+    for name, data in files.items():
+        (staging / name).parent.mkdir(parents=True, exist_ok=True)
+        (staging / name).write_bytes(data)
     entry = ShardEntry(
         path=relative_path,
         row_start=row_start,
         row_end=row_start + len(rows),
         tokens=int(rows.lengths.sum()),
-        files=files,
+        files={name: FileEntry(bytes=len(data), xxh3=checksum(data)) for name, data in sorted(files.items())},
         arrays=arrays,
     )
     (staging / SHARD_ENTRY_NAME).write_text(entry.to_json())
+    return entry
 
 
-def _write_rows(path: Path, rows: ShardRows, num_labels: int) -> None:
+def _rows_bytes(rows: ShardRows, num_labels: int) -> bytes:
     flat_logits = np.ascontiguousarray(rows.logits, dtype=np.float32).reshape(-1)
     table = pa.table(
         {
@@ -157,8 +160,10 @@ def _write_rows(path: Path, rows: ShardRows, num_labels: int) -> None:
         },
         schema=rows_schema(num_labels),
     )
-    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_file(sink, table.schema) as writer:
         writer.write_table(table)
+    return sink.getvalue().to_pybytes()
 
 
 def _write_tensor(group: zarr.Group, spec: TensorSpec, layer: int, per_example: list[np.ndarray]) -> tuple[int, ...]:

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import socket
+import threading
 import time
 from dataclasses import dataclass
 
@@ -93,8 +95,10 @@ class CacheWriter:
             raise ValueError(f"shard_index must be in [0, {num_shards}); got {shard_index!r}")
         return [t for i, t in enumerate(self.tasks) if i % num_shards == shard_index and not self.is_committed(t)]
 
-    def write_shard(self, task: ShardTask, rows: ShardRows, tensors: dict[tuple[str, int], list[np.ndarray]]) -> bool:
-        """Build the shard locally and publish it; False when another writer committed it first."""
+    def write_shard(
+        self, task: ShardTask, rows: ShardRows, tensors: dict[tuple[str, int], list[np.ndarray]]
+    ) -> ShardEntry | None:
+        """Build the shard locally and publish it; its entry, or None when another writer committed it first."""
         expected = {(spec.name, layer) for spec in self.specs.values() for layer in spec.layers}
         if set(tensors) != expected:
             raise ValueError(f"shard tensors {sorted(tensors)} differ from the cache's spec {sorted(expected)}")
@@ -103,19 +107,23 @@ class CacheWriter:
         if rows.logits.shape != (len(rows), self.num_labels):
             raise ValueError(f"logits must be ({len(rows)}, {self.num_labels}); got {rows.logits.shape}")
         staging = self.location.staging_dir(task.path.replace("/", "-"))
-        build_shard(staging, rows, tensors, self.specs, num_labels=self.num_labels,
-                    relative_path=task.path, row_start=task.row_start)  # fmt: skip
+        entry = build_shard(staging, rows, tensors, self.specs, num_labels=self.num_labels,
+                            relative_path=task.path, row_start=task.row_start)  # fmt: skip
         committed = self.location.commit_dir(staging, task.path, last=SHARD_ENTRY_NAME)
         self._beat()
-        return committed
+        return entry if committed else None
 
     def committed_count(self) -> int:
         return sum(self.is_committed(task) for task in self.tasks)
 
+    def close(self) -> None:
+        """Stop marking this writer alive, leaving the manifest to another writer."""
+        self.location.remove(self._heartbeat)
+
     def finish(self) -> Manifest | None:
         """Write the manifest if every shard is committed and return it; None while some are missing."""
         if self.committed_count() < len(self.tasks):
-            self.location.remove(self._heartbeat)
+            self.close()
             return None
         entries = self.location.read_many([f"{task.path}/{SHARD_ENTRY_NAME}" for task in self.tasks])
         splits: dict[str, list[ShardEntry]] = {}
@@ -136,9 +144,58 @@ class CacheWriter:
             metadata=self.metadata,
         )
         self.location.write_bytes(MANIFEST_NAME, manifest.to_json().encode())
-        self.location.remove(self._heartbeat)
+        self.close()
         _remove_stale(self.location)
         return manifest
+
+
+class BackgroundWriter:
+    """Commits shards on a thread, so the caller's next forward pass overlaps compression and I/O.
+
+    At most ``depth`` shards wait in the queue (bounded memory): ``submit`` blocks while it
+    is full. An error on the thread is raised by the next ``submit`` or by ``close``.
+    Use as a context manager; leaving it waits for every submitted shard.
+
+    Args:
+        on_commit: called on the thread with each shard's entry (None: another writer had it).
+    """
+
+    def __init__(self, writer: CacheWriter, *, depth: int = 2, on_commit=None):
+        self.writer, self.on_commit = writer, on_commit or (lambda entry: None)
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="kdcache-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        if hasattr(os, "SCHED_IDLE"):  # Linux: use only CPU time the caller's compute leaves idle
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        while (item := self._queue.get()) is not None:
+            if self._error is None:  # after a failure, drain the queue without writing
+                try:
+                    self.on_commit(self.writer.write_shard(*item))
+                except BaseException as e:
+                    self._error = e
+
+    def submit(self, task: ShardTask, rows: ShardRows, tensors: dict[tuple[str, int], list[np.ndarray]]) -> None:
+        self._raise()
+        self._queue.put((task, rows, tensors))
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        self._raise()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def __enter__(self) -> BackgroundWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _remove_stale(location: Location) -> None:

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from cache_store import (
     FORMAT_VERSION,
     MANIFEST_NAME,
+    BackgroundWriter,
     CacheWriter,
     Fingerprint,
     Location,
@@ -25,11 +26,12 @@ from cache_store import (
 )
 from cache_store.shard import build_shard
 
-from .config import ConfigError, ExperimentConfig
+from .config import CaptureConfig, ConfigError, ExperimentConfig
 from .data import TextData, load_splits, tokenize
 from .models import load_classifier, load_tokenizer, model_files
+from .runtime import ALONE, Ranks, autocast, barrier, process_group, resolve_device, resolve_precision
 from .teacher import require_teacher
-from .training import pad_ids
+from .training import Collator, to_device, token_budget_batches
 
 CAPTURED_SPLITS = ("train", "validation")
 HIDDEN, ATTENTION = "hidden_states", "attentions"
@@ -62,6 +64,18 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return fp.update_json("special", tokenizer.all_special_tokens).hexdigest()
 
 
+def capture_identity(capture: CaptureConfig) -> dict:
+    """The capture settings that decide a cache's content: all but where it lives and how rows are batched.
+
+    Precision is hashed as configured, so ``auto`` names one cache whether a GPU (bfloat16)
+    or a CPU (float32) fills it; the manifest records what was used.
+    """
+    settings = dataclasses.asdict(capture)
+    for name in ("cache_root", "batch_size", "batch_tokens"):
+        del settings[name]
+    return settings
+
+
 def plan_cache(cfg: ExperimentConfig) -> CachePlan:
     """Load and tokenize the data, locate the teacher, and compute the cache key.
 
@@ -81,7 +95,7 @@ def plan_cache(cfg: ExperimentConfig) -> CachePlan:
     data_fp = data.hexdigest()
     fp = Fingerprint("kdcache-cache").update_json("format_version", FORMAT_VERSION)
     fp.update_files("teacher", teacher_path, model_files(teacher_path)).update_json("data", data_fp)
-    fp.update_json("capture", {**dataclasses.asdict(cfg.capture), "cache_root": None, "precision": "float32"})
+    fp.update_json("capture", capture_identity(cfg.capture))
     key = fp.hexdigest()
     location = Location(cfg.capture.cache_root) / key
     return CachePlan(key, location, teacher_path, splits, token_ids, data_fp, tokenizer_fingerprint(tokenizer))
@@ -93,19 +107,42 @@ def run_capture(cfg: ExperimentConfig, *, num_shards: int = 1, shard_index: int 
     Reuses a complete cache with the same key at once, resumes a partial one from its
     committed shards, and with ``num_shards`` > 1 fills only every ``num_shards``-th shard
     from ``shard_index`` (the manifest is written by whichever writer completes the set).
+    Under torchrun each rank takes its part that way, and rank 0 writes the manifest once
+    every rank is done.
     """
+    ranks = Ranks.from_env()
+    if ranks.world > 1:
+        if num_shards != 1:
+            raise ConfigError("under torchrun each rank takes its part of the shards; drop --num-shards/--shard-index")
+        num_shards, shard_index = ranks.world, ranks.rank
     if not 0 <= shard_index < num_shards:
         raise ConfigError(
             f"--shard-index must be in 0..{num_shards - 1} for --num-shards {num_shards}; got {shard_index}"
         )
+    with process_group(ranks):
+        return _capture(cfg, ranks, num_shards=num_shards, shard_index=shard_index)
+
+
+def _capture(cfg: ExperimentConfig, ranks: Ranks, *, num_shards: int, shard_index: int) -> CaptureResult:
+    say = print if ranks.is_main else lambda *args: None
     plan = plan_cache(cfg)
     if plan.location.exists(MANIFEST_NAME):
         manifest = open_cache(plan.location).manifest
-        print(f"reused cache {plan.key} at {plan.location} ({manifest.rows} rows, {manifest.bytes / 1e6:.1f} MB)")
+        say(f"reused cache {plan.key} at {plan.location} ({manifest.rows} rows, {manifest.bytes / 1e6:.1f} MB)")
         return CaptureResult(plan.location, plan.key, manifest, reused=True)
-    capture = cfg.capture
-    model = load_classifier(plan.teacher_path, attention_maps=bool(capture.attention_layers))
-    model.eval()
+    device = resolve_device(cfg.device, ranks)
+    model = load_classifier(plan.teacher_path, attention_maps=bool(cfg.capture.attention_layers)).to(device).eval()
+    return fill_cache(cfg, plan, model, ranks=ranks, num_shards=num_shards, shard_index=shard_index)
+
+
+def fill_cache(cfg: ExperimentConfig, plan: CachePlan, model, *, ranks: Ranks = ALONE, num_shards: int = 1,
+               shard_index: int = 0) -> CaptureResult:  # fmt: skip
+    """Run the loaded teacher over this writer's pending shards and commit them; the manifest
+    once all are present. Batches are formed and computed on the main thread while a
+    background thread compresses, checksums and commits the previous shards."""
+    say = print if ranks.is_main else lambda *args: None
+    capture, device = cfg.capture, next(model.parameters()).device
+    precision = resolve_precision(capture.precision, device)
     writer = CacheWriter(
         plan.location,
         key=plan.key,
@@ -121,31 +158,55 @@ def run_capture(cfg: ExperimentConfig, *, num_shards: int = 1, shard_index: int 
             "data_fingerprint": plan.data_fingerprint,
             "tokenizer_fingerprint": plan.tokenizer_fingerprint,
             "capture": {**dataclasses.asdict(capture), "cache_root": None},
+            "device": device.type,
+            "precision": str(precision).removeprefix("torch."),
         },
     )
     done = writer.committed_count()
     if done:
-        print(f"resuming cache {plan.key}: {done} of {len(writer.tasks)} shards already committed")
-    todo = list(writer.pending(num_shards=num_shards, shard_index=shard_index))
-    pad_id = load_tokenizer(plan.teacher_path).pad_token_id
-    with tqdm(total=sum(t.row_end - t.row_start for t in todo), desc="capture", unit="ex") as bar:
+        say(f"resuming cache {plan.key}: {done} of {len(writer.tasks)} shards already committed")
+    todo = writer.pending(num_shards=num_shards, shard_index=shard_index)
+    forward = TeacherForward(model, Collator.for_model(load_tokenizer(plan.teacher_path), model.config), capture,
+                             device=device, precision=precision)  # fmt: skip
+    written = [0]  # bytes committed, counted on the writer's thread
+    desc = "capture" if ranks.world == 1 else f"capture (rank 0 of {ranks.world})"
+    bar = tqdm(total=sum(t.row_end - t.row_start for t in todo), desc=desc, unit="ex", disable=not ranks.is_main)
+    with (
+        bar,
+        BackgroundWriter(writer, on_commit=lambda entry: written.__setitem__(0, written[0] + _bytes(entry))) as bg,
+    ):
         tokens = 0
         for task in todo:
             rows = slice(task.row_start, task.row_end)
             ids, data = plan.token_ids[task.split][rows], plan.splits[task.split]
             if not writer.is_committed(task):  # a writer running beside this one may have done it meanwhile
-                logits, tensors = _teacher_outputs(model, ids, pad_id, cfg)
-                writer.write_shard(task, ShardRows(data.example_id[rows], ids, data.labels[rows], logits), tensors)
+                logits, tensors = forward(ids)
+                bg.submit(task, ShardRows(data.example_id[rows], ids, data.labels[rows], logits), tensors)
             tokens += sum(map(len, ids))
+            elapsed = max(bar.format_dict["elapsed"], 1e-3)
             bar.update(len(ids))
-            bar.set_postfix(split=task.split, tok_s=f"{tokens / max(bar.format_dict['elapsed'], 1e-3):.0f}")
-    manifest = writer.finish()
+            bar.set_postfix(split=task.split, tok_s=f"{tokens / elapsed:.0f}", MB_s=f"{written[0] / 1e6 / elapsed:.1f}")
+    if ranks.world == 1:
+        manifest = writer.finish()
+    else:  # every rank's shards are committed before rank 0 writes the manifest
+        barrier(ranks)
+        if ranks.is_main:
+            manifest = writer.finish()
+        else:
+            writer.close()
+        barrier(ranks)
+        if not ranks.is_main:
+            manifest = open_cache(plan.location).manifest
     if manifest is None:
-        print(f"committed shards of cache {plan.key}; {writer.committed_count()} of {len(writer.tasks)} present, "
-              "the manifest is written once the other writers finish")  # fmt: skip
+        say(f"committed shards of cache {plan.key}; {writer.committed_count()} of {len(writer.tasks)} present, "
+            "the manifest is written once the other writers finish")  # fmt: skip
     else:
-        print(f"wrote cache {plan.key} at {plan.location} ({manifest.rows} rows, {manifest.bytes / 1e6:.1f} MB)")
+        say(f"wrote cache {plan.key} at {plan.location} ({manifest.rows} rows, {manifest.bytes / 1e6:.1f} MB)")
     return CaptureResult(plan.location, plan.key, manifest, reused=False)
+
+
+def _bytes(entry) -> int:
+    return entry.bytes if entry is not None else 0
 
 
 @dataclass(frozen=True)
@@ -169,14 +230,17 @@ def estimate_capture(cfg: ExperimentConfig, *, sample_rows: int = 256) -> Captur
     squared tokens for attention maps), so the estimate follows the real length mix.
     """
     plan = plan_cache(cfg)
-    model = load_classifier(plan.teacher_path, attention_maps=bool(cfg.capture.attention_layers)).eval()
+    device = resolve_device(cfg.device)
+    model = load_classifier(plan.teacher_path, attention_maps=bool(cfg.capture.attention_layers)).to(device).eval()
+    forward = TeacherForward(model, Collator.for_model(load_tokenizer(plan.teacher_path), model.config), cfg.capture,
+                             device=device, precision=resolve_precision(cfg.capture.precision, device))  # fmt: skip
     specs = tensor_specs(cfg, model.config)
     ids = [x for name in CAPTURED_SPLITS for x in plan.token_ids[name]]
     lengths = np.array([len(x) for x in ids])
     index = np.unique(np.linspace(0, len(ids) - 1, min(sample_rows, len(ids))).astype(int))
     sample = [ids[i] for i in index]
     start = time.perf_counter()
-    logits, tensors = _teacher_outputs(model, sample, load_tokenizer(plan.teacher_path).pad_token_id, cfg)
+    logits, tensors = forward(sample)
     with tempfile.TemporaryDirectory() as staging:
         rows = ShardRows(index.astype(np.int64), sample, np.zeros(len(sample), np.int64), logits)
         build_shard(Path(staging), rows, tensors, {s.name: s for s in specs}, num_labels=model.config.num_labels,
@@ -220,28 +284,63 @@ def tensor_specs(cfg: ExperimentConfig, model_config) -> list[TensorSpec]:
     return specs
 
 
-@torch.inference_mode()
-def _teacher_outputs(model, ids: list[np.ndarray], pad_id: int, cfg: ExperimentConfig):
-    """Logits (N, C) and unpadded per-example tensors for one shard, batched by length."""
-    capture = cfg.capture
-    order = np.argsort([len(x) for x in ids], kind="stable")  # short rows together: little padding
-    logits = np.zeros((len(ids), model.config.num_labels), np.float32)
-    tensors = {(HIDDEN, k): [None] * len(ids) for k in capture.hidden_layers}
-    tensors |= {(ATTENTION, k): [None] * len(ids) for k in capture.attention_layers}
-    for start in range(0, len(order), capture.batch_size):
-        index = order[start : start + capture.batch_size]
-        input_ids, mask = pad_ids([ids[i] for i in index], pad_id)
-        out = model(
-            input_ids=input_ids,
-            attention_mask=mask,
-            output_hidden_states=bool(capture.hidden_layers),
-            output_attentions=bool(capture.attention_layers),
-        )
-        logits[index] = out.logits.float().numpy()  # (B, C)
-        for row, i in enumerate(index):
-            n = len(ids[i])
-            for k in capture.hidden_layers:
-                tensors[(HIDDEN, k)][i] = out.hidden_states[k][row, :n].numpy()  # (L, H)
+class TeacherForward:
+    """The teacher's outputs for a window of rows (a shard), unpadded and in row order.
+
+    Rows are length-sorted and cut into batches under a row and padded-token budget
+    (``token_budget_batches``), so the batches, and therefore the values, depend only on
+    the window's rows and the two limits: never on which process or rank computes it.
+    Outputs are reduced on the device before they are copied back: padding dropped,
+    only the configured layers and heads kept, hidden states cast to their storage dtype.
+    """
+
+    def __init__(self, model, collate: Collator, capture: CaptureConfig, *, device: torch.device,
+                 precision: torch.dtype):  # fmt: skip
+        self.model, self.collate, self.capture = model, collate, capture
+        self.device, self.precision = device, precision
+        self.hidden_dtype = torch.float16 if capture.hidden_dtype == "float16" else torch.float32
+        self.attention_dtype = torch.float16 if capture.attention_dtype == "float16" else torch.float32
+        self.heads = list(capture.attention_heads) if capture.attention_heads is not None else None
+
+    @torch.inference_mode()
+    def __call__(self, ids: list[np.ndarray]):
+        """Logits (N, C) float32, and per (tensor, layer) N arrays: hidden (L, H), attention (heads, L, L)."""
+        capture, n = self.capture, len(ids)
+        lengths = np.array([len(x) for x in ids])
+        logits = np.zeros((n, self.model.config.num_labels), np.float32)
+        tensors = {(HIDDEN, k): [None] * n for k in capture.hidden_layers}
+        tensors |= {(ATTENTION, k): [None] * n for k in capture.attention_layers}
+        copies = []  # (rows, host tensors): device-to-host copies that may still be in flight
+        for index in token_budget_batches(lengths, max_rows=capture.batch_size, max_tokens=capture.batch_tokens):
+            batch = to_device(self.collate([ids[i] for i in index]), self.device)
+            with autocast(self.device, self.precision):
+                out = self.model(
+                    **batch,
+                    output_hidden_states=bool(capture.hidden_layers),
+                    output_attentions=bool(capture.attention_layers),
+                )
+            kept = {"logits": out.logits.float()}  # (B, C)
+            if capture.hidden_layers:
+                real = batch["attention_mask"].flatten().nonzero().squeeze(1)  # the B*T positions that are tokens
+                kept[HIDDEN] = torch.stack(
+                    [out.hidden_states[k].flatten(0, 1).index_select(0, real) for k in capture.hidden_layers]
+                ).to(self.hidden_dtype)  # (K, tokens, H), row after row
             for k in capture.attention_layers:
-                tensors[(ATTENTION, k)][i] = out.attentions[k - 1][row, :, :n, :n].numpy()  # (heads, L, L)
-    return logits, tensors
+                maps = out.attentions[k - 1] if self.heads is None else out.attentions[k - 1][:, self.heads]
+                kept[(ATTENTION, k)] = maps.to(self.attention_dtype)  # (B, heads, T, T)
+            copies.append((index, {name: t.to("cpu", non_blocking=True) for name, t in kept.items()}))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the host copies are complete from here on
+        for index, host in copies:
+            logits[index] = host["logits"].numpy()
+            if capture.hidden_layers:
+                packed = host[HIDDEN].numpy()
+                bounds = np.concatenate([[0], np.cumsum(lengths[index])])
+                for j, k in enumerate(capture.hidden_layers):
+                    for row, i in enumerate(index):
+                        tensors[(HIDDEN, k)][i] = packed[j, bounds[row] : bounds[row + 1]]
+            for k in capture.attention_layers:
+                maps = host[(ATTENTION, k)].numpy()
+                for row, i in enumerate(index):
+                    tensors[(ATTENTION, k)][i] = maps[row, :, : lengths[i], : lengths[i]]
+        return logits, tensors

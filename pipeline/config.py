@@ -30,6 +30,13 @@ def _check(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+PRECISION_NAMES = ("auto", "float32", "bfloat16", "float16")  # auto: bfloat16 (or float16) on CUDA, float32 on CPU
+
+
+def _check_precision(section: str, value: str) -> None:
+    _check(value in PRECISION_NAMES, f"{section}.precision must be one of {list(PRECISION_NAMES)}; got {value!r}")
+
+
 @dataclass(frozen=True)
 class DatasetSpec:
     """Where a labeled text data set lives and how to read it (a file under data/)."""
@@ -72,26 +79,40 @@ class TeacherConfig:
     batch_size: int = 32
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
+    precision: str = "auto"  # autocast dtype: auto, float32, bfloat16 or float16 (float16 adds loss scaling)
+    checkpoint_steps: int = 500  # save a resumable checkpoint every this many steps (and after every epoch)
     output_root: str = "models/teachers"  # fine-tuned teachers live in <output_root>/<key>/
 
     def __post_init__(self):
         _check(self.epochs >= 1, f"teacher.epochs must be >= 1; got {self.epochs!r}")
         _check(0 < self.learning_rate < 1, f"teacher.learning_rate must be in (0, 1); got {self.learning_rate!r}")
+        _check(self.checkpoint_steps > 0, f"teacher.checkpoint_steps must be > 0; got {self.checkpoint_steps!r}")
+        _check_precision("teacher", self.precision)
 
 
 @dataclass(frozen=True)
 class CaptureConfig:
     hidden_layers: tuple[int, ...] = ()  # teacher layers (1..N; 0 = embeddings) whose hidden states are stored
     attention_layers: tuple[int, ...] = ()  # teacher layers (1..N) whose attention maps are stored
+    attention_heads: tuple[int, ...] | None = None  # heads (0-based) whose maps are stored; None: all
     hidden_dtype: str = "float16"  # float16, bfloat16 (stored as its bit pattern) or float32
     attention_dtype: str = "float16"
     attention_quantization: str | None = None  # "sqrt-uint8": round(255 * sqrt(p)), about 1/5 of float16
-    batch_size: int = 64
-    shard_rows: int = 1024  # examples per shard
+    precision: str = "auto"  # teacher forward: auto, float32, bfloat16 or float16 autocast (part of the key)
+    batch_size: int = 256  # most rows per batch
+    batch_tokens: int = 8192  # most padded tokens per batch (rows are length-sorted within each shard)
+    shard_rows: int = 1024  # examples per shard, and the window rows are length-sorted within
     cache_root: str = "caches"  # caches live in <cache_root>/<key>/
 
     def __post_init__(self):
         _check(self.shard_rows > 0, f"capture.shard_rows must be > 0; got {self.shard_rows!r}")
+        _check(self.batch_size > 0, f"capture.batch_size must be > 0; got {self.batch_size!r}")
+        _check(self.batch_tokens > 0, f"capture.batch_tokens must be > 0; got {self.batch_tokens!r}")
+        _check(
+            self.attention_heads is None or (len(self.attention_heads) > 0 and min(self.attention_heads) >= 0),
+            f"capture.attention_heads must list head numbers (0-based) or be null; got {self.attention_heads!r}",
+        )
+        _check_precision("capture", self.precision)
         for name in ("hidden_dtype", "attention_dtype"):
             value = getattr(self, name)
             _check(value in DTYPES, f"capture.{name} must be one of {list(DTYPES)}; got {value!r}")
@@ -173,6 +194,7 @@ class ExperimentConfig:
     distill: DistillConfig
     capture: CaptureConfig = field(default_factory=CaptureConfig)
     seed: int = 0  # the data split and the teacher's fine-tuning
+    device: str = "auto"  # auto (CUDA when there is one, else CPU), cpu, cuda or cuda:N
 
 
 def load_config(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> ExperimentConfig:

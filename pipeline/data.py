@@ -122,5 +122,6 @@ def load_splits(cfg: DataConfig, *, seed: int) -> dict[str, TextData]:
 def tokenize(tokenizer, data: TextData, *, max_length: int) -> list[np.ndarray]:
     """Token ids per example (no padding), truncated to ``max_length``."""
     columns = list(zip(*data.texts, strict=True)) if data.texts else [[]]
-    encoded = tokenizer(*[list(c) for c in columns], truncation=True, max_length=max_length)
+    encoded = tokenizer(*[list(c) for c in columns], truncation=True, max_length=max_length,
+                        return_attention_mask=False, return_token_type_ids=False)  # fmt: skip
     return [np.asarray(ids, dtype=np.int32) for ids in encoded["input_ids"]]

@@ -29,8 +29,9 @@ from .models import (
     save_model,
 )
 from .report import ModelResult, write_report
+from .runtime import CPU, resolve_device
 from .streaming import CacheBatches
-from .training import classification_metrics, evaluate, fit, predict_logits
+from .training import Collator, classification_metrics, evaluate, fit, predict_logits
 
 
 @dataclass(frozen=True)
@@ -112,9 +113,11 @@ def run_distill(cfg: ExperimentConfig, *, cache_location: str | None = None) -> 
     tokenizer = load_tokenizer(plan.teacher_path)
     test_ids = tokenize(tokenizer, plan.splits["test"], max_length=cfg.data.max_length)
     test_labels = plan.splits["test"].labels
+    device = resolve_device(cfg.device)
 
     def evaluated(model, name, role, seed, directory, baseline=None) -> ModelResult:
-        result = evaluate(model, test_ids, test_labels, pad_id=tokenizer.pad_token_id)
+        collate = Collator.for_model(tokenizer, model.config)
+        result = evaluate(model.to(device), test_ids, test_labels, collate=collate)
         tqdm.write(f"{name} ({role}, seed {seed}): test accuracy {result.accuracy:.4f}")
         return ModelResult(name=name, role=role, seed=seed, accuracy=result.accuracy, macro_f1=result.macro_f1,
                            params=count_parameters(model), size_bytes=directory_bytes(directory),
@@ -129,7 +132,7 @@ def run_distill(cfg: ExperimentConfig, *, cache_location: str | None = None) -> 
             for kd in (True, False) if cfg.distill.baselines else (True,):
                 name = spec.name if kd else baseline_name
                 directory = run_dir / "models" / f"{name}-seed{seed}"
-                student = train_student(cfg, spec, cache, plan, seed=seed, kd=kd, pad_id=tokenizer.pad_token_id)
+                student = train_student(cfg, spec, cache, plan, seed=seed, kd=kd, tokenizer=tokenizer, device=device)
                 save_model(student, tokenizer, directory)
                 if kd:
                     results.append(evaluated(student, name, "student", seed, directory,
@@ -156,21 +159,30 @@ def build_student(cfg: ExperimentConfig, spec: StudentConfig, plan: CachePlan, *
 
 
 def train_student(
-    cfg: ExperimentConfig, spec: StudentConfig, cache: Cache, plan: CachePlan, *, seed: int, kd: bool, pad_id: int
+    cfg: ExperimentConfig,
+    spec: StudentConfig,
+    cache: Cache,
+    plan: CachePlan,
+    *,
+    seed: int,
+    kd: bool,
+    tokenizer,
+    device: torch.device = CPU,
 ) -> nn.Module:
     """Train one student (kd) or its hard-label baseline (not kd); returns the best-validation model."""
     torch.manual_seed(seed)
     student = build_student(cfg, spec, plan, kd=kd)
+    collate = Collator.for_model(tokenizer, student.config)
     teacher_width = (
         cache.manifest.tensor(HIDDEN).example_shape[-1] if _has(cache, HIDDEN) else student.config.hidden_size
     )
-    objective = Objective(student, cfg, spec, teacher_width=teacher_width, kd=kd)
+    objective = Objective(student, cfg, spec, teacher_width=teacher_width, kd=kd).to(device)
     batches = CacheBatches(
         cache,
         "train",
         batch_size=cfg.distill.batch_size,
         seed=seed,
-        pad_id=pad_id,
+        collate=collate,
         hidden_layers=sorted({t for _, t in objective.hidden_map}),
         attention_layers=sorted({t for _, t in objective.attention_map}),
         labeled_only=not kd,
@@ -183,11 +195,12 @@ def train_student(
         steps_per_epoch=len(batches),
         epoch_batches=batches.epoch,
         step_loss=objective,
-        validate=lambda: classification_metrics(predict_logits(student, val_ids, pad_id=pad_id), val_labels),
+        validate=lambda: classification_metrics(predict_logits(student, val_ids, collate=collate), val_labels),
         lr=cfg.distill.learning_rate,
         weight_decay=cfg.distill.weight_decay,
         warmup_ratio=cfg.distill.warmup_ratio,
         desc=f"{spec.name}{'' if kd else '-no-kd'} seed {seed}",
+        device=device,
     )
     return student
 

@@ -11,7 +11,7 @@ from cache_store import Cache
 
 from .capture import ATTENTION, HIDDEN
 from .data import UNLABELED
-from .training import Batch, length_grouped_batches, pad_ids
+from .training import Batch, Collator, length_grouped_batches
 
 
 class CacheBatches:
@@ -26,9 +26,9 @@ class CacheBatches:
         labeled_only: skip unlabeled rows (for the hard-label baseline).
     """
 
-    def __init__(self, cache: Cache, split: str, *, batch_size: int, seed: int, pad_id: int,
+    def __init__(self, cache: Cache, split: str, *, batch_size: int, seed: int, collate: Collator,
                  hidden_layers=(), attention_layers=(), labeled_only: bool = False):  # fmt: skip
-        self.cache, self.split, self.batch_size, self.seed, self.pad_id = cache, split, batch_size, seed, pad_id
+        self.cache, self.split, self.batch_size, self.seed, self.collate = cache, split, batch_size, seed, collate
         self.wanted = [(HIDDEN, k) for k in hidden_layers] + [(ATTENTION, k) for k in attention_layers]
         self.labeled_only = labeled_only
         if labeled_only:  # count the labeled rows of each shard once
@@ -54,16 +54,14 @@ class CacheBatches:
                 yield self._collate(data, rows)
 
     def _collate(self, data, rows: np.ndarray) -> Batch:
-        input_ids, mask = pad_ids([data.rows.input_ids[i] for i in rows], self.pad_id)  # (B, T)
         batch = {
-            "input_ids": input_ids,
-            "attention_mask": mask,
+            **self.collate([data.rows.input_ids[i] for i in rows]),  # input_ids, attention_mask: (B, T)
             "labels": torch.from_numpy(data.rows.label[rows].astype(np.int64)),  # (B,)
             "teacher_logits": torch.from_numpy(data.rows.logits[rows]),  # (B, C)
         }
         for name, layer in self.wanted:
             arrays = [data.example_tensor(name, layer, i) for i in rows]
-            batch[f"{name}/{layer}"] = _pad_tensors(arrays, input_ids.shape[1], name)
+            batch[f"{name}/{layer}"] = _pad_tensors(arrays, batch["input_ids"].shape[1], name)
         return batch
 
 

@@ -18,7 +18,8 @@ from cache_store import Fingerprint
 from .config import ConfigError, ExperimentConfig
 from .data import UNLABELED, TextData, load_splits, tokenize
 from .models import load_classifier, load_tokenizer, model_dir, model_files, save_model
-from .training import classification_metrics, fit, length_grouped_batches, pad_ids, predict_logits
+from .runtime import resolve_device, resolve_precision
+from .training import Checkpoint, Collator, classification_metrics, fit, length_grouped_batches, predict_logits
 
 TEACHER_RECORD = "teacher.json"
 
@@ -37,7 +38,8 @@ def teacher_key(cfg: ExperimentConfig, base: Path, splits: dict[str, TextData], 
         ids = tokenize(tokenizer, splits[name], max_length=cfg.data.max_length)
         fp.update_array(f"{name}/ids", np.concatenate(ids)).update_array(f"{name}/lengths", [len(x) for x in ids])
         fp.update_array(f"{name}/labels", splits[name].labels)
-    settings = {k: v for k, v in dataclasses.asdict(cfg.teacher).items() if k not in ("base_model", "output_root")}
+    ignored = ("base_model", "output_root", "checkpoint_steps")  # base_model is hashed by content above
+    settings = {k: v for k, v in dataclasses.asdict(cfg.teacher).items() if k not in ignored}
     return fp.update_json("settings", {**settings, "seed": cfg.seed, "max_length": cfg.data.max_length}).hexdigest()
 
 
@@ -76,11 +78,12 @@ def run_teacher_train(cfg: ExperimentConfig) -> TeacherResult:
     train = splits["train"].take(np.flatnonzero(splits["train"].labels != UNLABELED))
     train_ids = tokenize(tokenizer, train, max_length=cfg.data.max_length)
     val_ids = tokenize(tokenizer, splits["validation"], max_length=cfg.data.max_length)
+    device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    model = load_classifier(base, num_labels=len(train.label_names))
+    model = load_classifier(base, num_labels=len(train.label_names)).to(device)
     model.config.id2label = dict(enumerate(train.label_names))
     model.config.label2id = {name: i for i, name in enumerate(train.label_names)}
-    pad_id = tokenizer.pad_token_id
+    collate = Collator.for_model(tokenizer, model.config)
     batch_size = cfg.teacher.batch_size
 
     lengths = np.array([len(x) for x in train_ids])
@@ -88,10 +91,10 @@ def run_teacher_train(cfg: ExperimentConfig) -> TeacherResult:
 
     def epoch_batches(epoch: int):
         for index in length_grouped_batches(lengths, batch_size, np.random.default_rng([cfg.seed, epoch])):
-            input_ids, mask = pad_ids([train_ids[i] for i in index], pad_id)
-            yield {"input_ids": input_ids, "attention_mask": mask, "labels": torch.from_numpy(train.labels[index])}
+            yield {**collate([train_ids[i] for i in index]), "labels": torch.from_numpy(train.labels[index])}
 
-    tqdm.write(f"teacher: fine-tuning {cfg.teacher.base_model} on {len(train_ids)} labeled rows")
+    checkpoint = Checkpoint(path.with_name(f".{path.name}.checkpoint.pt"))  # beside the teacher, hidden
+    tqdm.write(f"teacher: fine-tuning {cfg.teacher.base_model} on {len(train_ids)} labeled rows ({device})")
     history = fit(
         model,
         trainable=[model],
@@ -100,12 +103,16 @@ def run_teacher_train(cfg: ExperimentConfig) -> TeacherResult:
         epoch_batches=epoch_batches,
         step_loss=lambda batch: model(**batch).loss,
         validate=lambda: classification_metrics(
-            predict_logits(model, val_ids, pad_id=pad_id), splits["validation"].labels
+            predict_logits(model, val_ids, collate=collate), splits["validation"].labels
         ),
         lr=cfg.teacher.learning_rate,
         weight_decay=cfg.teacher.weight_decay,
         warmup_ratio=cfg.teacher.warmup_ratio,
         desc="teacher",
+        device=device,
+        precision=resolve_precision(cfg.teacher.precision, device),
+        checkpoint=checkpoint,
+        checkpoint_steps=cfg.teacher.checkpoint_steps,
     )
     _save_atomically(model, tokenizer, path, record={
         "key": key,
@@ -113,6 +120,7 @@ def run_teacher_train(cfg: ExperimentConfig) -> TeacherResult:
         "labeled_rows": len(train_ids),
         "history": [dataclasses.asdict(h) for h in history],
     })  # fmt: skip
+    checkpoint.remove()
     best = max(h.validation_accuracy for h in history)
     print(f"trained teacher {key} at {path} (validation accuracy {best:.4f})")
     return TeacherResult(path, key, reused=False)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
+import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -12,18 +16,59 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
+from .runtime import CPU, autocast
+
 Batch = dict[str, torch.Tensor]
 
 
-def pad_ids(ids: list[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad token id arrays to the longest: input_ids and attention_mask, both (B, T)."""
-    longest = max(len(x) for x in ids)
-    input_ids = torch.full((len(ids), longest), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(ids), longest), dtype=torch.long)
-    for i, x in enumerate(ids):
-        input_ids[i, : len(x)] = torch.from_numpy(x.astype(np.int64))
-        mask[i, : len(x)] = 1
-    return input_ids, mask
+@dataclass(frozen=True)
+class Collator:
+    """Turns unpadded token id arrays into a model's inputs, right-padded to the longest row.
+
+    For models with segment embeddings (BERT's ``type_vocab_size`` > 1) it also derives
+    ``token_type_ids`` from the separator: 0 up to and including the first [SEP], 1 after,
+    which is what the tokenizer produces for a sentence pair and all zeros for one text.
+    """
+
+    pad_id: int
+    sep_id: int | None = None  # None: the model has no segment embeddings
+
+    @classmethod
+    def for_model(cls, tokenizer, model_config) -> Collator:
+        segments = getattr(model_config, "type_vocab_size", 1) > 1 and tokenizer.sep_token_id is not None
+        return cls(tokenizer.pad_token_id, tokenizer.sep_token_id if segments else None)
+
+    def __call__(self, ids: list[np.ndarray]) -> Batch:
+        """input_ids, attention_mask (and token_type_ids), each (B, T) int64."""
+        lengths = np.array([len(x) for x in ids])
+        input_ids = np.full((len(ids), lengths.max()), self.pad_id, dtype=np.int64)
+        mask = np.arange(lengths.max()) < lengths[:, None]
+        input_ids[mask] = np.concatenate(ids)
+        batch = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask.astype(np.int64))}
+        if self.sep_id is not None:
+            separators = input_ids == self.sep_id
+            segment = (np.cumsum(separators, axis=1) - separators) > 0  # a [SEP] lies before this position
+            batch["token_type_ids"] = torch.from_numpy((segment & mask).astype(np.int64))
+        return batch
+
+
+def token_budget_batches(lengths: np.ndarray, *, max_rows: int, max_tokens: int) -> list[np.ndarray]:
+    """Row indices sorted by length and cut into batches of at most ``max_rows`` rows and
+    ``max_tokens`` padded tokens (rows x longest row); a row longer than the budget goes alone.
+
+    The batches depend only on the lengths and the two limits, so a window of rows is
+    always cut the same way.
+    """
+    order = np.argsort(lengths, kind="stable")
+    batches, start = [], 0
+    while start < len(order):
+        end = start + 1
+        # sorted ascending, so the batch's longest row is its last
+        while end < len(order) and end - start < max_rows and (end + 1 - start) * lengths[order[end]] <= max_tokens:
+            end += 1
+        batches.append(order[start:end])
+        start = end
+    return batches
 
 
 def length_grouped_batches(
@@ -43,19 +88,21 @@ def length_grouped_batches(
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
 @torch.inference_mode()
-def predict_logits(model: nn.Module, ids: list[np.ndarray], *, pad_id: int, batch_size: int = 32) -> np.ndarray:
+def predict_logits(model: nn.Module, ids: list[np.ndarray], *, collate: Collator, batch_size: int = 32) -> np.ndarray:
     """Class logits (N, C) in input order; batches are formed from length-sorted rows."""
     model.eval()
+    device = next(model.parameters()).device
     order = np.argsort([len(x) for x in ids], kind="stable")
-    out = [None] * len(ids)
+    out = np.zeros((len(ids), model.config.num_labels), np.float32)
     for start in range(0, len(order), batch_size):
         index = order[start : start + batch_size]
-        input_ids, mask = pad_ids([ids[i] for i in index], pad_id)
-        logits = model(input_ids=input_ids, attention_mask=mask).logits.float().numpy()  # (B, C)
-        for row, i in enumerate(index):
-            out[i] = logits[row]
-    return np.stack(out)
+        out[index] = model(**to_device(collate([ids[i] for i in index]), device)).logits.float().cpu().numpy()
+    return out
 
 
 def classification_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
@@ -77,11 +124,11 @@ class Evaluation:
 
 
 def evaluate(
-    model: nn.Module, ids: list[np.ndarray], labels: np.ndarray, *, pad_id: int, batch_size: int = 32
+    model: nn.Module, ids: list[np.ndarray], labels: np.ndarray, *, collate: Collator, batch_size: int = 32
 ) -> Evaluation:
-    """Accuracy, macro-F1 and CPU inference throughput (examples/s at ``batch_size``)."""
+    """Accuracy, macro-F1 and inference throughput (examples/s at ``batch_size``)."""
     start = time.perf_counter()
-    logits = predict_logits(model, ids, pad_id=pad_id, batch_size=batch_size)
+    logits = predict_logits(model, ids, collate=collate, batch_size=batch_size)
     elapsed = time.perf_counter() - start
     metrics = classification_metrics(logits, labels)
     return Evaluation(metrics["accuracy"], metrics["macro_f1"], len(ids) / elapsed)
@@ -109,6 +156,48 @@ class EpochRecord:
     validation_macro_f1: float
 
 
+class Checkpoint:
+    """A training run's resumable state in one file, replaced atomically.
+
+    It holds the trainable modules, optimizer, schedule, loss scaler, RNG states, the
+    position (epoch, step within it), the history and the best weights so far. It is read
+    with ``torch.load(weights_only=True)``: tensors and plain containers only, no pickled code.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def load(self) -> dict | None:
+        if not self.path.exists():
+            return None
+        try:
+            return torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as e:  # a file that torch cannot read back is not a checkpoint we can trust
+            raise ValueError(f"checkpoint {self.path} is unreadable ({e}); delete it to start over") from None
+
+    def save(self, state: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
+        torch.save(state, tmp)
+        os.replace(tmp, self.path)
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 def fit(
     model: nn.Module,
     *,
@@ -122,33 +211,72 @@ def fit(
     weight_decay: float,
     warmup_ratio: float,
     desc: str,
+    device: torch.device = CPU,
+    precision: torch.dtype = torch.float32,
+    checkpoint: Checkpoint | None = None,
+    checkpoint_steps: int = 500,
 ) -> list[EpochRecord]:
     """Train for ``epochs``, validate after each, and leave ``model`` holding its best epoch's weights.
 
     Args:
         trainable: modules whose parameters the optimizer updates (the model, plus e.g. projections).
-        epoch_batches: the batches of epoch ``e``; each has "input_ids" (B, T).
-        step_loss: the scalar loss of one batch (the model's forward pass happens inside).
+        epoch_batches: the batches of epoch ``e``, the same each time it is called; each has
+            "input_ids" (B, T). A resumed run skips the batches the checkpoint had done.
+        step_loss: the scalar loss of one batch, already on ``device`` (the forward pass happens inside).
         validate: metrics on the validation split; the best "accuracy" is kept.
+        precision: autocast dtype on ``device``; float16 adds dynamic loss scaling.
+        checkpoint: where to save the state every ``checkpoint_steps`` steps and after every
+            epoch, and to resume from when it exists; the caller removes it once the result is saved.
     """
     optimizer, schedule = make_optimizer(
         trainable, lr=lr, weight_decay=weight_decay, total_steps=epochs * steps_per_epoch, warmup_ratio=warmup_ratio
     )
-    history, best_state, best_accuracy = [], None, -1.0
-    for epoch in range(epochs):
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == torch.float16)
+    history, best_state, best_accuracy, first_epoch, first_step = [], None, -1.0, 0, 0
+    saved = checkpoint.load() if checkpoint else None
+    if saved is not None:
+        for module, state in zip(trainable, saved["trainable"], strict=True):
+            module.load_state_dict(state)
+        optimizer.load_state_dict(saved["optimizer"])
+        schedule.load_state_dict(saved["schedule"])
+        scaler.load_state_dict(saved["scaler"])
+        _set_rng_state(saved["rng"])
+        history = [EpochRecord(**record) for record in saved["history"]]
+        best_state, best_accuracy = saved["best_state"], saved["best_accuracy"]
+        first_epoch, first_step = saved["epoch"], saved["step"]
+        tqdm.write(f"{desc}: resuming from {checkpoint.path} at epoch {first_epoch + 1}, step {first_step}")
+
+    def save(epoch: int, step: int, losses: list[float]) -> None:
+        checkpoint.save({
+            "trainable": [m.state_dict() for m in trainable], "optimizer": optimizer.state_dict(),
+            "schedule": schedule.state_dict(), "scaler": scaler.state_dict(), "rng": _rng_state(),
+            "history": [dataclasses.asdict(h) for h in history], "best_state": best_state,
+            "best_accuracy": best_accuracy, "epoch": epoch, "step": step, "losses": losses,
+        })  # fmt: skip
+
+    for epoch in range(first_epoch, epochs):
         model.train()
-        losses, seen, start = [], 0, time.perf_counter()
-        with tqdm(total=steps_per_epoch, desc=f"{desc} epoch {epoch + 1}/{epochs}", unit="step", leave=False) as bar:
-            for batch in epoch_batches(epoch):
-                loss = step_loss(batch)
-                loss.backward()
-                optimizer.step()
+        resumed = epoch == first_epoch and saved is not None
+        losses = list(saved["losses"]) if resumed else []
+        step = first_step if resumed else 0
+        seen, start = 0, time.perf_counter()
+        bar = tqdm(total=steps_per_epoch, initial=step, desc=f"{desc} epoch {epoch + 1}/{epochs}", unit="step",
+                   leave=False)  # fmt: skip
+        with bar:
+            for batch in itertools.islice(epoch_batches(epoch), step, None):
+                with autocast(device, precision):
+                    loss = step_loss(to_device(batch, device))
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
                 schedule.step()
                 optimizer.zero_grad(set_to_none=True)
                 losses.append(loss.item())
-                seen += len(batch["input_ids"])
+                seen, step = seen + len(batch["input_ids"]), step + 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}", ex_s=f"{seen / (time.perf_counter() - start):.0f}")
+                if checkpoint and step % checkpoint_steps == 0 and step < steps_per_epoch:
+                    save(epoch, step, losses)
         metrics = validate()
         history.append(EpochRecord(epoch + 1, float(np.mean(losses)), metrics["accuracy"], metrics["macro_f1"]))
         tqdm.write(
@@ -156,6 +284,8 @@ def fit(
         )
         if metrics["accuracy"] > best_accuracy:
             best_accuracy = metrics["accuracy"]
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        if checkpoint and epoch + 1 < epochs:
+            save(epoch + 1, 0, [])
     model.load_state_dict(best_state)
     return history

@@ -17,11 +17,11 @@ from cache_store import MANIFEST_NAME, Location, verify_cache
 CHILD = """
 import sys, time
 import pipeline.capture as capture
-forward = capture._teacher_outputs
+forward = capture.TeacherForward.__call__
 def slow(*args, **kwargs):
     time.sleep(float(sys.argv[1]))
     return forward(*args, **kwargs)
-capture._teacher_outputs = slow
+capture.TeacherForward.__call__ = slow
 from cli import app
 app(sys.argv[2:], standalone_mode=True)
 """

@@ -16,7 +16,7 @@ from pipeline.config import ConfigError
 from pipeline.distill import run_distill
 from pipeline.models import load_classifier
 from pipeline.teacher import run_teacher_train
-from pipeline.training import pad_ids
+from pipeline.training import Collator
 
 
 def test_teacher_is_trained_once_and_then_reused(config, capsys):
@@ -45,8 +45,8 @@ def test_cache_holds_exactly_what_the_live_teacher_computes(config, captured):
     rows = range(5)
     with torch.no_grad():
         for i in rows:
-            ids, mask = pad_ids([plan.token_ids["train"][i]], 0)
-            out = teacher(input_ids=ids, attention_mask=mask, output_hidden_states=True, output_attentions=True)
+            inputs = Collator(pad_id=0)([plan.token_ids["train"][i]])
+            out = teacher(**inputs, output_hidden_states=True, output_attentions=True)
             np.testing.assert_array_equal(data.rows.input_ids[i], plan.token_ids["train"][i])
             np.testing.assert_allclose(data.rows.logits[i], out.logits[0].numpy(), atol=1e-5)
             for k in (0, 2, 4):  # stored as float16
