@@ -33,9 +33,11 @@ def _load(config: Path, overrides: list[str], **shortcuts) -> ExperimentConfig:
 def _quiet_libraries() -> None:
     """Keep the terminal for kdcache's own progress bars: no library load reports or bars."""
     import datasets
+    import huggingface_hub.utils
     from transformers.utils import logging as hf_logging
 
     datasets.disable_progress_bars()
+    huggingface_hub.utils.disable_progress_bars()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -95,3 +96,14 @@ def test_two_uncoordinated_runs_of_one_key_leave_one_intact_cache(config_file, t
         assert run.returncode == 0, err.decode()
     assert files(tmp_path / "caches" / key) == expected
     assert verify_cache(Location(str(tmp_path / "caches" / key))) == {}
+
+
+def test_torchrun_ranks_write_the_same_cache_as_one_process(config_file, tmp_path, reference):
+    key, expected = reference
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "cli", "teacher-cache", "--config", str(config_file), "--json"]  # fmt: skip
+    run = subprocess.run(command, capture_output=True, timeout=180, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert run.returncode == 0, run.stderr.decode()[-2000:]
+    summaries = [json.loads(line) for line in run.stdout.decode().splitlines() if line.startswith("{")]
+    assert len(summaries) == 2 and all(s["complete"] and s["key"] == key for s in summaries)  # both ranks see it
+    assert files(tmp_path / "caches" / key) == expected

@@ -180,3 +180,25 @@ def test_dry_run_estimate_is_within_20_percent_of_the_real_cache(config):
     assert estimate.rows == manifest.rows and set(estimate.bytes_by_output) == {"rows", "hidden_states", "attentions"}
     assert abs(estimate.bytes - manifest.bytes) / manifest.bytes < 0.2
     assert estimate.seconds > 0
+
+
+def test_cache_rows_and_values_do_not_depend_on_the_batch_settings(config, tmp_path):
+    run_teacher_train(config)
+    caches = []
+    for name, batch_size, batch_tokens in (("bs8", 8, 8192), ("bs64", 64, 8192), ("budget", 64, 96)):
+        capture = dataclasses.replace(config.capture, batch_size=batch_size, batch_tokens=batch_tokens,
+                                      cache_root=str(tmp_path / name))  # fmt: skip
+        caches.append(open_cache(run_capture(dataclasses.replace(config, capture=capture)).location))
+    assert len({c.key for c in caches}) == 1  # batching is not part of what a cache is
+    wanted = [("hidden_states", k) for k in (0, 2, 4)] + [("attentions", k) for k in (2, 4)]
+    first, *others = caches
+    for split in ("train", "validation"):
+        expected = [first.read_shard(e, wanted) for e in first.shards(split)]
+        for other in others:
+            for want, got in zip(expected, [other.read_shard(e, wanted) for e in other.shards(split)], strict=True):
+                np.testing.assert_array_equal(got.rows.example_id, want.rows.example_id)
+                np.testing.assert_array_equal(got.rows.label, want.rows.label)
+                assert [x.tolist() for x in got.rows.input_ids] == [x.tolist() for x in want.rows.input_ids]
+                np.testing.assert_allclose(got.rows.logits, want.rows.logits, atol=1e-5)
+                for key in wanted:  # float16 storage: equal up to its rounding
+                    np.testing.assert_allclose(got.tensors[key], want.tensors[key], atol=1e-4, rtol=2e-3)
