@@ -270,8 +270,13 @@ def tensor_specs(cfg: ExperimentConfig, model_config) -> list[TensorSpec]:
     if capture.hidden_layers:
         shape = ("L", model_config.hidden_size)
         specs.append(TensorSpec(HIDDEN, tuple(capture.hidden_layers), shape, dtype=capture.hidden_dtype))
+    heads = model_config.num_attention_heads
+    if capture.attention_heads is not None and max(capture.attention_heads) >= heads:
+        raise ConfigError(
+            f"capture.attention_heads {list(capture.attention_heads)}: this teacher has heads 0..{heads - 1}"
+        )
     if capture.attention_layers:
-        shape = (model_config.num_attention_heads, "L", "L")
+        shape = (len(capture.attention_heads or range(heads)), "L", "L")
         specs.append(
             TensorSpec(
                 ATTENTION,

@@ -202,3 +202,21 @@ def test_cache_rows_and_values_do_not_depend_on_the_batch_settings(config, tmp_p
                 np.testing.assert_allclose(got.rows.logits, want.rows.logits, atol=1e-5)
                 for key in wanted:  # float16 storage: equal up to its rounding
                     np.testing.assert_allclose(got.tensors[key], want.tensors[key], atol=1e-4, rtol=2e-3)
+
+
+def test_capture_keeps_only_the_configured_attention_heads(config):
+    run_teacher_train(config)
+    full = open_cache(run_capture(config).location)
+    capture = dataclasses.replace(config.capture, attention_heads=(0, 2))
+    some = open_cache(run_capture(dataclasses.replace(config, capture=capture)).location)
+    assert some.key != full.key and some.manifest.tensor("attentions").example_shape == (2, "L", "L")
+    wanted = [("attentions", 4)]
+    everything, kept = (
+        full.read_shard(full.shards("train")[0], wanted),
+        some.read_shard(some.shards("train")[0], wanted),
+    )
+    for i in range(3):
+        expected = everything.example_tensor("attentions", 4, i)[[0, 2]]
+        np.testing.assert_array_equal(kept.example_tensor("attentions", 4, i), expected)
+    with pytest.raises(ConfigError, match=r"attention_heads \[0, 9\]: this teacher has heads 0..3"):
+        run_capture(dataclasses.replace(config, capture=dataclasses.replace(capture, attention_heads=(0, 9))))
