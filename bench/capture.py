@@ -51,7 +51,7 @@ def experiment(work: Path, args) -> Path:
     config = {
         "name": "bench-capture",
         "device": args.device,
-        "data": {"dataset": str(dataset), "max_examples": args.rows + 2, "test_size": 1, "validation_size": 1,
+        "data": {"dataset": str(dataset), "max_examples": args.rows + 1, "test_size": 1, "validation_size": 1,
                  "max_length": 128},
         "teacher": {"base_model": args.teacher, "fine_tune": False},
         "capture": {"hidden_layers": args.hidden_layers, "batch_size": args.batch_size,

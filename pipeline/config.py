@@ -99,7 +99,7 @@ class CaptureConfig:
     attention_dtype: str = "float16"
     attention_quantization: str | None = None  # "sqrt-uint8": round(255 * sqrt(p)), about 1/5 of float16
     precision: str = "auto"  # teacher forward: auto, float32, bfloat16 or float16 autocast (part of the key)
-    batch_size: int = 256  # most rows per batch
+    batch_size: int = 64  # most rows per batch (on a GPU, 256 or more)
     batch_tokens: int = 8192  # most padded tokens per batch (rows are length-sorted within each shard)
     shard_rows: int = 1024  # examples per shard, and the window rows are length-sorted within
     cache_root: str = "caches"  # caches live in <cache_root>/<key>/
