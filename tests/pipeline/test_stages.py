@@ -220,3 +220,26 @@ def test_capture_keeps_only_the_configured_attention_heads(config):
         np.testing.assert_array_equal(kept.example_tensor("attentions", 4, i), expected)
     with pytest.raises(ConfigError, match=r"attention_heads \[0, 9\]: this teacher has heads 0..3"):
         run_capture(dataclasses.replace(config, capture=dataclasses.replace(capture, attention_heads=(0, 9))))
+
+
+def test_sentence_pairs_train_and_capture_with_segment_ids(config_file, tmp_path):
+    import csv
+
+    import yaml
+
+    from pipeline.config import load_config
+
+    with open(tmp_path / "pairs.csv", "w", newline="") as f:  # does the second text agree with the first?
+        writer = csv.writer(f)
+        writer.writerow(["premise", "hypothesis", "label"])
+        for i in range(80):
+            first, second = ("great film", "lovely") if i % 2 else ("dull film", "boring")
+            writer.writerow([first, second if i % 4 < 2 else ("boring" if i % 2 else "lovely"), int(i % 4 < 2)])
+    (tmp_path / "pairs.yaml").write_text(yaml.safe_dump({
+        "path": str(tmp_path / "pairs.csv"), "text_columns": ["premise", "hypothesis"], "label_column": "label",
+    }))  # fmt: skip
+    cfg = load_config(config_file, [f"data.dataset={tmp_path / 'pairs.yaml'}"])
+    run_teacher_train(cfg)
+    cache = open_cache(run_capture(cfg).location)
+    ids = cache.read_shard(cache.shards("train")[0], []).rows.input_ids
+    assert all((x == 3).sum() == 2 for x in ids)  # [CLS] a [SEP] b [SEP]: both texts are in every row
