@@ -18,7 +18,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Knowledge di
 
 ConfigOption = typer.Option(DEFAULT_CONFIG, "--config", "-c", help="experiment YAML")
 MaxExamplesOption = typer.Option(None, "--max-examples", help="use only this many rows of the data set")
-SetOption = typer.Option([], "--set", help="override a config key: --set distill.loss.alpha=0.7 (repeatable)")
+SetOption = typer.Option([], "--set", help="override a config key: --set distill.epochs=5 (repeatable)")
 
 
 def _load(config: Path, overrides: list[str], **shortcuts) -> ExperimentConfig:
@@ -108,6 +108,10 @@ def distill(
     seeds: str | None = typer.Option(None, "--seeds", help="comma-separated seeds, e.g. 0,1,2"),
     baselines: bool | None = typer.Option(None, "--baselines/--no-baselines", help="also train no-KD baselines"),
     cache: str | None = typer.Option(None, "--cache", help="read this cache (path or URL) instead of the config's"),
+    online: bool = typer.Option(False, "--online", help="run the teacher live on every batch instead of a cache"),
+    resume: str | None = typer.Option(
+        None, "--resume", help="continue an interrupted run: its directory, or 'latest'", show_default=False
+    ),
     overrides: list[str] = SetOption,
 ) -> None:
     """Train the students from the cache, evaluate them beside the teacher, write the report."""
@@ -116,7 +120,9 @@ def distill(
     try:
         seed_list = yaml.safe_load(f"[{seeds}]") if seeds else None
         cfg = _load(config, overrides, max_examples=max_examples, seeds=seed_list, baselines=baselines)
-        result = run_distill(cfg, cache_location=cache)
+        if resume == "latest":
+            resume = str(Path(cfg.distill.run_root) / "latest")
+        result = run_distill(cfg, cache_location=cache, online=online, resume=resume)
     except (ConfigError, CacheError) as e:
         raise _fail(e) from None
     typer.echo(f"report: {result.run_dir / 'report.md'}")

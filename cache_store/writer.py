@@ -168,8 +168,8 @@ class BackgroundWriter:
         self._thread.start()
 
     def _run(self) -> None:
-        if hasattr(os, "SCHED_IDLE"):  # Linux: use only CPU time the caller's compute leaves idle
-            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        if hasattr(os, "setpriority"):  # yield the CPU to the caller's compute, without starving on a busy machine
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
         while (item := self._queue.get()) is not None:
             if self._error is None:  # after a failure, drain the queue without writing
                 try:

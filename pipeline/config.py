@@ -122,24 +122,58 @@ class CaptureConfig:
         )
 
 
-LOSS_ATTENTION_KINDS = ("kl", "mse")
+# The loss terms (pipeline/losses.py holds them): logits, hidden states, attention maps.
+LOSS_KINDS = ("kl", "logit_mse", "ce", "hidden_mse", "hidden_cosine", "cls_mse", "attention_mse", "attention_kl")
+MAPPINGS = ("auto", "uniform", "last")  # or explicit pairs in layer_map
 
 
 @dataclass(frozen=True)
-class LossConfig:
-    alpha: float = 0.5  # weight of KL(teacher/T || student/T) * T^2; (1 - alpha) goes to hard-label CE
-    temperature: float = 2.0
-    hidden_weight: float = 0.0  # MSE between mapped hidden states (learned projection when widths differ)
-    attention_weight: float = 0.0  # loss between mapped attention maps
-    attention_loss: str = "kl"  # kl or mse
+class LossTerm:
+    """One weighted term of a student's loss; weight and temperature may follow a linear schedule."""
+
+    kind: str  # one of LOSS_KINDS
+    weight: float = 1.0
+    weight_end: float | None = None  # linear from weight at the first step to weight_end at the last; None: constant
+    temperature: float = 2.0  # kl only: softmax temperature (the term is scaled by T^2)
+    temperature_end: float | None = None  # kl only: linear schedule, as weight_end
 
     def __post_init__(self):
-        _check(0 <= self.alpha <= 1, f"loss.alpha must be in [0, 1]; got {self.alpha!r}")
-        _check(self.temperature > 0, f"loss.temperature must be > 0; got {self.temperature!r}")
+        _check(self.kind in LOSS_KINDS, f"unknown loss kind {self.kind!r}; choose from {list(LOSS_KINDS)}")
+        _check(self.weight >= 0 and (self.weight_end or 0) >= 0, f"loss {self.kind}: weights must be >= 0")
         _check(
-            self.attention_loss in LOSS_ATTENTION_KINDS,
-            f"unknown loss.attention_loss {self.attention_loss!r}; choose from {list(LOSS_ATTENTION_KINDS)}",
+            self.temperature > 0 and (self.temperature_end is None or self.temperature_end > 0),
+            f"loss {self.kind}: temperature must be > 0; got {self.temperature!r}",
         )
+
+
+DEFAULT_LOSS = (LossTerm("kl", 0.5), LossTerm("ce", 0.5))
+
+
+@dataclass(frozen=True)
+class StudentArchitecture:
+    """A student built from a config: the teacher's model type at this size, randomly initialized."""
+
+    layers: int
+    hidden_size: int
+    heads: int
+    intermediate_size: int | None = None  # None: 4 x hidden_size
+
+    def __post_init__(self):
+        _check(self.layers >= 1 and self.heads >= 1, "student architecture needs layers >= 1 and heads >= 1")
+        _check(
+            self.hidden_size % self.heads == 0,
+            f"student architecture: hidden_size {self.hidden_size} must be a multiple of heads {self.heads}",
+        )
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """Train low-rank adapters (peft) instead of the full weights; the classifier head stays trainable."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ("query", "value")
 
 
 @dataclass(frozen=True)
@@ -147,29 +181,27 @@ class StudentConfig:
     name: str
     teacher_layers: tuple[int, ...] | None = None  # cut from these teacher layers (1..N), DistilBERT-style
     pretrained: str | None = None  # or start from this checkpoint (same tokenizer as the teacher)
-    layer_map: tuple[tuple[int, int], ...] | None = None  # (student layer, teacher layer); default: teacher_layers
+    architecture: StudentArchitecture | None = None  # or build this size from the teacher's config
+    mapping: str = "auto"  # auto (cut layers, else uniform), uniform, or last; layer_map overrides
+    layer_map: tuple[tuple[int, int], ...] | None = None  # explicit (student layer, teacher layer) pairs
+    loss: tuple[LossTerm, ...] | None = None  # this student's loss terms; None: distill.loss
     freeze_embeddings: bool = False  # keep the word embeddings fixed (faster steps on CPU)
+    freeze_layers: int = 0  # keep the first k transformer layers fixed
+    lora: LoraConfig | None = None  # train LoRA adapters through peft instead of the full weights
 
     def __post_init__(self):
+        given = [self.teacher_layers is not None, self.pretrained is not None, self.architecture is not None]
         _check(
-            (self.teacher_layers is None) != (self.pretrained is None),
-            f"student {self.name!r}: give exactly one of teacher_layers or pretrained",
+            sum(given) == 1, f"student {self.name!r}: give exactly one of teacher_layers, pretrained or architecture"
         )
-
-    @property
-    def mapping(self) -> tuple[tuple[int, int], ...]:
-        """(student layer, teacher layer) pairs for the intermediate losses."""
-        if self.layer_map is not None:
-            return self.layer_map
-        if self.teacher_layers is not None:
-            return tuple((i + 1, t) for i, t in enumerate(self.teacher_layers))
-        return ()
+        _check(self.mapping in MAPPINGS, f"student {self.name!r}: mapping must be one of {list(MAPPINGS)}")
+        _check(self.freeze_layers >= 0, f"student {self.name!r}: freeze_layers must be >= 0")
 
 
 @dataclass(frozen=True)
 class DistillConfig:
     students: tuple[StudentConfig, ...]
-    loss: LossConfig = field(default_factory=LossConfig)
+    loss: tuple[LossTerm, ...] = DEFAULT_LOSS  # the terms every student uses unless it names its own
     epochs: int = 3
     learning_rate: float = 1e-4
     batch_size: int = 32
@@ -177,6 +209,10 @@ class DistillConfig:
     warmup_ratio: float = 0.1
     seeds: tuple[int, ...] = (0,)  # each student (and baseline) is trained once per seed
     baselines: bool = True  # also train each student architecture on hard labels only
+    block_rows: int = 256  # rows read and shuffled together within a shard
+    buffer_rows: int = 1024  # shuffle buffer: its rows are batched by length, the batches shuffled
+    loader_workers: int = 0  # DataLoader worker processes (0: read in the training process)
+    checkpoint_steps: int = 200  # save a resumable checkpoint every this many steps (and after every epoch)
     run_root: str = "runs"  # each run writes <run_root>/<timestamp>-<name>/; <run_root>/latest points to it
 
     def __post_init__(self):
@@ -184,6 +220,10 @@ class DistillConfig:
         names = [s.name for s in self.students]
         _check(len(set(names)) == len(names), f"student names must be unique; got {names}")
         _check(len(self.seeds) > 0, "distill.seeds must list at least one seed")
+        _check(len(self.loss) > 0, "distill.loss must list at least one term")
+        for name in ("block_rows", "buffer_rows", "checkpoint_steps"):
+            _check(getattr(self, name) > 0, f"distill.{name} must be > 0; got {getattr(self, name)!r}")
+        _check(self.loader_workers >= 0, f"distill.loader_workers must be >= 0; got {self.loader_workers!r}")
 
 
 @dataclass(frozen=True)

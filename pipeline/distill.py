@@ -1,8 +1,16 @@
-"""Stage 2: train each student from the cached teacher outputs, plus a hard-label baseline."""
+"""Stage 2: train the students from the cached teacher outputs, plus their hard-label baselines.
+
+A run is a sequence of passes, one per seed and kind (distilled, then baselines). In a
+pass every student trains on the same streamed batches, so the cache is read once for
+all of them; each student has its own optimizer and random state, so it trains exactly as
+it would alone. A pass checkpoints as it goes; ``--resume`` continues an interrupted run
+at the step it reached, and skips the passes it had finished.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from dataclasses import dataclass
 from datetime import datetime
@@ -11,27 +19,31 @@ from pathlib import Path
 import torch
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import AutoConfig
+from transformers import AutoConfig, AutoModelForSequenceClassification
 
-from cache_store import Cache, CacheNotFoundError, Location, open_cache
+from cache_store import CacheNotFoundError, Location, open_cache
 
 from .capture import ATTENTION, HIDDEN, CachePlan, plan_cache, tokenizer_fingerprint
 from .config import ConfigError, ExperimentConfig, StudentConfig
 from .data import tokenize
-from .losses import ATTENTION_LOSSES, hard_label_ce, hidden_mse, logit_kl
+from .losses import ATTENTION_TERMS, HIDDEN_TERMS
 from .models import (
     count_parameters,
     cut_student,
     directory_bytes,
+    encoder_layers,
     load_classifier,
     load_tokenizer,
     model_dir,
     save_model,
 )
+from .objective import BASELINE_LOSS, Objective, layer_pairs
 from .report import ModelResult, write_report
-from .runtime import CPU, resolve_device
-from .streaming import CacheBatches
-from .training import Collator, classification_metrics, evaluate, fit, predict_logits
+from .runtime import resolve_device
+from .streaming import CacheSource, Select, StudentStream, TokenSource
+from .training import Checkpoint, Collator, Learner, classification_metrics, evaluate, fit, predict_logits
+
+CONFIG_RECORD = "config.json"
 
 
 @dataclass(frozen=True)
@@ -40,64 +52,207 @@ class RunResult:
     models: list[ModelResult]
 
 
-class Objective(nn.Module):
-    """The distillation loss of one student; owns the learned projections of hidden states.
-
-    alpha * KL(teacher/T || student/T) * T^2 + (1 - alpha) * CE(labels)
-      + hidden_weight * mean over mapped layers of MSE(proj(student_h), teacher_h)
-      + attention_weight * mean over mapped layers of KL or MSE of attention maps.
-    With ``kd=False`` it is the hard-label CE alone (the baseline).
-    """
-
-    def __init__(self, student: nn.Module, cfg: ExperimentConfig, spec: StudentConfig, *, teacher_width: int, kd: bool):
-        super().__init__()
-        self.student, self.loss, self.kd = student, cfg.distill.loss, kd
-        self.hidden_map = spec.mapping if kd and self.loss.hidden_weight > 0 else ()
-        self.attention_map = spec.mapping if kd and self.loss.attention_weight > 0 else ()
-        width = student.config.hidden_size
-        self.projections = nn.ModuleDict(
-            {
-                str(s): nn.Linear(width, teacher_width) if width != teacher_width else nn.Identity()
-                for s, _ in self.hidden_map
-            }
-        )
-
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        mask = batch["attention_mask"]  # (B, T)
-        out = self.student(
-            input_ids=batch["input_ids"],
-            attention_mask=mask,
-            output_hidden_states=bool(self.hidden_map),
-            output_attentions=bool(self.attention_map),
-        )
-        ce = hard_label_ce(out.logits, batch["labels"])  # logits (B, C)
-        if not self.kd:
-            return ce
-        kl = logit_kl(out.logits, batch["teacher_logits"], temperature=self.loss.temperature)
-        total = self.loss.alpha * kl + (1 - self.loss.alpha) * ce
-        for s, t in self.hidden_map:
-            projected = self.projections[str(s)](out.hidden_states[s])  # (B, T, H_teacher)
-            term = hidden_mse(projected, batch[f"{HIDDEN}/{t}"], mask)
-            total = total + self.loss.hidden_weight * term / len(self.hidden_map)
-        attention_loss = ATTENTION_LOSSES[self.loss.attention_loss]
-        for s, t in self.attention_map:
-            term = attention_loss(out.attentions[s - 1], batch[f"{ATTENTION}/{t}"], mask)  # (B, h, T, T)
-            total = total + self.loss.attention_weight * term / len(self.attention_map)
-        return total
-
-
-def run_distill(cfg: ExperimentConfig, *, cache_location: str | None = None) -> RunResult:
-    """Distill every configured student (for each seed) from the cache, evaluate all models, write the report.
+def run_distill(cfg: ExperimentConfig, *, cache_location: str | None = None, online: bool = False,
+                resume: str | Path | None = None, select: Select | None = None) -> RunResult:  # fmt: skip
+    """Distill every configured student (for each seed), evaluate all models, write the report.
 
     Args:
         cache_location: read this cache (a path or URL, e.g. a shared one) instead of the
             one the config's key names; it must hold the same data and tokenizer.
+        online: run the teacher live on every batch instead of reading a cache (the
+            batches are the same; for comparison, or when no cache can be made).
+        resume: a run directory to continue (its config must be this one).
+        select: sample selection over the cached teacher statistics (rows to stream).
 
     Raises:
         ConfigError: no cache for this config, a cache of other data or another tokenizer,
-            or a student that does not fit the cache.
+            a student that does not fit the cache, or a resumed run of another config.
     """
     plan = plan_cache(cfg)
+    teacher_depth = AutoConfig.from_pretrained(str(plan.teacher_path)).num_hidden_layers
+    if online:
+        if select is not None:
+            raise ConfigError("sample selection reads cached teacher statistics; it cannot run with --online")
+        train = plan.splits["train"]
+        source = TokenSource(plan.token_ids["train"], train.labels, train.example_id, shard_rows=cfg.capture.shard_rows)
+        stored, cache_key = None, None
+        tqdm.write("distill: the teacher runs live on every batch (--online)")
+    else:
+        cache = _open_checked(plan, cache_location)
+        source, cache_key = CacheSource(cache, "train"), cache.key
+        stored = {spec.name: spec.layers for spec in cache.manifest.tensors}
+    for spec in cfg.distill.students:
+        check_student_fits(cfg, spec, teacher_depth, stored, plan)
+    run_dir = _resume_dir(cfg, resume) if resume else _new_run_dir(cfg)
+    _point_latest(run_dir)
+    tokenizer = load_tokenizer(plan.teacher_path)
+    test_ids = tokenize(tokenizer, plan.splits["test"], max_length=cfg.data.max_length)
+    test_labels = plan.splits["test"].labels
+    device = resolve_device(cfg.device)
+
+    def evaluated(model, name, role, seed, directory, baseline=None) -> ModelResult:
+        result = evaluate(model.to(device), test_ids, test_labels, collate=Collator.for_model(tokenizer, model.config))
+        tqdm.write(f"{name} ({role}, seed {seed}): test accuracy {result.accuracy:.4f}")
+        return ModelResult(name=name, role=role, seed=seed, accuracy=result.accuracy, macro_f1=result.macro_f1,
+                           params=count_parameters(model), size_bytes=directory_bytes(directory),
+                           examples_per_s=result.examples_per_s, path=str(directory), baseline=baseline)  # fmt: skip
+
+    teacher = load_classifier(plan.teacher_path)
+    results = [evaluated(teacher, "teacher", "teacher", cfg.seed, plan.teacher_path)]
+    live = LiveTeacher(teacher.to(device).eval()) if online else None
+    if not online:
+        del teacher
+    for seed in cfg.distill.seeds:
+        for kd in (True, False) if cfg.distill.baselines else (True,):
+            name = f"seed{seed}-{'distilled' if kd else 'baselines'}"
+            record = run_dir / "passes" / f"{name}.json"
+            if record.exists():  # finished before the run was interrupted
+                results += [ModelResult(**r) for r in json.loads(record.read_text())]
+                continue
+            students = train_pass(cfg, plan, source, run_dir, name, seed=seed, kd=kd, tokenizer=tokenizer,
+                                  device=device, teacher_depth=teacher_depth, live=live, select=select)  # fmt: skip
+            done = []
+            for spec, student in zip(cfg.distill.students, students, strict=True):
+                model_name = spec.name if kd else f"{spec.name}-no-kd"
+                directory = run_dir / "models" / f"{model_name}-seed{seed}"
+                save_model(student, tokenizer, directory)
+                baseline = f"{spec.name}-no-kd" if kd and cfg.distill.baselines else None
+                done.append(evaluated(student, model_name, "student" if kd else "baseline", seed, directory, baseline))
+            record.parent.mkdir(exist_ok=True)
+            record.write_text(json.dumps([dataclasses.asdict(r) for r in done], indent=1))
+            Checkpoint(run_dir / "checkpoints" / f"{name}.pt").remove()
+            results += done
+    write_report(run_dir, results, config=dataclasses.asdict(cfg), cache_key=cache_key)
+    return RunResult(run_dir, results)
+
+
+def train_pass(cfg: ExperimentConfig, plan: CachePlan, source, run_dir: Path, name: str, *, seed: int, kd: bool,
+               tokenizer, device: torch.device, teacher_depth: int, live: LiveTeacher | None = None,
+               select: Select | None = None) -> list[nn.Module]:  # fmt: skip
+    """Train every student (kd) or every baseline (not kd) of one seed on one stream of batches.
+
+    Returns the students, each holding its best validation epoch's weights.
+    """
+    students, objectives = [], []
+    for spec in cfg.distill.students:
+        torch.manual_seed(seed)
+        terms = (spec.loss or cfg.distill.loss) if kd else BASELINE_LOSS
+        wants_attention = any(t.kind in ATTENTION_TERMS for t in terms)
+        student = build_student(spec, plan, attention_maps=wants_attention).to(device)
+        pairs = layer_pairs(spec, student.config.num_hidden_layers, teacher_depth)
+        teacher_width = AutoConfig.from_pretrained(str(plan.teacher_path)).hidden_size
+        students.append(student)
+        objectives.append(Objective(student, terms, pairs, teacher_width=teacher_width).to(device))
+    wanted = sorted({w for objective in objectives for w in objective.wanted})
+    collate = Collator.for_model(tokenizer, students[0].config)
+    stream = StudentStream(source, collate=collate, batch_size=cfg.distill.batch_size, seed=seed,
+                           wanted=wanted if live is None else [],  # the live teacher adds them to each batch
+                           labeled_only=not kd, select=select, block_rows=cfg.distill.block_rows,
+                           buffer_rows=cfg.distill.buffer_rows)  # fmt: skip
+    total = cfg.distill.epochs * len(stream)
+    val_ids, val_labels = plan.token_ids["validation"], plan.splits["validation"].labels
+
+    def learner(spec: StudentConfig, student: nn.Module, objective: Objective) -> Learner:
+        return Learner(
+            name=spec.name if kd else f"{spec.name}-no-kd",
+            model=student,
+            trainable=[objective],
+            step_loss=lambda batch, step: objective(batch, progress=step / max(total - 1, 1)),
+            validate=lambda: classification_metrics(predict_logits(student, val_ids, collate=collate), val_labels),
+            lr=cfg.distill.learning_rate,
+            weight_decay=cfg.distill.weight_decay,
+            warmup_ratio=cfg.distill.warmup_ratio,
+            seed=seed,
+        )
+
+    def epoch_batches(epoch: int, start: int):
+        loader = stream.loader(epoch, start, workers=cfg.distill.loader_workers, pin_memory=device.type == "cuda")
+        return loader if live is None else (live.annotate(batch, wanted) for batch in loader)
+
+    fit(
+        [learner(*args) for args in zip(cfg.distill.students, students, objectives, strict=True)],
+        epochs=cfg.distill.epochs,
+        steps_per_epoch=len(stream),
+        epoch_batches=epoch_batches,
+        desc=f"{name} ({len(students)} student{'s' if len(students) > 1 else ''})",
+        device=device,
+        checkpoint=Checkpoint(run_dir / "checkpoints" / f"{name}.pt"),
+        checkpoint_steps=cfg.distill.checkpoint_steps,
+        log_dir=run_dir / "tensorboard" / name,
+    )
+    return [_merged(student) for student in students]
+
+
+class LiveTeacher:
+    """The teacher in eval mode, adding to each batch what a cache would hold (float32, padded)."""
+
+    def __init__(self, model: nn.Module):
+        self.model, self.device = model, next(model.parameters()).device
+
+    @torch.no_grad()
+    def annotate(self, batch: dict[str, torch.Tensor], wanted: list[tuple[str, int]]) -> dict[str, torch.Tensor]:
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+        needs_attention = any(name == ATTENTION for name, _ in wanted)
+        if needs_attention and self.model.config._attn_implementation != "eager":
+            self.model.set_attn_implementation("eager")
+        out = self.model(**inputs, output_hidden_states=True, output_attentions=needs_attention)
+        batch["teacher_logits"] = out.logits.float()
+        for name, layer in wanted:
+            value = out.hidden_states[layer] if name == HIDDEN else out.attentions[layer - 1]
+            batch[f"{name}/{layer}"] = value.float() * _padding_zeroed(batch["attention_mask"], name)
+        return batch
+
+
+def _padding_zeroed(mask: torch.Tensor, name: str) -> torch.Tensor:
+    """A multiplier that zeroes padded positions, as the cache's zero padding does: (B, T, 1) or (B, 1, T, T)."""
+    mask = mask.float()
+    return mask[:, :, None] if name == HIDDEN else (mask[:, :, None] * mask[:, None, :])[:, None]
+
+
+def build_student(spec: StudentConfig, plan: CachePlan, *, attention_maps: bool) -> nn.Module:
+    """The student's initial model: cut from teacher layers, a pretrained checkpoint, or a new
+    model of the teacher's type at the configured size; then frozen parts and LoRA applied."""
+    num_labels = len(plan.splits["train"].label_names)
+    if spec.teacher_layers is not None:
+        student = cut_student(load_classifier(plan.teacher_path), spec.teacher_layers)
+    elif spec.pretrained is not None:
+        student = load_classifier(model_dir(spec.pretrained), num_labels=num_labels)
+    else:
+        arch = spec.architecture
+        config = AutoConfig.from_pretrained(
+            str(plan.teacher_path), num_hidden_layers=arch.layers, hidden_size=arch.hidden_size,
+            num_attention_heads=arch.heads, intermediate_size=arch.intermediate_size or 4 * arch.hidden_size,
+            num_labels=num_labels,
+        )  # fmt: skip
+        student = AutoModelForSequenceClassification.from_config(config, attn_implementation="sdpa")
+    student.set_attn_implementation("eager" if attention_maps else "sdpa")  # sdpa returns no attention maps
+    if spec.freeze_embeddings:
+        student.get_input_embeddings().weight.requires_grad_(False)
+    for layer in encoder_layers(student)[: spec.freeze_layers]:
+        layer.requires_grad_(False)
+    if spec.lora is not None:
+        student = _with_lora(student, spec)
+    return student
+
+
+def _with_lora(student: nn.Module, spec: StudentConfig) -> nn.Module:
+    try:
+        from peft import LoraConfig, TaskType, get_peft_model
+    except ImportError:
+        raise ConfigError(f"student {spec.name!r} asks for LoRA: install peft (pip install 'kdcache[lora]')") from None
+    lora = spec.lora
+    config = LoraConfig(task_type=TaskType.SEQ_CLS, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=list(lora.target_modules))  # fmt: skip
+    return get_peft_model(student, config)
+
+
+def _merged(student: nn.Module) -> nn.Module:
+    """A LoRA student with its adapters merged into the weights (a plain model); others as they are."""
+    return student.merge_and_unload() if hasattr(student, "merge_and_unload") else student
+
+
+def _open_checked(plan: CachePlan, cache_location: str | None):
     location = Location(cache_location) if cache_location else plan.location
     try:
         cache = open_cache(location)
@@ -107,105 +262,10 @@ def run_distill(cfg: ExperimentConfig, *, cache_location: str | None = None) -> 
         ) from None
     tqdm.write(f"distill: reading cache {cache.key} ({cache.manifest.rows} rows, {cache.manifest.bytes / 1e6:.1f} MB)")
     check_cache_matches(plan, cache)
-    for spec in cfg.distill.students:
-        check_student_fits(cfg, spec, cache)
-    run_dir = _new_run_dir(cfg)
-    tokenizer = load_tokenizer(plan.teacher_path)
-    test_ids = tokenize(tokenizer, plan.splits["test"], max_length=cfg.data.max_length)
-    test_labels = plan.splits["test"].labels
-    device = resolve_device(cfg.device)
-
-    def evaluated(model, name, role, seed, directory, baseline=None) -> ModelResult:
-        collate = Collator.for_model(tokenizer, model.config)
-        result = evaluate(model.to(device), test_ids, test_labels, collate=collate)
-        tqdm.write(f"{name} ({role}, seed {seed}): test accuracy {result.accuracy:.4f}")
-        return ModelResult(name=name, role=role, seed=seed, accuracy=result.accuracy, macro_f1=result.macro_f1,
-                           params=count_parameters(model), size_bytes=directory_bytes(directory),
-                           examples_per_s=result.examples_per_s, path=str(directory), baseline=baseline)  # fmt: skip
-
-    teacher = load_classifier(plan.teacher_path)
-    results = [evaluated(teacher, "teacher", "teacher", cfg.seed, plan.teacher_path)]
-    del teacher
-    for spec in cfg.distill.students:
-        for seed in cfg.distill.seeds:
-            baseline_name = f"{spec.name}-no-kd"
-            for kd in (True, False) if cfg.distill.baselines else (True,):
-                name = spec.name if kd else baseline_name
-                directory = run_dir / "models" / f"{name}-seed{seed}"
-                student = train_student(cfg, spec, cache, plan, seed=seed, kd=kd, tokenizer=tokenizer, device=device)
-                save_model(student, tokenizer, directory)
-                if kd:
-                    results.append(evaluated(student, name, "student", seed, directory,
-                                             baseline_name if cfg.distill.baselines else None))  # fmt: skip
-                else:
-                    results.append(evaluated(student, name, "baseline", seed, directory))
-    write_report(run_dir, results, config=dataclasses.asdict(cfg), cache_key=cache.key)
-    _point_latest(run_dir)
-    return RunResult(run_dir, results)
+    return cache
 
 
-def build_student(cfg: ExperimentConfig, spec: StudentConfig, plan: CachePlan, *, kd: bool) -> nn.Module:
-    """The student's initial model: teacher layers cut out, or a pretrained checkpoint."""
-    num_labels = len(plan.splits["train"].label_names)
-    if spec.teacher_layers is not None:
-        student = cut_student(load_classifier(plan.teacher_path), spec.teacher_layers)
-    else:
-        student = load_classifier(model_dir(spec.pretrained), num_labels=num_labels)
-    wants_attention = kd and cfg.distill.loss.attention_weight > 0
-    student.set_attn_implementation("eager" if wants_attention else "sdpa")  # sdpa returns no attention maps
-    if spec.freeze_embeddings:
-        student.get_input_embeddings().weight.requires_grad_(False)
-    return student
-
-
-def train_student(
-    cfg: ExperimentConfig,
-    spec: StudentConfig,
-    cache: Cache,
-    plan: CachePlan,
-    *,
-    seed: int,
-    kd: bool,
-    tokenizer,
-    device: torch.device = CPU,
-) -> nn.Module:
-    """Train one student (kd) or its hard-label baseline (not kd); returns the best-validation model."""
-    torch.manual_seed(seed)
-    student = build_student(cfg, spec, plan, kd=kd)
-    collate = Collator.for_model(tokenizer, student.config)
-    teacher_width = (
-        cache.manifest.tensor(HIDDEN).example_shape[-1] if _has(cache, HIDDEN) else student.config.hidden_size
-    )
-    objective = Objective(student, cfg, spec, teacher_width=teacher_width, kd=kd).to(device)
-    batches = CacheBatches(
-        cache,
-        "train",
-        batch_size=cfg.distill.batch_size,
-        seed=seed,
-        collate=collate,
-        hidden_layers=sorted({t for _, t in objective.hidden_map}),
-        attention_layers=sorted({t for _, t in objective.attention_map}),
-        labeled_only=not kd,
-    )
-    val_ids, val_labels = plan.token_ids["validation"], plan.splits["validation"].labels
-    fit(
-        student,
-        trainable=[objective],
-        epochs=cfg.distill.epochs,
-        steps_per_epoch=len(batches),
-        epoch_batches=batches.epoch,
-        step_loss=objective,
-        validate=lambda: classification_metrics(predict_logits(student, val_ids, collate=collate), val_labels),
-        lr=cfg.distill.learning_rate,
-        weight_decay=cfg.distill.weight_decay,
-        warmup_ratio=cfg.distill.warmup_ratio,
-        desc=f"{spec.name}{'' if kd else '-no-kd'} seed {seed}",
-        device=device,
-    )
-    return student
-
-
-def check_cache_matches(plan: CachePlan, cache: Cache) -> None:
+def check_cache_matches(plan: CachePlan, cache) -> None:
     """Refuse a cache made from other data, or whose token ids come from another tokenizer."""
     recorded = cache.manifest.metadata
     if recorded.get("data_fingerprint") != plan.data_fingerprint:
@@ -220,45 +280,46 @@ def check_cache_matches(plan: CachePlan, cache: Cache) -> None:
         )
 
 
-def check_student_fits(cfg: ExperimentConfig, spec: StudentConfig, cache: Cache) -> None:
-    """Refuse a student whose tokenizer differs from the cache's, or whose layer mapping needs
-    teacher layers the cache does not hold."""
+def check_student_fits(cfg: ExperimentConfig, spec: StudentConfig, teacher_depth: int,
+                       stored: dict[str, tuple[int, ...]] | None, plan: CachePlan) -> None:  # fmt: skip
+    """Refuse a student whose tokenizer differs from the teacher's, or whose layer mapping
+    needs layers outside the student or teacher tensors the cache does not hold (``stored``:
+    tensor name -> layers; None when the teacher runs live)."""
     if spec.pretrained is not None:
         theirs = tokenizer_fingerprint(load_tokenizer(model_dir(spec.pretrained)))
-        ours = cache.manifest.metadata.get("tokenizer_fingerprint")
-        if theirs != ours:
+        if theirs != plan.tokenizer_fingerprint:
             raise ConfigError(
-                f"student {spec.name!r}: the tokenizer of {spec.pretrained} differs from the one cache "
-                f"{cache.key} was made with (vocabulary fingerprint {theirs} vs {ours}); "
+                f"student {spec.name!r}: the tokenizer of {spec.pretrained} differs from the one the teacher's "
+                f"token ids come from (vocabulary fingerprint {theirs} vs {plan.tokenizer_fingerprint}); "
                 "the cached token ids would mean other tokens to it"
             )
-    loss = cfg.distill.loss
     if spec.teacher_layers is not None:
         depth = len(spec.teacher_layers)
+    elif spec.architecture is not None:
+        depth = spec.architecture.layers
     else:
         depth = AutoConfig.from_pretrained(str(model_dir(spec.pretrained))).num_hidden_layers
-    for name, weight, low in ((HIDDEN, loss.hidden_weight, 0), (ATTENTION, loss.attention_weight, 1)):
-        if weight <= 0:
+    kinds = {t.kind for t in spec.loss or cfg.distill.loss}
+    pairs = layer_pairs(spec, depth, teacher_depth)
+    for name, family, low in ((HIDDEN, HIDDEN_TERMS, 0), (ATTENTION, ATTENTION_TERMS, 1)):
+        if not kinds & set(family):
             continue
-        if not spec.mapping:
+        if not pairs:
             raise ConfigError(f"student {spec.name!r}: {name} loss needs a layer_map (student layer, teacher layer)")
-        bad = sorted({s for s, _ in spec.mapping if not low <= s <= depth})
+        bad = sorted({s for s, _ in pairs if not low <= s <= depth})
         if bad:
             raise ConfigError(
                 f"student {spec.name!r}: layer_map student layers {bad} outside {low}..{depth} for {name}"
             )
-        stored = cache.manifest.tensor(name).layers if _has(cache, name) else ()
-        missing = sorted({t for _, t in spec.mapping} - set(stored))
+        if stored is None:
+            continue
+        missing = sorted({t for _, t in pairs} - set(stored.get(name, ())))
         if missing:
             what = "hidden_layers" if name == HIDDEN else "attention_layers"
             raise ConfigError(
                 f"student {spec.name!r} maps to teacher layers {missing}, but the cache stores {name} "
-                f"for {list(stored)}; add them to capture.{what}"
+                f"for {list(stored.get(name, ()))}; add them to capture.{what}"
             )
-
-
-def _has(cache: Cache, name: str) -> bool:
-    return any(spec.name == name for spec in cache.manifest.tensors)
 
 
 def _new_run_dir(cfg: ExperimentConfig) -> Path:
@@ -269,10 +330,23 @@ def _new_run_dir(cfg: ExperimentConfig) -> Path:
         run_dir = root / f"{stamp}-{cfg.name}{f'-{attempt}' if attempt else ''}"
         try:
             run_dir.mkdir()
-            return run_dir
         except FileExistsError:
             continue
+        (run_dir / CONFIG_RECORD).write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+        return run_dir
     raise ConfigError(f"cannot make a new run directory under {root}")
+
+
+def _resume_dir(cfg: ExperimentConfig, resume: str | Path) -> Path:
+    """The run directory to continue; refuses one that was started with another config."""
+    run_dir = Path(resume)
+    record = run_dir / CONFIG_RECORD
+    if not record.exists():
+        raise ConfigError(f"--resume {run_dir}: not a distill run directory (no {CONFIG_RECORD})")
+    if json.loads(record.read_text()) != json.loads(json.dumps(dataclasses.asdict(cfg))):
+        raise ConfigError(f"--resume {run_dir}: that run was started with another config; resume it with the same one")
+    tqdm.write(f"distill: resuming run {run_dir}")
+    return run_dir.resolve()
 
 
 def _point_latest(run_dir: Path) -> None:

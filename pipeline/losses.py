@@ -1,4 +1,8 @@
-"""Distillation loss terms. Each takes (student, teacher[, mask]) tensors and returns a scalar."""
+"""Distillation loss terms. Each takes (student, teacher[, mask]) tensors and returns a scalar.
+
+The registries at the bottom name every term a config can ask for (``LossTerm.kind``),
+grouped by what they compare: logits, hidden states, attention maps.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +21,11 @@ def logit_kl(student: torch.Tensor, teacher: torch.Tensor, *, temperature: float
     log_p_student = F.log_softmax(student / temperature, dim=-1)
     log_p_teacher = F.log_softmax(teacher / temperature, dim=-1)
     return F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="batchmean") * temperature**2
+
+
+def logit_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean squared error between raw logits (B, C), averaged over rows and classes."""
+    return F.mse_loss(student, teacher)
 
 
 def hard_label_ce(student: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -38,6 +47,27 @@ def hidden_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor)
     """
     mask = mask.unsqueeze(-1).to(student.dtype)  # (B, T, 1)
     return ((student - teacher) ** 2 * mask).sum() / (mask.sum() * student.shape[-1])
+
+
+def hidden_cosine(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """1 - cosine similarity of each real token's hidden vectors, averaged (DistilBERT's cosine loss).
+
+    Args:
+        student: projected student hidden states (B, T, H); teacher: (B, T, H); mask: (B, T), 1 = real token.
+    """
+    cosine = F.cosine_similarity(student, teacher, dim=-1)  # (B, T)
+    mask = mask.to(cosine.dtype)
+    return ((1 - cosine) * mask).sum() / mask.sum()
+
+
+def cls_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Squared distance between the L2-normalized first-token ([CLS]) vectors, averaged over the batch (BERT-PKD).
+
+    Args:
+        student: projected student hidden states (B, T, H); teacher: (B, T, H); mask unused (the first token is real).
+    """
+    s, t = F.normalize(student[:, 0], dim=-1), F.normalize(teacher[:, 0], dim=-1)  # (B, H)
+    return ((s - t) ** 2).sum(-1).mean()
 
 
 def attention_kl(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -72,4 +102,6 @@ def _match_heads(student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Te
     return student, teacher
 
 
-ATTENTION_LOSSES = {"kl": attention_kl, "mse": attention_mse}
+LOGIT_TERMS = ("kl", "logit_mse", "ce")  # computed from the logits, in Objective
+HIDDEN_TERMS = {"hidden_mse": hidden_mse, "hidden_cosine": hidden_cosine, "cls_mse": cls_mse}
+ATTENTION_TERMS = {"attention_mse": attention_mse, "attention_kl": attention_kl}

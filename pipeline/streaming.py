@@ -1,68 +1,186 @@
-"""Batches for students, streamed from a cache shard by shard (the teacher is never loaded)."""
+"""Batches for students, streamed from a cache (or, with --online, from the tokenized data).
+
+An epoch's batches are planned before anything is read, from each shard's row count and
+row statistics alone, deterministically from ``(seed, epoch)``:
+
+1. under torchrun, rank r owns every world-th shard; each rank shuffles its shards;
+2. within a shard the selected rows are cut into blocks of ``block_rows``, and the
+   blocks shuffled;
+3. the rows then pass through a shuffle buffer of ``buffer_rows`` (never across a shard's
+   end): each buffer's rows are grouped by length into batches (little padding) and the
+   batches shuffled.
+
+Every rank gets the same number of batches (the fewest any rank has), as DDP needs. The
+plan is a list, so a resumed run starts at its batch number without reading what came
+before, and DataLoader workers each build every W-th batch: the order is the plan's,
+whatever the number of workers. Reads are whole shards, sequential and verified; each
+worker keeps the shard it is on.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from cache_store import Cache
+from cache_store import Cache, ShardData, ShardRows
 
-from .capture import ATTENTION, HIDDEN
+from .capture import HIDDEN
 from .data import UNLABELED
 from .training import Batch, Collator, length_grouped_batches
 
 
-class CacheBatches:
-    """Shuffled, padded batches of one cache split with the teacher outputs a student needs.
+@dataclass(frozen=True)
+class TeacherStats:
+    """Per-row teacher statistics of one shard, for sample selection."""
 
-    Shards are read whole, one at a time, in an order shuffled from ``(seed, epoch)``;
-    within a shard, rows of similar length are batched together and the batches shuffled.
-    A run is therefore reproducible, and reads are sequential.
+    labels: np.ndarray  # (N,) UNLABELED where hidden
+    confidence: np.ndarray  # (N,) the teacher's top probability
+    margin: np.ndarray  # (N,) top probability minus the second
+    entropy: np.ndarray  # (N,) of the teacher's distribution, in nats
+    correct: np.ndarray  # (N,) bool: the teacher's top class is the label (False when unlabeled)
 
-    Args:
-        hidden_layers, attention_layers: teacher layers whose tensors each batch carries.
-        labeled_only: skip unlabeled rows (for the hard-label baseline).
-    """
+    @classmethod
+    def from_logits(cls, logits: np.ndarray, labels: np.ndarray) -> TeacherStats:
+        z = logits - logits.max(-1, keepdims=True)
+        p = np.exp(z) / np.exp(z).sum(-1, keepdims=True)  # (N, C)
+        top = np.sort(p, axis=-1)[:, ::-1]
+        entropy = -(p * np.log(np.clip(p, 1e-12, None))).sum(-1)
+        second = top[:, 1] if p.shape[1] > 1 else np.zeros(len(p))
+        return cls(labels, top[:, 0], top[:, 0] - second, entropy, logits.argmax(-1) == labels)
 
-    def __init__(self, cache: Cache, split: str, *, batch_size: int, seed: int, collate: Collator,
-                 hidden_layers=(), attention_layers=(), labeled_only: bool = False):  # fmt: skip
-        self.cache, self.split, self.batch_size, self.seed, self.collate = cache, split, batch_size, seed, collate
-        self.wanted = [(HIDDEN, k) for k in hidden_layers] + [(ATTENTION, k) for k in attention_layers]
-        self.labeled_only = labeled_only
-        if labeled_only:  # count the labeled rows of each shard once
-            rows = [int((d.rows.label != UNLABELED).sum()) for d in self.cache.iter_shards(split)]
-        else:
-            rows = [entry.rows for entry in self.cache.shards(split)]
-        self._batches = sum(-(-n // batch_size) for n in rows)  # one short batch at most per shard
+
+Select = Callable[[TeacherStats], np.ndarray]  # a boolean mask of the rows to stream
+
+
+class CacheSource:
+    """Shards of one cache split: their row counts, row statistics, and the shards themselves."""
+
+    def __init__(self, cache: Cache, split: str):
+        self.cache, self.split = cache, split
+        self.entries = cache.shards(split)
 
     def __len__(self) -> int:
-        return self._batches
+        return len(self.entries)
 
-    def _shard_batches(self, data, rng: np.random.Generator) -> list[np.ndarray]:
-        rows = np.flatnonzero(data.rows.label != UNLABELED) if self.labeled_only else np.arange(len(data.rows))
-        lengths = np.array([len(data.rows.input_ids[i]) for i in rows])
-        return [rows[b] for b in length_grouped_batches(lengths, self.batch_size, rng, window=len(rows) or 1)]
+    def rows(self, shard: int) -> ShardRows:
+        return self.cache.read_shard(self.entries[shard], []).rows
 
-    def epoch(self, epoch: int) -> Iterator[Batch]:
-        rng = np.random.default_rng([self.seed, epoch])
-        shards = self.cache.shards(self.split)
-        for shard_index in rng.permutation(len(shards)):
-            data = self.cache.read_shard(shards[shard_index], self.wanted)
-            for rows in self._shard_batches(data, rng):
-                yield self._collate(data, rows)
+    def read(self, shard: int, wanted: list[tuple[str, int]]) -> ShardData:
+        return self.cache.read_shard(self.entries[shard], wanted)
 
-    def _collate(self, data, rows: np.ndarray) -> Batch:
+
+class TokenSource:
+    """The same shard layout over tokenized rows, without teacher outputs (the teacher runs live)."""
+
+    def __init__(self, ids: list[np.ndarray], labels: np.ndarray, example_id: np.ndarray, *, shard_rows: int):
+        self.ids, self.labels, self.example_id, self.shard_rows = ids, labels, example_id, shard_rows
+
+    def __len__(self) -> int:
+        return -(-len(self.ids) // self.shard_rows)
+
+    def rows(self, shard: int) -> ShardRows:
+        part = slice(shard * self.shard_rows, (shard + 1) * self.shard_rows)
+        ids = self.ids[part]
+        return ShardRows(self.example_id[part], ids, self.labels[part], np.zeros((len(ids), 0), np.float32))
+
+    def read(self, shard: int, wanted: list[tuple[str, int]]) -> ShardData:
+        return ShardData(rows=self.rows(shard), tensors={}, offsets={}, specs={})
+
+
+class StudentStream(IterableDataset):
+    """The planned batches of one split (see the module docstring), as a torch IterableDataset.
+
+    Args:
+        wanted: the teacher tensors each batch carries, (name, layer), padded to the batch.
+        labeled_only: stream labeled rows only (the hard-label baseline).
+        select: sample selection over the teacher's row statistics; None streams every row.
+        rank, world: this process's part under torchrun.
+    """
+
+    def __init__(self, source: CacheSource | TokenSource, *, collate: Collator, batch_size: int, seed: int,
+                 wanted: list[tuple[str, int]] = (), labeled_only: bool = False, select: Select | None = None,
+                 block_rows: int = 256, buffer_rows: int = 1024, rank: int = 0, world: int = 1):  # fmt: skip
+        self.source, self.collate, self.batch_size, self.seed = source, collate, batch_size, seed
+        self.wanted, self.block_rows, self.buffer_rows = list(wanted), block_rows, buffer_rows
+        self.rank, self.world = rank, world
+        self.selected, self.lengths = [], []  # per shard: the rows to stream, every row's length
+        for shard in range(len(source)):
+            rows = source.rows(shard)
+            keep = np.ones(len(rows), bool)
+            if labeled_only:
+                keep &= rows.label != UNLABELED
+            if select is not None:
+                keep &= np.asarray(select(TeacherStats.from_logits(rows.logits, rows.label)), bool)
+            self.selected.append(np.flatnonzero(keep))
+            self.lengths.append(rows.lengths)
+        self._epoch, self._start = 0, 0
+
+    def _shards(self, rank: int) -> np.ndarray:
+        """The shards of ``rank``: every world-th, the same each epoch (their order is shuffled per epoch)."""
+        return np.arange(rank, len(self.source), self.world)
+
+    def _pools(self, rows: np.ndarray) -> list[np.ndarray]:
+        return [rows[i : i + self.buffer_rows] for i in range(0, len(rows), self.buffer_rows)]
+
+    def __len__(self) -> int:
+        """Batches per epoch on each rank: the fewest any rank has."""
+        return min(
+            sum(
+                -(-len(pool) // self.batch_size)
+                for shard in self._shards(rank)
+                for pool in self._pools(self.selected[shard])
+            )
+            for rank in range(self.world)
+        )
+
+    def plan(self, epoch: int) -> list[tuple[int, np.ndarray]]:
+        """This rank's batches of ``epoch``: (shard, row indices) each."""
+        rng = np.random.default_rng([self.seed, epoch, self.rank])
+        batches = []
+        for shard in rng.permutation(self._shards(self.rank)):
+            rows = self.selected[shard]
+            blocks = [rows[i : i + self.block_rows] for i in range(0, len(rows), self.block_rows)]
+            rows = np.concatenate([blocks[b] for b in rng.permutation(len(blocks))]) if blocks else rows
+            for pool in self._pools(rows):
+                grouped = length_grouped_batches(self.lengths[shard][pool], self.batch_size, rng, window=len(pool))
+                batches += [(int(shard), pool[b]) for b in grouped]
+        return batches[: len(self)]
+
+    def at(self, epoch: int, start: int = 0) -> StudentStream:
+        """Iterate ``epoch`` from batch ``start`` (a resumed run)."""
+        self._epoch, self._start = epoch, start
+        return self
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        plan = self.plan(self._epoch)[self._start :]
+        current, data = None, None
+        for shard, rows in plan[worker::workers]:
+            if shard != current:
+                current, data = shard, self.source.read(shard, self.wanted)
+            yield self._collate(data, rows)
+
+    def _collate(self, data: ShardData, rows: np.ndarray) -> Batch:
         batch = {
             **self.collate([data.rows.input_ids[i] for i in rows]),  # input_ids, attention_mask: (B, T)
             "labels": torch.from_numpy(data.rows.label[rows].astype(np.int64)),  # (B,)
-            "teacher_logits": torch.from_numpy(data.rows.logits[rows]),  # (B, C)
         }
+        if data.rows.logits.shape[1]:
+            batch["teacher_logits"] = torch.from_numpy(data.rows.logits[rows])  # (B, C)
         for name, layer in self.wanted:
             arrays = [data.example_tensor(name, layer, i) for i in rows]
             batch[f"{name}/{layer}"] = _pad_tensors(arrays, batch["input_ids"].shape[1], name)
         return batch
+
+    def loader(self, epoch: int, start: int = 0, *, workers: int = 0, pin_memory: bool = False) -> DataLoader:
+        """A DataLoader over ``epoch`` from batch ``start``: batches arrive in plan order for any ``workers``."""
+        return DataLoader(self.at(epoch, start), batch_size=None, num_workers=workers, pin_memory=pin_memory,
+                          prefetch_factor=2 if workers else None, persistent_workers=False)  # fmt: skip
 
 
 def _pad_tensors(arrays: list[np.ndarray], longest: int, name: str) -> torch.Tensor:

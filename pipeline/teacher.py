@@ -19,7 +19,15 @@ from .config import ConfigError, ExperimentConfig
 from .data import UNLABELED, TextData, load_splits, tokenize
 from .models import load_classifier, load_tokenizer, model_dir, model_files, save_model
 from .runtime import resolve_device, resolve_precision
-from .training import Checkpoint, Collator, classification_metrics, fit, length_grouped_batches, predict_logits
+from .training import (
+    Checkpoint,
+    Collator,
+    Learner,
+    classification_metrics,
+    fit,
+    length_grouped_batches,
+    predict_logits,
+)
 
 TEACHER_RECORD = "teacher.json"
 
@@ -89,31 +97,38 @@ def run_teacher_train(cfg: ExperimentConfig) -> TeacherResult:
     lengths = np.array([len(x) for x in train_ids])
     steps = len(length_grouped_batches(lengths, batch_size, np.random.default_rng(0)))
 
-    def epoch_batches(epoch: int):
-        for index in length_grouped_batches(lengths, batch_size, np.random.default_rng([cfg.seed, epoch])):
+    def epoch_batches(epoch: int, start: int):
+        order = length_grouped_batches(lengths, batch_size, np.random.default_rng([cfg.seed, epoch]))
+        for index in order[start:]:
             yield {**collate([train_ids[i] for i in index]), "labels": torch.from_numpy(train.labels[index])}
 
     checkpoint = Checkpoint(path.with_name(f".{path.name}.checkpoint.pt"))  # beside the teacher, hidden
     tqdm.write(f"teacher: fine-tuning {cfg.teacher.base_model} on {len(train_ids)} labeled rows ({device})")
-    history = fit(
-        model,
+    learner = Learner(
+        name="teacher",
+        model=model,
         trainable=[model],
-        epochs=cfg.teacher.epochs,
-        steps_per_epoch=steps,
-        epoch_batches=epoch_batches,
-        step_loss=lambda batch: model(**batch).loss,
+        step_loss=lambda batch, step: (model(**batch).loss, {}),
         validate=lambda: classification_metrics(
             predict_logits(model, val_ids, collate=collate), splits["validation"].labels
         ),
         lr=cfg.teacher.learning_rate,
         weight_decay=cfg.teacher.weight_decay,
         warmup_ratio=cfg.teacher.warmup_ratio,
+        seed=cfg.seed,
+    )
+    fit(
+        [learner],
+        epochs=cfg.teacher.epochs,
+        steps_per_epoch=steps,
+        epoch_batches=epoch_batches,
         desc="teacher",
         device=device,
         precision=resolve_precision(cfg.teacher.precision, device),
         checkpoint=checkpoint,
         checkpoint_steps=cfg.teacher.checkpoint_steps,
     )
+    history = learner.history
     _save_atomically(model, tokenizer, path, record={
         "key": key,
         "base_model": cfg.teacher.base_model,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -198,94 +197,183 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def seeded_rng_state(seed: int) -> dict:
+    """The RNG state ``torch.manual_seed(seed)`` gives, without touching the current one."""
+    saved = _rng_state()
+    torch.manual_seed(seed)
+    state = _rng_state()
+    _set_rng_state(saved)
+    return state
+
+
+StepLoss = Callable[[Batch, int], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+@dataclass
+class Learner:
+    """One model that ``fit`` trains; several learners share every batch (many students, one pass).
+
+    Each learner has its own optimizer, schedule and random state (dropout), so it trains
+    exactly as it would alone.
+    """
+
+    name: str
+    model: nn.Module  # what ``validate`` evaluates; left holding its best epoch's weights
+    trainable: list[nn.Module]  # modules whose parameters the optimizer updates (model, projections)
+    step_loss: StepLoss  # (batch on the device, global step) -> (loss, each term's value)
+    validate: Callable[[], dict[str, float]]  # metrics on the validation split; the best "accuracy" is kept
+    lr: float
+    weight_decay: float
+    warmup_ratio: float
+    seed: int = 0  # seeds this learner's random state
+    history: list[EpochRecord] = dataclasses.field(default_factory=list)
+
+
+class _LearnerState:
+    """What ``fit`` keeps for a learner while training, and saves in checkpoints."""
+
+    def __init__(self, learner: Learner, total_steps: int, device: torch.device, precision: torch.dtype):
+        self.learner = learner
+        self.optimizer, self.schedule = make_optimizer(
+            learner.trainable, lr=learner.lr, weight_decay=learner.weight_decay, total_steps=total_steps,
+            warmup_ratio=learner.warmup_ratio,
+        )  # fmt: skip
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == torch.float16)
+        self.rng = seeded_rng_state(learner.seed)
+        self.best_state, self.best_accuracy, self.losses = None, -1.0, []
+
+    def step(self, batch: Batch, global_step: int, device: torch.device, precision: torch.dtype) -> dict[str, float]:
+        _set_rng_state(self.rng)
+        with autocast(device, precision):
+            loss, parts = self.learner.step_loss(batch, global_step)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.schedule.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.rng = _rng_state()
+        self.losses.append(loss.item())
+        return {"total": self.losses[-1], **{k: float(v) for k, v in parts.items()}}
+
+    def end_epoch(self, epoch: int) -> dict[str, float]:
+        metrics = self.learner.validate()
+        record = EpochRecord(epoch + 1, float(np.mean(self.losses)), metrics["accuracy"], metrics["macro_f1"])
+        self.learner.history.append(record)
+        if metrics["accuracy"] > self.best_accuracy:
+            self.best_accuracy = metrics["accuracy"]
+            self.best_state = {k: v.detach().cpu().clone() for k, v in self.learner.model.state_dict().items()}
+        self.losses = []
+        return metrics
+
+    def state_dict(self) -> dict:
+        return {
+            "trainable": [m.state_dict() for m in self.learner.trainable], "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(), "scaler": self.scaler.state_dict(), "rng": self.rng,
+            "history": [dataclasses.asdict(h) for h in self.learner.history], "best_state": self.best_state,
+            "best_accuracy": self.best_accuracy, "losses": self.losses,
+        }  # fmt: skip
+
+    def load_state_dict(self, saved: dict) -> None:
+        for module, state in zip(self.learner.trainable, saved["trainable"], strict=True):
+            module.load_state_dict(state)
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.schedule.load_state_dict(saved["schedule"])
+        self.scaler.load_state_dict(saved["scaler"])
+        self.rng, self.best_state, self.best_accuracy = saved["rng"], saved["best_state"], saved["best_accuracy"]
+        self.learner.history[:] = [EpochRecord(**record) for record in saved["history"]]
+        self.losses = list(saved["losses"])
+
+
 def fit(
-    model: nn.Module,
+    learners: list[Learner],
     *,
-    trainable: list[nn.Module],
     epochs: int,
     steps_per_epoch: int,
-    epoch_batches: Callable[[int], Iterable[Batch]],
-    step_loss: Callable[[Batch], torch.Tensor],
-    validate: Callable[[], dict[str, float]],
-    lr: float,
-    weight_decay: float,
-    warmup_ratio: float,
+    epoch_batches: Callable[[int, int], Iterable[Batch]],
     desc: str,
     device: torch.device = CPU,
     precision: torch.dtype = torch.float32,
     checkpoint: Checkpoint | None = None,
     checkpoint_steps: int = 500,
-) -> list[EpochRecord]:
-    """Train for ``epochs``, validate after each, and leave ``model`` holding its best epoch's weights.
+    log_dir: Path | None = None,
+) -> None:
+    """Train every learner on the same batches for ``epochs``, validate each after every
+    epoch, and leave each model holding its best epoch's weights (history in ``learner.history``).
 
     Args:
-        trainable: modules whose parameters the optimizer updates (the model, plus e.g. projections).
-        epoch_batches: the batches of epoch ``e``, the same each time it is called; each has
-            "input_ids" (B, T). A resumed run skips the batches the checkpoint had done.
-        step_loss: the scalar loss of one batch, already on ``device`` (the forward pass happens inside).
-        validate: metrics on the validation split; the best "accuracy" is kept.
+        epoch_batches: ``(epoch, start)`` -> the batches of that epoch from batch ``start`` on;
+            the same each time it is called (a resumed run starts where the checkpoint stopped).
         precision: autocast dtype on ``device``; float16 adds dynamic loss scaling.
-        checkpoint: where to save the state every ``checkpoint_steps`` steps and after every
-            epoch, and to resume from when it exists; the caller removes it once the result is saved.
+        checkpoint: where to save every learner's state and the position every
+            ``checkpoint_steps`` steps and after every epoch, and to resume from when it
+            exists; the caller removes it once the results are saved.
+        log_dir: TensorBoard event files, one directory per learner: every loss term, the
+            learning rate and examples/s per step, validation metrics per epoch.
     """
-    optimizer, schedule = make_optimizer(
-        trainable, lr=lr, weight_decay=weight_decay, total_steps=epochs * steps_per_epoch, warmup_ratio=warmup_ratio
-    )
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == torch.float16)
-    history, best_state, best_accuracy, first_epoch, first_step = [], None, -1.0, 0, 0
+    total_steps = epochs * steps_per_epoch
+    states = [_LearnerState(learner, total_steps, device, precision) for learner in learners]
+    first_epoch, first_step = 0, 0
     saved = checkpoint.load() if checkpoint else None
     if saved is not None:
-        for module, state in zip(trainable, saved["trainable"], strict=True):
-            module.load_state_dict(state)
-        optimizer.load_state_dict(saved["optimizer"])
-        schedule.load_state_dict(saved["schedule"])
-        scaler.load_state_dict(saved["scaler"])
-        _set_rng_state(saved["rng"])
-        history = [EpochRecord(**record) for record in saved["history"]]
-        best_state, best_accuracy = saved["best_state"], saved["best_accuracy"]
+        for state in states:
+            state.load_state_dict(saved["learners"][state.learner.name])
         first_epoch, first_step = saved["epoch"], saved["step"]
         tqdm.write(f"{desc}: resuming from {checkpoint.path} at epoch {first_epoch + 1}, step {first_step}")
+    writers = _tensorboard(log_dir, learners)
 
-    def save(epoch: int, step: int, losses: list[float]) -> None:
-        checkpoint.save({
-            "trainable": [m.state_dict() for m in trainable], "optimizer": optimizer.state_dict(),
-            "schedule": schedule.state_dict(), "scaler": scaler.state_dict(), "rng": _rng_state(),
-            "history": [dataclasses.asdict(h) for h in history], "best_state": best_state,
-            "best_accuracy": best_accuracy, "epoch": epoch, "step": step, "losses": losses,
-        })  # fmt: skip
+    def save(epoch: int, step: int) -> None:
+        learner_states = {state.learner.name: state.state_dict() for state in states}
+        checkpoint.save({"epoch": epoch, "step": step, "learners": learner_states})
 
     for epoch in range(first_epoch, epochs):
-        model.train()
-        resumed = epoch == first_epoch and saved is not None
-        losses = list(saved["losses"]) if resumed else []
-        step = first_step if resumed else 0
+        for learner in learners:
+            learner.model.train()
+        step = first_step if epoch == first_epoch else 0
         seen, start = 0, time.perf_counter()
         bar = tqdm(total=steps_per_epoch, initial=step, desc=f"{desc} epoch {epoch + 1}/{epochs}", unit="step",
                    leave=False)  # fmt: skip
         with bar:
-            for batch in itertools.islice(epoch_batches(epoch), step, None):
-                with autocast(device, precision):
-                    loss = step_loss(to_device(batch, device))
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                schedule.step()
-                optimizer.zero_grad(set_to_none=True)
-                losses.append(loss.item())
+            for batch in epoch_batches(epoch, step):
+                batch = to_device(batch, device)
+                global_step = epoch * steps_per_epoch + step
+                terms = [state.step(batch, global_step, device, precision) for state in states]
                 seen, step = seen + len(batch["input_ids"]), step + 1
+                rate = seen / (time.perf_counter() - start)
+                for writer, state, values in zip(writers, states, terms, strict=True):
+                    for name, value in values.items():
+                        writer.add_scalar(f"loss/{name}", value, global_step)
+                    writer.add_scalar("learning_rate", state.schedule.get_last_lr()[0], global_step)
+                    writer.add_scalar("examples_per_s", rate, global_step)
                 bar.update(1)
-                bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}", ex_s=f"{seen / (time.perf_counter() - start):.0f}")
+                bar.set_postfix(loss=f"{np.mean(states[0].losses[-50:]):.4f}", ex_s=f"{rate:.0f}")
                 if checkpoint and step % checkpoint_steps == 0 and step < steps_per_epoch:
-                    save(epoch, step, losses)
-        metrics = validate()
-        history.append(EpochRecord(epoch + 1, float(np.mean(losses)), metrics["accuracy"], metrics["macro_f1"]))
-        tqdm.write(
-            f"{desc} epoch {epoch + 1}: loss {np.mean(losses):.4f}, validation accuracy {metrics['accuracy']:.4f}"
-        )
-        if metrics["accuracy"] > best_accuracy:
-            best_accuracy = metrics["accuracy"]
-            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+                    save(epoch, step)
+        for writer, state in zip(writers, states, strict=True):
+            metrics = state.end_epoch(epoch)
+            record = state.learner.history[-1]
+            for name, value in metrics.items():
+                writer.add_scalar(f"validation/{name}", value, (epoch + 1) * steps_per_epoch)
+            tqdm.write(f"{state.learner.name} epoch {epoch + 1}: loss {record.train_loss:.4f}, "
+                       f"validation accuracy {record.validation_accuracy:.4f}")  # fmt: skip
         if checkpoint and epoch + 1 < epochs:
-            save(epoch + 1, 0, [])
-    model.load_state_dict(best_state)
-    return history
+            save(epoch + 1, 0)
+    for writer in writers:
+        writer.close()
+    for state in states:
+        state.learner.model.load_state_dict(state.best_state)
+
+
+class _NoWriter:
+    def add_scalar(self, *args) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _tensorboard(log_dir: Path | None, learners: list[Learner]) -> list:
+    if log_dir is None:
+        return [_NoWriter() for _ in learners]
+    from torch.utils.tensorboard import SummaryWriter
+
+    return [SummaryWriter(str(Path(log_dir) / learner.name)) for learner in learners]

@@ -85,7 +85,8 @@ def tiny_config_dict(tmp_path: Path, teacher: Path, dataset: Path) -> dict:
                     "cache_root": str(tmp_path / "caches")},
         "distill": {
             "students": [{"name": "tiny-l2", "teacher_layers": [2, 4]}],
-            "loss": {"alpha": 0.5, "temperature": 2.0, "hidden_weight": 1.0, "attention_weight": 1.0},
+            "loss": [{"kind": "kl", "weight": 0.5, "temperature": 2.0}, {"kind": "ce", "weight": 0.5},
+                     {"kind": "hidden_mse", "weight": 1.0}, {"kind": "attention_kl", "weight": 1.0}],
             "epochs": 1, "learning_rate": 1e-3, "batch_size": 16, "run_root": str(tmp_path / "runs"),
         },
     }  # fmt: skip

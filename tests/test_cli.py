@@ -28,12 +28,12 @@ def test_the_three_stages_run_from_the_command_line(config_file, tmp_path):
     moved = invoke("teacher-cache", "--config", config_file, "--cache-root", other_root, "--json")
     assert json.loads(moved.stdout.strip().splitlines()[-1])["path"] == str(other_root / summary["key"])
     result = invoke(
-        "distill", "--config", config_file, "--no-baselines", "--seeds", "3", "--set", "distill.loss.alpha=1.0"
+        "distill", "--config", config_file, "--no-baselines", "--seeds", "3", "--set", "distill.loss.1.weight=0.0"
     )
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "runs" / "latest" / "report.json").read_text())
     assert [(m["name"], m["seeds"]) for m in report["models"]] == [("teacher", [0]), ("tiny-l2", [3])]
-    assert report["config"]["distill"]["loss"]["alpha"] == 1.0  # from --set
+    assert report["config"]["distill"]["loss"][1]["weight"] == 0.0  # from --set
 
 
 def test_errors_are_one_line_and_exit_1(config_file, tmp_path):

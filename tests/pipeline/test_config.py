@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -30,17 +31,20 @@ def demo_raw() -> dict:
 
 def test_unknown_key_is_named_with_the_choices(tmp_path):
     raw = demo_raw()
-    raw["distill"]["loss"]["temprature"] = 3
+    raw["distill"]["loss"][0]["temprature"] = 3
     with pytest.raises(
-        ConfigError, match=r"distill\.loss: unknown key\(s\) \['temprature'\]; choose from .*temperature"
+        ConfigError, match=r"distill\.loss\[0\]: unknown key\(s\) \['temprature'\]; choose from .*temperature"
     ):
         load_config(write(tmp_path, raw))
 
 
 def test_out_of_range_value_is_named(tmp_path):
     raw = demo_raw()
-    raw["distill"]["loss"]["alpha"] = 1.5
-    with pytest.raises(ConfigError, match=r"loss.alpha must be in \[0, 1\]; got 1.5"):
+    raw["distill"]["loss"][0]["temperature"] = -1.0
+    with pytest.raises(ConfigError, match=r"loss kl: temperature must be > 0; got -1.0"):
+        load_config(write(tmp_path, raw))
+    raw["distill"]["loss"][0] = {"kind": "kld"}
+    with pytest.raises(ConfigError, match=r"unknown loss kind 'kld'; choose from \['kl', 'logit_mse', 'ce'"):
         load_config(write(tmp_path, raw))
 
 
@@ -54,13 +58,23 @@ def test_wrong_type_is_named(tmp_path):
 def test_student_needs_exactly_one_origin(tmp_path):
     raw = demo_raw()
     raw["distill"]["students"][0]["pretrained"] = "some/model"
-    with pytest.raises(ConfigError, match="exactly one of teacher_layers or pretrained"):
+    with pytest.raises(ConfigError, match="exactly one of teacher_layers, pretrained or architecture"):
         load_config(write(tmp_path, raw))
 
 
-def test_layer_map_defaults_to_the_layers_a_student_was_cut_from():
-    student = load_config(ROOT / "configs" / "demo.yaml").distill.students[0]
-    assert student.mapping == tuple((i + 1, t) for i, t in enumerate(student.teacher_layers))
+def test_layer_mappings_auto_uniform_last_and_explicit():
+    from pipeline.objective import layer_pairs
+
+    student = load_config(ROOT / "configs" / "demo.yaml").distill.students[0]  # cut from teacher layers [3, 6]
+    assert layer_pairs(student, 2, 6) == ((1, 3), (2, 6))
+    arch = {"layers": 3, "hidden_size": 64, "heads": 4}
+    cfg = load_config(ROOT / "configs" / "demo.yaml", [f"distill.students.0={{name: s, architecture: {arch}}}"])
+    spec = cfg.distill.students[0]
+    assert layer_pairs(spec, 3, 12) == ((1, 4), (2, 8), (3, 12))  # uniform: student layer i -> teacher 4i
+    assert layer_pairs(dataclasses.replace(spec, mapping="last"), 3, 12) == ((1, 10), (2, 11), (3, 12))
+    assert layer_pairs(dataclasses.replace(spec, layer_map=((0, 0), (3, 12))), 3, 12) == ((0, 0), (3, 12))
+    with pytest.raises(ConfigError, match="3 layers cannot map onto 2 teacher layers"):
+        layer_pairs(spec, 3, 2)
 
 
 def test_package_locations_resolve_or_say_what_to_install():
@@ -73,14 +87,14 @@ def test_package_locations_resolve_or_say_what_to_install():
 def test_overrides_set_nested_keys_and_list_items_and_are_checked():
     cfg = load_config(
         ROOT / "configs" / "demo.yaml",
-        ["distill.loss.alpha=0.7", "distill.seeds=[1, 2]", "distill.students.1.freeze_embeddings=false",
+        ["distill.loss.0.weight=0.7", "distill.seeds=[1, 2]", "distill.students.1.freeze_embeddings=false",
          "data.max_examples=500"],
     )  # fmt: skip
-    assert cfg.distill.loss.alpha == 0.7 and cfg.distill.seeds == (1, 2) and cfg.data.max_examples == 500
+    assert cfg.distill.loss[0].weight == 0.7 and cfg.distill.seeds == (1, 2) and cfg.data.max_examples == 500
     assert cfg.distill.students[1].freeze_embeddings is False and cfg.distill.students[0].freeze_embeddings is True
-    with pytest.raises(ConfigError, match=r"distill.loss: unknown key\(s\) \['alfa'\]"):
-        load_config(ROOT / "configs" / "demo.yaml", ["distill.loss.alfa=0.7"])
+    with pytest.raises(ConfigError, match=r"distill.loss\[0\]: unknown key\(s\) \['wieght'\]"):
+        load_config(ROOT / "configs" / "demo.yaml", ["distill.loss.0.wieght=0.7"])
     with pytest.raises(ConfigError, match="no item '5'"):
         load_config(ROOT / "configs" / "demo.yaml", ["distill.students.5.name=x"])
     with pytest.raises(ConfigError, match="must look like key.subkey=value"):
-        load_config(ROOT / "configs" / "demo.yaml", ["distill.loss.alpha"])
+        load_config(ROOT / "configs" / "demo.yaml", ["distill.epochs"])

@@ -6,7 +6,16 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.data import UNLABELED
-from pipeline.losses import attention_kl, attention_mse, hard_label_ce, hidden_mse, logit_kl
+from pipeline.losses import (
+    attention_kl,
+    attention_mse,
+    cls_mse,
+    hard_label_ce,
+    hidden_cosine,
+    hidden_mse,
+    logit_kl,
+    logit_mse,
+)
 
 
 def test_logit_kl_is_zero_for_equal_logits_and_matches_the_definition():
@@ -62,3 +71,45 @@ def test_attention_kl_matches_the_row_definition_on_unpadded_maps():
     expected = (b * (b.log() - a.log())).sum(-1).mean()
     torch.testing.assert_close(attention_kl(a, b, mask), expected)
     torch.testing.assert_close(attention_mse(a, b, mask), ((a - b) ** 2).mean())
+
+
+def test_hidden_cosine_and_cls_mse_match_their_definitions():
+    torch.manual_seed(7)
+    s, t = torch.randn(2, 4, 3), torch.randn(2, 4, 3)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    cos = F.cosine_similarity(s, t, dim=-1)
+    expected = torch.cat([1 - cos[0, :3], 1 - cos[1]]).mean()
+    torch.testing.assert_close(hidden_cosine(s, t, mask), expected)
+    assert hidden_cosine(t * 3, t, mask).abs() < 1e-6  # scale does not matter, direction does
+    expected_cls = ((F.normalize(s[:, 0], dim=-1) - F.normalize(t[:, 0], dim=-1)) ** 2).sum(-1).mean()
+    torch.testing.assert_close(cls_mse(s, t, mask), expected_cls)
+    torch.testing.assert_close(logit_mse(s[:, 0], t[:, 0]), ((s[:, 0] - t[:, 0]) ** 2).mean())
+
+
+def test_objective_weighs_each_term_and_follows_linear_schedules(tiny_teacher):
+    from transformers import AutoModelForSequenceClassification
+
+    from pipeline.config import LossTerm
+    from pipeline.objective import Objective
+
+    torch.manual_seed(0)
+    student = AutoModelForSequenceClassification.from_pretrained(str(tiny_teacher)).eval()
+    batch = {"input_ids": torch.tensor([[2, 10, 11, 3], [2, 12, 3, 0]]), "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]]),
+             "labels": torch.tensor([1, -1]), "teacher_logits": torch.randn(2, 2), "hidden_states/4": torch.randn(2, 4, 32)}  # fmt: skip
+    terms = (LossTerm("kl", 1.0, weight_end=0.0, temperature=4.0, temperature_end=1.0), LossTerm("ce", 0.5),
+             LossTerm("hidden_mse", 2.0))  # fmt: skip
+    objective = Objective(student, terms, ((2, 4),), teacher_width=32)
+    assert objective.wanted == [("hidden_states", 4)]
+    with torch.no_grad():
+        start, parts = objective(batch, progress=0.0)
+        end, parts_end = objective(batch, progress=1.0)
+        out = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+    kl4 = logit_kl(out.logits, batch["teacher_logits"], temperature=4.0)
+    torch.testing.assert_close(parts["kl"], kl4)
+    torch.testing.assert_close(parts_end["kl"], logit_kl(out.logits, batch["teacher_logits"], temperature=1.0))
+    hidden = hidden_mse(
+        out.hidden_states[2], batch["hidden_states/4"], batch["attention_mask"]
+    )  # same width: no projection
+    ce = hard_label_ce(out.logits, batch["labels"])
+    torch.testing.assert_close(start, kl4 + 0.5 * ce + 2.0 * hidden)
+    torch.testing.assert_close(end, 0.5 * ce + 2.0 * hidden)  # the kl weight went linearly to 0

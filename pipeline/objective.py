@@ -1,0 +1,109 @@
+"""A student's distillation objective: weighted loss terms over a layer mapping, with schedules."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .capture import ATTENTION, HIDDEN
+from .config import ConfigError, LossTerm, StudentConfig
+from .losses import ATTENTION_TERMS, HIDDEN_TERMS, hard_label_ce, logit_kl, logit_mse
+
+BASELINE_LOSS = (LossTerm("ce", 1.0),)  # the no-KD baseline: hard labels only
+
+
+def layer_pairs(spec: StudentConfig, student_depth: int, teacher_depth: int) -> tuple[tuple[int, int], ...]:
+    """(student layer, teacher layer) pairs for the intermediate losses, layers numbered 1..depth.
+
+    ``layer_map`` gives them explicitly (0 maps the embeddings); otherwise ``mapping``:
+    ``uniform`` maps student layer i to teacher layer round(i * teacher_depth / student_depth)
+    (TinyBERT), ``last`` to the teacher's last ``student_depth`` layers, and ``auto`` uses
+    the layers a student was cut from, else ``uniform``.
+    """
+    if spec.layer_map is not None:
+        return spec.layer_map
+    if spec.mapping == "auto" and spec.teacher_layers is not None:
+        return tuple((i + 1, t) for i, t in enumerate(spec.teacher_layers))
+    if student_depth > teacher_depth:
+        raise ConfigError(
+            f"student {spec.name!r}: {student_depth} layers cannot map onto {teacher_depth} teacher layers"
+        )
+    if spec.mapping == "last":
+        return tuple((i, teacher_depth - student_depth + i) for i in range(1, student_depth + 1))
+    return tuple((i, round(i * teacher_depth / student_depth)) for i in range(1, student_depth + 1))
+
+
+def scheduled(start: float, end: float | None, progress: float) -> float:
+    """A constant (``end`` None) or a linear schedule from ``start`` to ``end`` over progress 0..1."""
+    return start if end is None else start + (end - start) * progress
+
+
+class Objective(nn.Module):
+    """The weighted sum of a student's loss terms; owns the learned projections of hidden states.
+
+    Logit terms compare the student's logits with the teacher's (``kl``, ``logit_mse``) or
+    the labels (``ce``, labeled rows only). Hidden-state terms compare, for each mapped
+    pair, the student's layer projected to the teacher's width (a learned linear map, or
+    identity when widths agree) with the teacher's layer. Attention terms compare the
+    mapped layers' attention maps. Each family's term is averaged over the mapped pairs.
+
+    Args:
+        terms: the loss terms and their (scheduled) weights.
+        pairs: (student layer, teacher layer) for the hidden and attention terms.
+    """
+
+    def __init__(self, student: nn.Module, terms: tuple[LossTerm, ...], pairs: tuple[tuple[int, int], ...], *,
+                 teacher_width: int):  # fmt: skip
+        super().__init__()
+        self.student, self.terms = student, terms
+        kinds = {t.kind for t in terms}
+        self.hidden_pairs = pairs if kinds & set(HIDDEN_TERMS) else ()
+        self.attention_pairs = pairs if kinds & set(ATTENTION_TERMS) else ()
+        width = student.config.hidden_size
+        self.projections = nn.ModuleDict(
+            {
+                str(s): nn.Linear(width, teacher_width) if width != teacher_width else nn.Identity()
+                for s, _ in self.hidden_pairs
+            }
+        )
+
+    @property
+    def wanted(self) -> list[tuple[str, int]]:
+        """The cached teacher tensors this objective reads: (tensor, layer)."""
+        hidden = sorted({t for _, t in self.hidden_pairs})
+        return [(HIDDEN, t) for t in hidden] + [(ATTENTION, t) for t in sorted({t for _, t in self.attention_pairs})]
+
+    def forward(
+        self, batch: dict[str, torch.Tensor], progress: float = 0.0
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The total loss and each term's unweighted value, ``progress`` (0..1) through training."""
+        progress = min(max(progress, 0.0), 1.0)
+        mask = batch["attention_mask"]  # (B, T)
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+        out = self.student(
+            **inputs, output_hidden_states=bool(self.hidden_pairs), output_attentions=bool(self.attention_pairs)
+        )
+        total, parts = 0.0, {}
+        for term in self.terms:
+            if term.kind == "kl":
+                temperature = scheduled(term.temperature, term.temperature_end, progress)
+                value = logit_kl(out.logits, batch["teacher_logits"], temperature=temperature)
+            elif term.kind == "logit_mse":
+                value = logit_mse(out.logits, batch["teacher_logits"])
+            elif term.kind == "ce":
+                value = hard_label_ce(out.logits, batch["labels"])
+            elif term.kind in HIDDEN_TERMS:
+                value = sum(
+                    HIDDEN_TERMS[term.kind](
+                        self.projections[str(s)](out.hidden_states[s]), batch[f"{HIDDEN}/{t}"], mask
+                    )
+                    for s, t in self.hidden_pairs
+                ) / len(self.hidden_pairs)
+            else:
+                value = sum(
+                    ATTENTION_TERMS[term.kind](out.attentions[s - 1], batch[f"{ATTENTION}/{t}"], mask)
+                    for s, t in self.attention_pairs
+                ) / len(self.attention_pairs)
+            parts[term.kind] = value.detach()
+            total = total + scheduled(term.weight, term.weight_end, progress) * value
+        return total, parts
