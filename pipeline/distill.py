@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
@@ -39,7 +40,7 @@ from .models import (
 )
 from .objective import BASELINE_LOSS, Objective, layer_pairs
 from .report import ModelResult, write_report
-from .runtime import resolve_device
+from .runtime import ALONE, Ranks, barrier, process_group, resolve_device
 from .streaming import CacheSource, Select, StudentStream, TokenSource
 from .training import Checkpoint, Collator, Learner, classification_metrics, evaluate, fit, predict_logits
 
@@ -68,6 +69,14 @@ def run_distill(cfg: ExperimentConfig, *, cache_location: str | None = None, onl
         ConfigError: no cache for this config, a cache of other data or another tokenizer,
             a student that does not fit the cache, or a resumed run of another config.
     """
+    ranks = Ranks.from_env()
+    with process_group(ranks):
+        return _distill(cfg, ranks, cache_location=cache_location, online=online, resume=resume, select=select)
+
+
+def _distill(cfg: ExperimentConfig, ranks: Ranks, *, cache_location: str | None, online: bool,
+             resume: str | Path | None, select: Select | None) -> RunResult:  # fmt: skip
+    say = tqdm.write if ranks.is_main else lambda message: None
     plan = plan_cache(cfg)
     teacher_depth = AutoConfig.from_pretrained(str(plan.teacher_path)).num_hidden_layers
     if online:
@@ -76,29 +85,28 @@ def run_distill(cfg: ExperimentConfig, *, cache_location: str | None = None, onl
         train = plan.splits["train"]
         source = TokenSource(plan.token_ids["train"], train.labels, train.example_id, shard_rows=cfg.capture.shard_rows)
         stored, cache_key = None, None
-        tqdm.write("distill: the teacher runs live on every batch (--online)")
+        say("distill: the teacher runs live on every batch (--online)")
     else:
-        cache = _open_checked(plan, cache_location)
+        cache = _open_checked(plan, cache_location, say)
         source, cache_key = CacheSource(cache, "train"), cache.key
         stored = {spec.name: spec.layers for spec in cache.manifest.tensors}
     for spec in cfg.distill.students:
         check_student_fits(cfg, spec, teacher_depth, stored, plan)
-    run_dir = _resume_dir(cfg, resume) if resume else _new_run_dir(cfg)
-    _point_latest(run_dir)
+    run_dir = _run_dir(cfg, resume, ranks, say)
     tokenizer = load_tokenizer(plan.teacher_path)
     test_ids = tokenize(tokenizer, plan.splits["test"], max_length=cfg.data.max_length)
     test_labels = plan.splits["test"].labels
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, ranks)
 
     def evaluated(model, name, role, seed, directory, baseline=None) -> ModelResult:
         result = evaluate(model.to(device), test_ids, test_labels, collate=Collator.for_model(tokenizer, model.config))
-        tqdm.write(f"{name} ({role}, seed {seed}): test accuracy {result.accuracy:.4f}")
+        say(f"{name} ({role}, seed {seed}): test accuracy {result.accuracy:.4f}")
         return ModelResult(name=name, role=role, seed=seed, accuracy=result.accuracy, macro_f1=result.macro_f1,
                            params=count_parameters(model), size_bytes=directory_bytes(directory),
                            examples_per_s=result.examples_per_s, path=str(directory), baseline=baseline)  # fmt: skip
 
     teacher = load_classifier(plan.teacher_path)
-    results = [evaluated(teacher, "teacher", "teacher", cfg.seed, plan.teacher_path)]
+    results = [evaluated(teacher, "teacher", "teacher", cfg.seed, plan.teacher_path)] if ranks.is_main else []
     live = LiveTeacher(teacher.to(device).eval()) if online else None
     if not online:
         del teacher
@@ -109,8 +117,11 @@ def run_distill(cfg: ExperimentConfig, *, cache_location: str | None = None, onl
             if record.exists():  # finished before the run was interrupted
                 results += [ModelResult(**r) for r in json.loads(record.read_text())]
                 continue
-            students = train_pass(cfg, plan, source, run_dir, name, seed=seed, kd=kd, tokenizer=tokenizer,
-                                  device=device, teacher_depth=teacher_depth, live=live, select=select)  # fmt: skip
+            students = train_pass(cfg, plan, source, run_dir, name, seed=seed, kd=kd, tokenizer=tokenizer, device=device,
+                                  teacher_depth=teacher_depth, live=live, select=select, ranks=ranks)  # fmt: skip
+            barrier(ranks)
+            if not ranks.is_main:  # rank 0 saves, evaluates and reports
+                continue
             done = []
             for spec, student in zip(cfg.distill.students, students, strict=True):
                 model_name = spec.name if kd else f"{spec.name}-no-kd"
@@ -120,17 +131,21 @@ def run_distill(cfg: ExperimentConfig, *, cache_location: str | None = None, onl
                 done.append(evaluated(student, model_name, "student" if kd else "baseline", seed, directory, baseline))
             record.parent.mkdir(exist_ok=True)
             record.write_text(json.dumps([dataclasses.asdict(r) for r in done], indent=1))
-            Checkpoint(run_dir / "checkpoints" / f"{name}.pt").remove()
+            for path in (run_dir / "checkpoints").glob(f"{name}*.pt"):
+                path.unlink()
             results += done
-    write_report(run_dir, results, config=dataclasses.asdict(cfg), cache_key=cache_key)
+    barrier(ranks)
+    if ranks.is_main:
+        write_report(run_dir, results, config=dataclasses.asdict(cfg), cache_key=cache_key)
     return RunResult(run_dir, results)
 
 
 def train_pass(cfg: ExperimentConfig, plan: CachePlan, source, run_dir: Path, name: str, *, seed: int, kd: bool,
                tokenizer, device: torch.device, teacher_depth: int, live: LiveTeacher | None = None,
-               select: Select | None = None) -> list[nn.Module]:  # fmt: skip
+               select: Select | None = None, ranks: Ranks = ALONE) -> list[nn.Module]:  # fmt: skip
     """Train every student (kd) or every baseline (not kd) of one seed on one stream of batches.
 
+    Under torchrun each rank streams its own part and DDP averages the gradients.
     Returns the students, each holding its best validation epoch's weights.
     """
     students, objectives = [], []
@@ -148,16 +163,17 @@ def train_pass(cfg: ExperimentConfig, plan: CachePlan, source, run_dir: Path, na
     stream = StudentStream(source, collate=collate, batch_size=cfg.distill.batch_size, seed=seed,
                            wanted=wanted if live is None else [],  # the live teacher adds them to each batch
                            labeled_only=not kd, select=select, block_rows=cfg.distill.block_rows,
-                           buffer_rows=cfg.distill.buffer_rows)  # fmt: skip
+                           buffer_rows=cfg.distill.buffer_rows, rank=ranks.rank, world=ranks.world)  # fmt: skip
     total = cfg.distill.epochs * len(stream)
     val_ids, val_labels = plan.token_ids["validation"], plan.splits["validation"].labels
 
     def learner(spec: StudentConfig, student: nn.Module, objective: Objective) -> Learner:
+        step_loss = objective if ranks.world == 1 else DistributedDataParallel(objective)  # gradients averaged
         return Learner(
             name=spec.name if kd else f"{spec.name}-no-kd",
             model=student,
             trainable=[objective],
-            step_loss=lambda batch, step: objective(batch, progress=step / max(total - 1, 1)),
+            step_loss=lambda batch, step: step_loss(batch, progress=step / max(total - 1, 1)),
             validate=lambda: classification_metrics(predict_logits(student, val_ids, collate=collate), val_labels),
             lr=cfg.distill.learning_rate,
             weight_decay=cfg.distill.weight_decay,
@@ -176,9 +192,10 @@ def train_pass(cfg: ExperimentConfig, plan: CachePlan, source, run_dir: Path, na
         epoch_batches=epoch_batches,
         desc=f"{name} ({len(students)} student{'s' if len(students) > 1 else ''})",
         device=device,
-        checkpoint=Checkpoint(run_dir / "checkpoints" / f"{name}.pt"),
+        checkpoint=Checkpoint(run_dir / "checkpoints" / f"{name}{f'.rank{ranks.rank}' if ranks.world > 1 else ''}.pt"),
         checkpoint_steps=cfg.distill.checkpoint_steps,
-        log_dir=run_dir / "tensorboard" / name,
+        log_dir=run_dir / "tensorboard" / name if ranks.is_main else None,
+        quiet=not ranks.is_main,
     )
     return [_merged(student) for student in students]
 
@@ -252,7 +269,7 @@ def _merged(student: nn.Module) -> nn.Module:
     return student.merge_and_unload() if hasattr(student, "merge_and_unload") else student
 
 
-def _open_checked(plan: CachePlan, cache_location: str | None):
+def _open_checked(plan: CachePlan, cache_location: str | None, say=tqdm.write):
     location = Location(cache_location) if cache_location else plan.location
     try:
         cache = open_cache(location)
@@ -260,7 +277,7 @@ def _open_checked(plan: CachePlan, cache_location: str | None):
         raise ConfigError(
             f"no teacher cache {plan.key} for this config at {location}; run `kdcache teacher-cache --config ...` first"
         ) from None
-    tqdm.write(f"distill: reading cache {cache.key} ({cache.manifest.rows} rows, {cache.manifest.bytes / 1e6:.1f} MB)")
+    say(f"distill: reading cache {cache.key} ({cache.manifest.rows} rows, {cache.manifest.bytes / 1e6:.1f} MB)")
     check_cache_matches(plan, cache)
     return cache
 
@@ -322,6 +339,23 @@ def check_student_fits(cfg: ExperimentConfig, spec: StudentConfig, teacher_depth
             )
 
 
+def _run_dir(cfg: ExperimentConfig, resume: str | Path | None, ranks: Ranks, say) -> Path:
+    """The run's directory: made (or, resuming, checked) by rank 0, then shared with the other ranks."""
+    if ranks.is_main:
+        run_dir = _resume_dir(cfg, resume, say) if resume else _new_run_dir(cfg)
+        _point_latest(run_dir)
+    if ranks.world == 1:
+        return run_dir
+    import torch.distributed as dist
+
+    encoded = torch.zeros(4096, dtype=torch.uint8)  # the path's bytes, broadcast as a tensor
+    if ranks.is_main:
+        raw = str(run_dir).encode()
+        encoded[: len(raw)] = torch.tensor(list(raw), dtype=torch.uint8)
+    dist.broadcast(encoded, src=0)
+    return Path(bytes(encoded[encoded != 0].tolist()).decode())
+
+
 def _new_run_dir(cfg: ExperimentConfig) -> Path:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     root = Path(cfg.distill.run_root)
@@ -337,7 +371,7 @@ def _new_run_dir(cfg: ExperimentConfig) -> Path:
     raise ConfigError(f"cannot make a new run directory under {root}")
 
 
-def _resume_dir(cfg: ExperimentConfig, resume: str | Path) -> Path:
+def _resume_dir(cfg: ExperimentConfig, resume: str | Path, say) -> Path:
     """The run directory to continue; refuses one that was started with another config."""
     run_dir = Path(resume)
     record = run_dir / CONFIG_RECORD
@@ -345,7 +379,7 @@ def _resume_dir(cfg: ExperimentConfig, resume: str | Path) -> Path:
         raise ConfigError(f"--resume {run_dir}: not a distill run directory (no {CONFIG_RECORD})")
     if json.loads(record.read_text()) != json.loads(json.dumps(dataclasses.asdict(cfg))):
         raise ConfigError(f"--resume {run_dir}: that run was started with another config; resume it with the same one")
-    tqdm.write(f"distill: resuming run {run_dir}")
+    say(f"distill: resuming run {run_dir}")
     return run_dir.resolve()
 
 

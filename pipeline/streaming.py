@@ -14,12 +14,13 @@ Every rank gets the same number of batches (the fewest any rank has), as DDP nee
 plan is a list, so a resumed run starts at its batch number without reading what came
 before, and DataLoader workers each build every W-th batch: the order is the plan's,
 whatever the number of workers. Reads are whole shards, sequential and verified; each
-worker keeps the shard it is on.
+worker keeps the shard it is on and reads its next one on a thread meanwhile.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -158,12 +159,17 @@ class StudentStream(IterableDataset):
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        plan = self.plan(self._epoch)[self._start :]
-        current, data = None, None
-        for shard, rows in plan[worker::workers]:
-            if shard != current:
-                current, data = shard, self.source.read(shard, self.wanted)
-            yield self._collate(data, rows)
+        mine = self.plan(self._epoch)[self._start :][worker::workers]
+        shards = list(dict.fromkeys(shard for shard, _ in mine))  # in the order this worker needs them
+        with ThreadPoolExecutor(1) as reader:  # reads (I/O, checksums, decoding) the next shard meanwhile
+            ahead = {}
+            for shard, rows in mine:
+                if shard not in ahead:
+                    ahead = {shard: ahead.get(shard) or reader.submit(self.source.read, shard, self.wanted)}
+                    following = shards.index(shard) + 1
+                    if following < len(shards):
+                        ahead[shards[following]] = reader.submit(self.source.read, shards[following], self.wanted)
+                yield self._collate(ahead[shard].result(), rows)
 
     def _collate(self, data: ShardData, rows: np.ndarray) -> Batch:
         batch = {

@@ -15,6 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
+from .config import ConfigError
 from .runtime import CPU, autocast
 
 Batch = dict[str, torch.Tensor]
@@ -172,7 +173,7 @@ class Checkpoint:
         try:
             return torch.load(self.path, map_location="cpu", weights_only=True)
         except Exception as e:  # a file that torch cannot read back is not a checkpoint we can trust
-            raise ValueError(f"checkpoint {self.path} is unreadable ({e}); delete it to start over") from None
+            raise ConfigError(f"checkpoint {self.path} is unreadable ({e}); delete it to start over") from None
 
     def save(self, state: dict) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -296,6 +297,7 @@ def fit(
     checkpoint: Checkpoint | None = None,
     checkpoint_steps: int = 500,
     log_dir: Path | None = None,
+    quiet: bool = False,
 ) -> None:
     """Train every learner on the same batches for ``epochs``, validate each after every
     epoch, and leave each model holding its best epoch's weights (history in ``learner.history``).
@@ -309,16 +311,18 @@ def fit(
             exists; the caller removes it once the results are saved.
         log_dir: TensorBoard event files, one directory per learner: every loss term, the
             learning rate and examples/s per step, validation metrics per epoch.
+        quiet: no progress bar or messages (the other ranks of a torchrun job).
     """
     total_steps = epochs * steps_per_epoch
     states = [_LearnerState(learner, total_steps, device, precision) for learner in learners]
     first_epoch, first_step = 0, 0
+    say = _silent if quiet else tqdm.write
     saved = checkpoint.load() if checkpoint else None
     if saved is not None:
         for state in states:
             state.load_state_dict(saved["learners"][state.learner.name])
         first_epoch, first_step = saved["epoch"], saved["step"]
-        tqdm.write(f"{desc}: resuming from {checkpoint.path} at epoch {first_epoch + 1}, step {first_step}")
+        say(f"{desc}: resuming from {checkpoint.path} at epoch {first_epoch + 1}, step {first_step}")
     writers = _tensorboard(log_dir, learners)
 
     def save(epoch: int, step: int) -> None:
@@ -331,7 +335,7 @@ def fit(
         step = first_step if epoch == first_epoch else 0
         seen, start = 0, time.perf_counter()
         bar = tqdm(total=steps_per_epoch, initial=step, desc=f"{desc} epoch {epoch + 1}/{epochs}", unit="step",
-                   leave=False)  # fmt: skip
+                   leave=False, disable=quiet)  # fmt: skip
         with bar:
             for batch in epoch_batches(epoch, step):
                 batch = to_device(batch, device)
@@ -353,14 +357,18 @@ def fit(
             record = state.learner.history[-1]
             for name, value in metrics.items():
                 writer.add_scalar(f"validation/{name}", value, (epoch + 1) * steps_per_epoch)
-            tqdm.write(f"{state.learner.name} epoch {epoch + 1}: loss {record.train_loss:.4f}, "
-                       f"validation accuracy {record.validation_accuracy:.4f}")  # fmt: skip
+            say(f"{state.learner.name} epoch {epoch + 1}: loss {record.train_loss:.4f}, "
+                f"validation accuracy {record.validation_accuracy:.4f}")  # fmt: skip
         if checkpoint and epoch + 1 < epochs:
             save(epoch + 1, 0)
     for writer in writers:
         writer.close()
     for state in states:
         state.learner.model.load_state_dict(state.best_state)
+
+
+def _silent(message: str) -> None:
+    pass
 
 
 class _NoWriter:

@@ -89,3 +89,23 @@ def test_the_cache_in_float32_gives_the_live_teachers_losses_step_by_step(traine
     for term in ("loss/total", "loss/kl", "loss/ce", "loss/hidden_mse", "loss/attention_kl"):
         np.testing.assert_allclose(a[term], b[term], rtol=1e-4, atol=1e-6)
     assert cached.models[1].accuracy == online.models[1].accuracy
+
+
+def test_distill_under_torchrun_trains_on_disjoint_parts_and_reports_once(config_file, trained, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    run_capture(trained)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "cli", "distill", "--config", str(config_file), "--no-baselines"]  # fmt: skip
+    run = subprocess.run(command, capture_output=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert run.returncode == 0, run.stderr.decode()[-3000:]
+    (run_dir,) = [p for p in (tmp_path / "runs").iterdir() if p.name != "latest"]  # one run, made by rank 0
+    report = json.loads((run_dir / "report.json").read_text())
+    assert [m["name"] for m in report["models"]] == ["teacher", "tiny-l2"]
+    assert run.stdout.decode().count("report:") == 2 and run.stdout.decode().count("tiny-l2 (student") == 1
+    steps = len(scalars(run_dir, "seed0-distilled", "tiny-l2")["loss/total"])
+    alone = run_distill(with_students(trained, *trained.distill.students, baselines=False))
+    assert steps == len(scalars(alone.run_dir, "seed0-distilled", "tiny-l2")["loss/total"]) // 2  # half the batches each
