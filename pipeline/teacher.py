@@ -30,6 +30,7 @@ from .training import (
 )
 
 TEACHER_RECORD = "teacher.json"
+TRAINING_VERSION = 2  # part of the key: bumped when the same inputs would train other weights (2: per-learner RNG)
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,8 @@ def teacher_key(cfg: ExperimentConfig, base: Path, splits: dict[str, TextData], 
         fp.update_array(f"{name}/labels", splits[name].labels)
     ignored = ("base_model", "output_root", "checkpoint_steps")  # base_model is hashed by content above
     settings = {k: v for k, v in dataclasses.asdict(cfg.teacher).items() if k not in ignored}
-    return fp.update_json("settings", {**settings, "seed": cfg.seed, "max_length": cfg.data.max_length}).hexdigest()
+    settings |= {"seed": cfg.seed, "max_length": cfg.data.max_length, "training_version": TRAINING_VERSION}
+    return fp.update_json("settings", settings).hexdigest()
 
 
 def locate_teacher(cfg: ExperimentConfig, splits: dict[str, TextData]) -> tuple[Path, str]:
