@@ -168,8 +168,10 @@ class BackgroundWriter:
         self._thread.start()
 
     def _run(self) -> None:
-        if hasattr(os, "setpriority"):  # yield the CPU to the caller's compute, without starving on a busy machine
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        if hasattr(
+            os, "setpriority"
+        ):  # yield the CPU to the caller's compute (nice 19: never starved, unlike SCHED_IDLE)
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
         while (item := self._queue.get()) is not None:
             if self._error is None:  # after a failure, drain the queue without writing
                 try:
