@@ -70,7 +70,7 @@ def main() -> None:
     cache = _open_checked(plan, None)
     device = resolve_device(cfg.device)
     tokenizer = load_tokenizer(plan.teacher_path)
-    teacher_depth = AutoConfig.from_pretrained(str(plan.teacher_path)).num_hidden_layers
+    teacher_config = AutoConfig.from_pretrained(str(plan.teacher_path))
     test_ids = tokenize(tokenizer, plan.splits["test"], max_length=cfg.data.max_length)
     cached_source = CacheSource(cache, "train")
     wanted = [("hidden_states", t) for t in student.teacher_layers]
@@ -90,7 +90,7 @@ def main() -> None:
         def timed_pass(run_cfg, source, name, online=False):
             start = time.perf_counter()
             students = train_pass(run_cfg, plan, source, work, name, seed=0, kd=True, tokenizer=tokenizer,
-                                  device=device, teacher_depth=teacher_depth,
+                                  device=device, teacher_config=teacher_config,
                                   live=live if online else None)  # fmt: skip
             return time.perf_counter() - start, students
 

@@ -168,12 +168,17 @@ def fill_cache(cfg: ExperimentConfig, plan: CachePlan, model, *, ranks: Ranks = 
     todo = writer.pending(num_shards=num_shards, shard_index=shard_index)
     forward = TeacherForward(model, Collator.for_model(load_tokenizer(plan.teacher_path), model.config), capture,
                              device=device, precision=precision)  # fmt: skip
-    written = [0]  # bytes committed, counted on the writer's thread
+    written = 0  # bytes committed, counted on the writer's thread
+
+    def count(entry) -> None:  # None: another writer committed that shard
+        nonlocal written
+        written += entry.bytes if entry is not None else 0
+
     desc = "capture" if ranks.world == 1 else f"capture (rank 0 of {ranks.world})"
     bar = tqdm(total=sum(t.row_end - t.row_start for t in todo), desc=desc, unit="ex", disable=not ranks.is_main)
     with (
         bar,
-        BackgroundWriter(writer, on_commit=lambda entry: written.__setitem__(0, written[0] + _bytes(entry))) as bg,
+        BackgroundWriter(writer, on_commit=count) as bg,
     ):
         tokens = 0
         for task in todo:
@@ -185,7 +190,7 @@ def fill_cache(cfg: ExperimentConfig, plan: CachePlan, model, *, ranks: Ranks = 
             tokens += sum(map(len, ids))
             elapsed = max(bar.format_dict["elapsed"], 1e-3)
             bar.update(len(ids))
-            bar.set_postfix(split=task.split, tok_s=f"{tokens / elapsed:.0f}", MB_s=f"{written[0] / 1e6 / elapsed:.1f}")
+            bar.set_postfix(split=task.split, tok_s=f"{tokens / elapsed:.0f}", MB_s=f"{written / 1e6 / elapsed:.1f}")
     if ranks.world == 1:
         manifest = writer.finish()
     else:  # every rank's shards are committed before rank 0 writes the manifest
@@ -203,10 +208,6 @@ def fill_cache(cfg: ExperimentConfig, plan: CachePlan, model, *, ranks: Ranks = 
     else:
         say(f"wrote cache {plan.key} at {plan.location} ({manifest.rows} rows, {manifest.bytes / 1e6:.1f} MB)")
     return CaptureResult(plan.location, plan.key, manifest, reused=False)
-
-
-def _bytes(entry) -> int:
-    return entry.bytes if entry is not None else 0
 
 
 @dataclass(frozen=True)

@@ -78,7 +78,7 @@ def _distill(cfg: ExperimentConfig, ranks: Ranks, *, cache_location: str | None,
              resume: str | Path | None, select: Select | None) -> RunResult:  # fmt: skip
     say = tqdm.write if ranks.is_main else lambda message: None
     plan = plan_cache(cfg)
-    teacher_depth = AutoConfig.from_pretrained(str(plan.teacher_path)).num_hidden_layers
+    teacher_config = AutoConfig.from_pretrained(str(plan.teacher_path))
     if online:
         if select is not None:
             raise ConfigError("sample selection reads cached teacher statistics; it cannot run with --online")
@@ -91,7 +91,7 @@ def _distill(cfg: ExperimentConfig, ranks: Ranks, *, cache_location: str | None,
         source, cache_key = CacheSource(cache, "train"), cache.key
         stored = {spec.name: spec.layers for spec in cache.manifest.tensors}
     for spec in cfg.distill.students:
-        check_student_fits(cfg, spec, teacher_depth, stored, plan)
+        check_student_fits(cfg, spec, teacher_config.num_hidden_layers, stored, plan)
     run_dir = _run_dir(cfg, resume, ranks, say)
     tokenizer = load_tokenizer(plan.teacher_path)
     test_ids = tokenize(tokenizer, plan.splits["test"], max_length=cfg.data.max_length)
@@ -118,7 +118,7 @@ def _distill(cfg: ExperimentConfig, ranks: Ranks, *, cache_location: str | None,
                 results += [ModelResult(**r) for r in json.loads(record.read_text())]
                 continue
             students = train_pass(cfg, plan, source, run_dir, name, seed=seed, kd=kd, tokenizer=tokenizer, device=device,
-                                  teacher_depth=teacher_depth, live=live, select=select, ranks=ranks)  # fmt: skip
+                                  teacher_config=teacher_config, live=live, select=select, ranks=ranks)  # fmt: skip
             barrier(ranks)
             if not ranks.is_main:  # rank 0 saves, evaluates and reports
                 continue
@@ -141,7 +141,7 @@ def _distill(cfg: ExperimentConfig, ranks: Ranks, *, cache_location: str | None,
 
 
 def train_pass(cfg: ExperimentConfig, plan: CachePlan, source, run_dir: Path, name: str, *, seed: int, kd: bool,
-               tokenizer, device: torch.device, teacher_depth: int, live: LiveTeacher | None = None,
+               tokenizer, device: torch.device, teacher_config, live: LiveTeacher | None = None,
                select: Select | None = None, ranks: Ranks = ALONE) -> list[nn.Module]:  # fmt: skip
     """Train every student (kd) or every baseline (not kd) of one seed on one stream of batches.
 
@@ -154,8 +154,8 @@ def train_pass(cfg: ExperimentConfig, plan: CachePlan, source, run_dir: Path, na
         terms = (spec.loss or cfg.distill.loss) if kd else BASELINE_LOSS
         wants_attention = any(t.kind in ATTENTION_TERMS for t in terms)
         student = build_student(spec, plan, attention_maps=wants_attention).to(device)
-        pairs = layer_pairs(spec, student.config.num_hidden_layers, teacher_depth)
-        teacher_width = AutoConfig.from_pretrained(str(plan.teacher_path)).hidden_size
+        pairs = layer_pairs(spec, student.config.num_hidden_layers, teacher_config.num_hidden_layers)
+        teacher_width = teacher_config.hidden_size
         students.append(student)
         objectives.append(Objective(student, terms, pairs, teacher_width=teacher_width).to(device))
     wanted = sorted({w for objective in objectives for w in objective.wanted})

@@ -19,6 +19,7 @@ worker keeps the shard it is on and reads its next one on a thread meanwhile.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -160,16 +161,15 @@ class StudentStream(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         mine = self.plan(self._epoch)[self._start :][worker::workers]
-        shards = list(dict.fromkeys(shard for shard, _ in mine))  # in the order this worker needs them
+        runs = [(shard, [rows for _, rows in group]) for shard, group in itertools.groupby(mine, key=lambda b: b[0])]
         with ThreadPoolExecutor(1) as reader:  # reads (I/O, checksums, decoding) the next shard meanwhile
-            ahead = {}
-            for shard, rows in mine:
-                if shard not in ahead:
-                    ahead = {shard: ahead.get(shard) or reader.submit(self.source.read, shard, self.wanted)}
-                    following = shards.index(shard) + 1
-                    if following < len(shards):
-                        ahead[shards[following]] = reader.submit(self.source.read, shards[following], self.wanted)
-                yield self._collate(ahead[shard].result(), rows)
+            following = reader.submit(self.source.read, runs[0][0], self.wanted) if runs else None
+            for i, (_, batches) in enumerate(runs):
+                data = following.result()
+                if i + 1 < len(runs):
+                    following = reader.submit(self.source.read, runs[i + 1][0], self.wanted)
+                for rows in batches:
+                    yield self._collate(data, rows)
 
     def _collate(self, data: ShardData, rows: np.ndarray) -> Batch:
         batch = {
