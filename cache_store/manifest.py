@@ -107,6 +107,7 @@ class ShardEntry:
     tokens: int
     files: dict[str, FileEntry]
     arrays: dict[str, tuple[int, ...]]  # stored shape of each Zarr array, e.g. hidden_states/layer_03
+    producer: dict = field(default_factory=dict)  # how its values were computed, e.g. {"precision": "float32"}
 
     @property
     def rows(self) -> int:
@@ -129,6 +130,7 @@ class ShardEntry:
                 tokens=int(raw["tokens"]),
                 files={check_relative(n, where): FileEntry(**e) for n, e in raw["files"].items()},
                 arrays={check_relative(n, where): tuple(s) for n, s in raw["arrays"].items()},
+                producer=dict(raw.get("producer", {})),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise CacheFormatError(f"{where}: malformed shard entry ({e!r})") from e

@@ -121,11 +121,13 @@ def build_shard(
     num_labels: int,
     relative_path: str,
     row_start: int,
+    producer: dict | None = None,
 ) -> ShardEntry:
     """Write one shard's files into the local directory ``staging``; ``shard.json`` goes last.
 
     The files are encoded in memory and checksummed from those bytes, so each is written once
-    and never read back.
+    and never read back. ``producer`` records how the values were computed (the writer's
+    settings that must agree across the shards of one cache).
     """
     files = {ROWS_FILE: _rows_bytes(rows, num_labels)}
     encoded, arrays = {}, {}  # the Zarr store's keys and buffers
@@ -143,6 +145,7 @@ def build_shard(
         tokens=int(rows.lengths.sum()),
         files={name: FileEntry(bytes=len(data), xxh3=checksum(data)) for name, data in sorted(files.items())},
         arrays=arrays,
+        producer=dict(producer or {}),
     )
     (staging / SHARD_ENTRY_NAME).write_text(entry.to_json())
     return entry
@@ -237,8 +240,14 @@ def _fetch_verified(location: Location, entry: ShardEntry, names: list[str]) -> 
 
 
 def verify_shard(location: Location, entry: ShardEntry) -> list[str]:
-    """Every problem with a shard's files (missing, wrong size, wrong checksum); empty when sound."""
+    """Every problem with a shard's files (missing, wrong size, wrong checksum) and with its
+    ``shard.json`` (it must be the manifest's entry for the shard, byte for byte); empty when sound."""
     problems = []
+    try:
+        if location.read_bytes(f"{entry.path}/{SHARD_ENTRY_NAME}") != entry.to_json().encode():
+            problems.append(f"{SHARD_ENTRY_NAME} differs from the manifest's entry for this shard")
+    except FileNotFoundError:
+        problems.append(f"{SHARD_ENTRY_NAME} is missing")
     for name, recorded in entry.files.items():
         try:
             data = location.read_bytes(f"{entry.path}/{name}")

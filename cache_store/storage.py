@@ -87,6 +87,7 @@ class Location:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, target)
+        _fsync_dir(posixpath.dirname(target))
 
     def list_dirs(self, relative: str = "") -> list[str]:
         """Names of the sub-directories (or object prefixes) directly under ``relative``."""
@@ -95,6 +96,15 @@ class Location:
         except FileNotFoundError:
             return []
         return sorted(posixpath.basename(e["name"].rstrip("/")) for e in entries if e["type"] == "directory")
+
+    def file_sizes(self, relative: str) -> dict[str, int]:
+        """Size of every file under ``relative``, by path relative to it (one listing on object stores)."""
+        base = self.path(relative)
+        try:
+            found = self.fs.find(base, detail=True)
+        except FileNotFoundError:
+            return {}
+        return {posixpath.relpath(path, base): int(info["size"]) for path, info in found.items()}
 
     def modified(self, relative: str):
         """The file's modification time as a datetime, or None where the store has none."""
@@ -127,13 +137,16 @@ class Location:
         target = self.path(relative)
         try:
             if self.is_local:
-                os.makedirs(posixpath.dirname(target), exist_ok=True)
+                parent = posixpath.dirname(target)
+                os.makedirs(parent, exist_ok=True)
+                _fsync_tree(staging)  # the data is on disk before the rename makes it visible
                 try:
                     os.rename(staging, target)  # atomic: the whole shard appears at once
                 except OSError:
                     if (Path(target) / last).exists():
                         return False
                     raise
+                _fsync_dir(parent)  # and the rename itself survives a power loss
                 return True
             if self.exists(f"{relative}/{last}"):
                 return False
@@ -144,3 +157,24 @@ class Location:
             return True
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def _fsync_tree(directory: Path) -> None:
+    """fsync every file under ``directory``, then every directory (deepest first)."""
+    folders = []
+    for root, _, files in os.walk(directory):
+        folders.append(root)
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+    for folder in reversed(folders):
+        _fsync_dir(folder)
+
+
+def _fsync_dir(directory: str) -> None:
+    """fsync a directory, so the names created or renamed in it are durable (POSIX local file systems)."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import CacheError
+from .errors import CacheCorruptError, CacheError, CacheFormatError
 from .manifest import MANIFEST_NAME, SHARD_ENTRY_NAME, Manifest, ShardEntry, SplitEntry, TensorSpec
 from .shard import ShardRows, build_shard
 from .storage import Location
@@ -54,13 +54,17 @@ class CacheWriter:
         split_rows: rows per split, in the order they are written.
         shard_rows: rows per shard.
         metadata: JSON recorded in the manifest (teacher, dataset, capture spec).
+        producer: JSON recorded in every shard entry: how this writer computes values (the
+            teacher's precision, say). All shards of a cache must have the same producer, so a
+            resumed or rival writer whose producer differs from a committed shard's is refused.
 
     Raises:
         CacheError: the location already holds a complete cache.
     """
 
     def __init__(self, location, *, key: str, num_labels: int, tensors: list[TensorSpec],
-                 split_rows: dict[str, int], shard_rows: int = 1024, metadata: dict | None = None):  # fmt: skip
+                 split_rows: dict[str, int], shard_rows: int = 1024, metadata: dict | None = None,
+                 producer: dict | None = None):  # fmt: skip
         self.location = location if isinstance(location, Location) else Location(location)
         if self.location.exists(MANIFEST_NAME):
             raise CacheError(f"{self.location} already holds a complete cache; refusing to overwrite it")
@@ -68,7 +72,8 @@ class CacheWriter:
             raise ValueError(f"shard_rows must be > 0; got {shard_rows!r}")
         self.key, self.num_labels, self.shard_rows = key, num_labels, shard_rows
         self.specs = {spec.name: spec for spec in tensors}
-        self.metadata = metadata or {}
+        self.metadata, self.producer = metadata or {}, dict(producer or {})
+        self.damaged: list[str] = []  # committed shards found damaged by pending(), removed to be recomputed
         self.tasks = [
             ShardTask(split, k, start, min(start + shard_rows, rows))
             for split, rows in split_rows.items()
@@ -86,14 +91,55 @@ class CacheWriter:
         return self.location.exists(f"{task.path}/{SHARD_ENTRY_NAME}")
 
     def pending(self, *, num_shards: int = 1, shard_index: int = 0) -> list[ShardTask]:
-        """The shards this writer should fill: every ``num_shards``-th from ``shard_index``, not yet committed.
+        """The shards this writer should fill: every ``num_shards``-th from ``shard_index``, not yet
+        committed, or committed but damaged.
 
-        Writers running side by side should check ``is_committed`` again just before
-        computing a shard, to skip what another finished meanwhile.
+        A committed shard is trusted only when its entry parses and describes that shard,
+        and each of its files has the recorded size (a cheap check: one listing; the
+        checksums are verified whenever the shard is read). A damaged one (a power loss
+        before its data reached the disk, say) is removed, to be computed again, and noted
+        in ``damaged``. Writers running side by side should check ``is_committed`` again
+        just before computing a shard, to skip what another finished meanwhile.
+
+        Raises:
+            CacheFormatError: a committed shard was computed by another producer (precision).
         """
         if not 0 <= shard_index < num_shards:
             raise ValueError(f"shard_index must be in [0, {num_shards}); got {shard_index!r}")
-        return [t for i, t in enumerate(self.tasks) if i % num_shards == shard_index and not self.is_committed(t)]
+        todo = []
+        for task in self.tasks[shard_index::num_shards]:
+            problem = self.shard_problem(task) if self.is_committed(task) else "not committed"
+            if problem is not None and problem != "not committed":
+                self.damaged.append(f"{task.path}: {problem}")
+                self.location.remove(task.path)
+            if problem is not None:
+                todo.append(task)
+        return todo
+
+    def shard_problem(self, task: ShardTask) -> str | None:
+        """Why the committed shard of ``task`` cannot be trusted, or None when it can.
+
+        Raises:
+            CacheFormatError: the shard was computed by another producer than this writer.
+        """
+        where = f"{self.location}/{task.path}/{SHARD_ENTRY_NAME}"
+        try:
+            entry = ShardEntry.from_raw(json.loads(self.location.read_bytes(f"{task.path}/{SHARD_ENTRY_NAME}")), where)
+        except (ValueError, CacheFormatError, FileNotFoundError) as e:
+            return f"{SHARD_ENTRY_NAME} is unreadable ({e})"
+        if (entry.path, entry.row_start, entry.row_end) != (task.path, task.row_start, task.row_end):
+            return f"{SHARD_ENTRY_NAME} describes {entry.path} rows {entry.row_start}..{entry.row_end}"
+        if entry.producer != self.producer:
+            raise CacheFormatError(
+                f"cache {self.key}: shard {task.path} was computed with {_settings(entry.producer)}, this run "
+                f"computes {_settings(self.producer)}; one cache never mixes them (resume it with the settings "
+                "it was started with)"
+            )
+        sizes = self.location.file_sizes(task.path)
+        for name, recorded in entry.files.items():
+            if sizes.get(name) != recorded.bytes:
+                return f"{name} has {sizes.get(name, 'no')} bytes, its entry says {recorded.bytes}"
+        return None
 
     def write_shard(
         self, task: ShardTask, rows: ShardRows, tensors: dict[tuple[str, int], list[np.ndarray]]
@@ -108,7 +154,7 @@ class CacheWriter:
             raise ValueError(f"logits must be ({len(rows)}, {self.num_labels}); got {rows.logits.shape}")
         staging = self.location.staging_dir(task.path.replace("/", "-"))
         entry = build_shard(staging, rows, tensors, self.specs, num_labels=self.num_labels,
-                            relative_path=task.path, row_start=task.row_start)  # fmt: skip
+                            relative_path=task.path, row_start=task.row_start, producer=self.producer)  # fmt: skip
         committed = self.location.commit_dir(staging, task.path, last=SHARD_ENTRY_NAME)
         self._beat()
         return entry if committed else None
@@ -121,10 +167,21 @@ class CacheWriter:
         self.location.remove(self._heartbeat)
 
     def finish(self) -> Manifest | None:
-        """Write the manifest if every shard is committed and return it; None while some are missing."""
+        """Write the manifest if every shard is committed and sound, and return it; None while some are missing.
+
+        Raises:
+            CacheCorruptError: a committed shard is damaged (a rerun recomputes it).
+            CacheFormatError: shards of different producers.
+        """
         if self.committed_count() < len(self.tasks):
             self.close()
             return None
+        damaged = [f"{task.path}: {problem}" for task in self.tasks if (problem := self.shard_problem(task))]
+        if damaged:
+            self.close()
+            raise CacheCorruptError(
+                f"cache {self.key} at {self.location}: damaged shards {damaged}; run the capture again to recompute them"
+            )
         entries = self.location.read_many([f"{task.path}/{SHARD_ENTRY_NAME}" for task in self.tasks])
         splits: dict[str, list[ShardEntry]] = {}
         for task in self.tasks:
@@ -154,7 +211,9 @@ class BackgroundWriter:
 
     At most ``depth`` shards wait in the queue (bounded memory): ``submit`` blocks while it
     is full. An error on the thread is raised by the next ``submit`` or by ``close``.
-    Use as a context manager; leaving it waits for every submitted shard.
+    Use as a context manager; leaving it waits for every submitted shard, so work that was
+    finished is committed even when the caller fails. Of two errors, the one that came
+    first is raised, and the other is attached to it as a note.
 
     Args:
         on_commit: called on the thread with each shard's entry (None: another writer had it).
@@ -196,8 +255,20 @@ class BackgroundWriter:
     def __enter__(self) -> BackgroundWriter:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, kind, error, traceback) -> None:
+        earlier = self._error  # the thread failed before the caller did: that is the first error
+        try:
+            self.close()
+        except BaseException as writer_error:
+            if error is None or writer_error is earlier:
+                if error is not None:
+                    writer_error.add_note(f"then the caller failed too: {error!r}")
+                raise writer_error from None
+            error.add_note(f"the cache writer failed too: {writer_error!r}")
+
+
+def _settings(values: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(values.items())) or "no recorded settings"
 
 
 def _remove_stale(location: Location) -> None:

@@ -7,6 +7,7 @@ interrupted and parallel writers end with the same bytes, and caches list, copy 
 from __future__ import annotations
 
 import json
+import time
 import uuid
 
 import numpy as np
@@ -62,9 +63,10 @@ def specs(hidden_dtype="float16", attention_dtype="float16", codec="zstd", quant
     ]
 
 
-def new_writer(location, **spec_options) -> CacheWriter:
+def new_writer(location, producer=None, **spec_options) -> CacheWriter:
     return CacheWriter(location, key="k1", num_labels=LABELS, tensors=specs(**spec_options), split_rows=SPLITS,
-                       shard_rows=5, metadata={"teacher": "t", "dataset": "d"})  # fmt: skip
+                       shard_rows=5, metadata={"teacher": "t", "dataset": "d"},
+                       producer=producer or {"precision": "float32"})  # fmt: skip
 
 
 def shard_content(task):
@@ -217,6 +219,51 @@ class CacheStoreContract:
             location.write_bytes(f"{entry.path}/{name}", bytes(data))
         assert verify_cache(cache_url) == {}
 
+    def test_flipped_byte_in_a_shard_entry_is_named_by_verify(self, cache_url):
+        fill(new_writer(cache_url))
+        location = Location(cache_url)
+        entry = open_cache(cache_url).shards("train")[0]
+        name = f"{entry.path}/shard.json"
+        original = location.read_bytes(name)
+        rng = np.random.default_rng(0)
+        for position in rng.choice(len(original), 6, replace=False):  # as a user flipping bytes at random would
+            data = bytearray(original)
+            data[position] ^= 1 << int(rng.integers(8))
+            location.write_bytes(name, bytes(data))
+            assert verify_cache(cache_url) == {
+                entry.path: ["shard.json differs from the manifest's entry for this shard"]
+            }
+        location.write_bytes(name, original)
+        assert verify_cache(cache_url) == {}
+
+    def test_resume_recomputes_a_committed_shard_whose_files_are_short(self, root):
+        """A power loss can leave shard.json over data that never reached the disk: resume must not trust it."""
+        reference = Location(f"{root}/reference")
+        fill(new_writer(reference))
+        target = Location(f"{root}/short")
+        assert fill(new_writer(target), stop_after=2) is None
+        damaged = "train/shard-00001/rows.arrow"
+        target.write_bytes(damaged, target.read_bytes(damaged)[:100])  # truncated, its entry still says otherwise
+        resumed = new_writer(target)
+        assert [t.path for t in resumed.pending()][:1] == ["train/shard-00001"]
+        assert resumed.damaged and resumed.damaged[0].startswith("train/shard-00001: rows.arrow has 100 bytes")
+        assert fill(resumed) is not None
+        assert snapshot(target) == snapshot(reference)
+
+    def test_a_cache_never_mixes_producers(self, root):
+        """Resuming, or filling beside, a cache whose shards another precision computed is refused in one line."""
+        target = Location(f"{root}/mixed")
+        assert fill(new_writer(target), stop_after=2) is None
+        other = new_writer(target, producer={"precision": "bfloat16"})
+        with pytest.raises(CacheFormatError, match="shard train/shard-00000 was computed with precision=float32, "
+                           "this run computes precision=bfloat16; one cache never mixes them"):  # fmt: skip
+            other.pending()
+        rival = Location(f"{root}/rival")
+        assert fill(new_writer(rival), num_shards=2, shard_index=0) is None
+        with pytest.raises(CacheFormatError, match="computed with precision=float32, this run computes precision=bf"):
+            fill(new_writer(rival, producer={"precision": "bfloat16"}), num_shards=2, shard_index=1)
+        assert not rival.exists(MANIFEST_NAME)
+
     def test_missing_file_is_named(self, cache_url):
         fill(new_writer(cache_url))
         entry = open_cache(cache_url).shards("validation")[0]
@@ -350,3 +397,64 @@ def test_listing_a_partial_cache_with_no_committed_shard(tmp_path):
     new_writer(tmp_path / "root" / "starting")  # a heartbeat, nothing committed yet
     (listing,) = list_caches(tmp_path / "root")
     assert not listing.complete and listing.rows == 0
+
+
+def test_shard_files_and_directories_are_fsynced_before_the_rename_that_commits_them(tmp_path, monkeypatch):
+    import os
+
+    import cache_store.storage as storage
+
+    events = []
+    real_fsync, real_rename = os.fsync, os.rename
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def rename(src, dst):
+        events.append(("rename", str(src), str(dst)))
+        real_rename(src, dst)
+
+    monkeypatch.setattr(storage.os, "fsync", fsync)
+    monkeypatch.setattr(storage.os, "rename", rename)
+    writer = new_writer(tmp_path / "c")
+    task = writer.pending()[0]
+    entry = writer.write_shard(task, *shard_content(task))
+    (commit,) = [i for i, e in enumerate(events) if e[0] == "rename"]
+    staging, target = events[commit][1:]
+    assert target == str(tmp_path / "c" / task.path)
+    synced = {os.path.relpath(e[1], staging) for e in events[:commit] if e[0] == "fsync"}
+    assert set(entry.files) | {"shard.json", ".", "tensors.zarr"} <= synced  # every file and folder, first
+    assert ("fsync", str(tmp_path / "c" / "train")) in events[commit:]  # then the rename itself
+
+
+class _Failing(CacheWriter):
+    """A writer whose disk fills up, after ``delay`` seconds."""
+
+    delay = 0.0
+
+    def write_shard(self, task, rows, tensors):
+        time.sleep(self.delay)
+        raise OSError("disk full")
+
+
+def test_of_two_errors_the_first_is_raised_and_the_other_noted(tmp_path):
+    from cache_store import BackgroundWriter
+
+    writer = _Failing(tmp_path / "a", key="k1", num_labels=LABELS, tensors=specs(), split_rows=SPLITS, shard_rows=5)
+    task = writer.pending()[0]
+    with pytest.raises(OSError, match="disk full") as raised:  # the writer failed first, then the caller
+        with BackgroundWriter(writer) as background:
+            background.submit(task, *shard_content(task))
+            while background._error is None:
+                time.sleep(0.01)
+            raise ValueError("the caller's own")
+    assert raised.value.__notes__ == ['then the caller failed too: ValueError("the caller\'s own")']
+
+    writer = _Failing(tmp_path / "b", key="k1", num_labels=LABELS, tensors=specs(), split_rows=SPLITS, shard_rows=5)
+    writer.delay = 0.3
+    with pytest.raises(ValueError, match="the caller's own") as raised:  # the caller failed first
+        with BackgroundWriter(writer) as background:
+            background.submit(task, *shard_content(task))
+            raise ValueError("the caller's own")
+    assert raised.value.__notes__ == ["the cache writer failed too: OSError('disk full')"]
