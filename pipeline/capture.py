@@ -27,7 +27,7 @@ from cache_store import (
 from cache_store.shard import build_shard
 
 from .config import CaptureConfig, ConfigError, ExperimentConfig
-from .data import TextData, load_splits, tokenize
+from .data import Splits, load_splits, tokenize
 from .models import load_classifier, load_tokenizer, model_files
 from .runtime import ALONE, Ranks, autocast, barrier, process_group, resolve_device, resolve_precision
 from .teacher import require_teacher
@@ -52,8 +52,9 @@ class CachePlan:
     key: str
     location: Location
     teacher_path: Path
-    splits: dict[str, TextData]
+    splits: Splits
     token_ids: dict[str, list[np.ndarray]]
+    teacher_fingerprint: str  # the teacher's files (weights, config, tokenizer): which teacher this is
     data_fingerprint: str  # token ids, lengths, labels and example ids of the captured splits
     tokenizer_fingerprint: str  # the vocabulary the token ids refer to
 
@@ -79,11 +80,14 @@ def capture_identity(capture: CaptureConfig) -> dict:
 def plan_cache(cfg: ExperimentConfig) -> CachePlan:
     """Load and tokenize the data, locate the teacher, and compute the cache key.
 
-    The key hashes the teacher's files (weights, config, tokenizer), the token ids, labels
-    and example ids of every captured split, the capture settings and the format version.
+    The key chains the teacher's fingerprint (its files: weights, config, tokenizer), the
+    data fingerprint (token ids, labels and example ids of every captured split), the
+    capture settings and the format version.
     """
     splits = load_splits(cfg.data, seed=cfg.seed)
     teacher_path, _ = require_teacher(cfg, splits)
+    teacher_fp = Fingerprint("kdcache-teacher-files").update_files("teacher", teacher_path, model_files(teacher_path))
+    teacher_fp = teacher_fp.hexdigest()
     tokenizer = load_tokenizer(teacher_path)
     token_ids = {name: tokenize(tokenizer, splits[name], max_length=cfg.data.max_length) for name in CAPTURED_SPLITS}
     data = Fingerprint("kdcache-data")
@@ -94,11 +98,12 @@ def plan_cache(cfg: ExperimentConfig) -> CachePlan:
         data.update_array(f"{name}/example_id", splits[name].example_id)
     data_fp = data.hexdigest()
     fp = Fingerprint("kdcache-cache").update_json("format_version", FORMAT_VERSION)
-    fp.update_files("teacher", teacher_path, model_files(teacher_path)).update_json("data", data_fp)
+    fp.update_json("teacher", teacher_fp).update_json("data", data_fp)
     fp.update_json("capture", capture_identity(cfg.capture))
     key = fp.hexdigest()
     location = Location(cfg.capture.cache_root) / key
-    return CachePlan(key, location, teacher_path, splits, token_ids, data_fp, tokenizer_fingerprint(tokenizer))
+    return CachePlan(key, location, teacher_path, splits, token_ids, teacher_fp, data_fp,
+                     tokenizer_fingerprint(tokenizer))  # fmt: skip
 
 
 def run_capture(cfg: ExperimentConfig, *, num_shards: int = 1, shard_index: int = 0) -> CaptureResult:
@@ -126,6 +131,7 @@ def run_capture(cfg: ExperimentConfig, *, num_shards: int = 1, shard_index: int 
 def _capture(cfg: ExperimentConfig, ranks: Ranks, *, num_shards: int, shard_index: int) -> CaptureResult:
     say = print if ranks.is_main else lambda *args: None
     plan = plan_cache(cfg)
+    say(plan.splits.summary())
     if plan.location.exists(MANIFEST_NAME):
         manifest = open_cache(plan.location).manifest
         say(f"reused cache {plan.key} at {plan.location} ({manifest.rows} rows, {manifest.bytes / 1e6:.1f} MB)")
@@ -150,22 +156,26 @@ def fill_cache(cfg: ExperimentConfig, plan: CachePlan, model, *, ranks: Ranks = 
         tensors=tensor_specs(cfg, model.config),
         split_rows={name: len(plan.token_ids[name]) for name in CAPTURED_SPLITS},
         shard_rows=capture.shard_rows,
+        producer={"precision": str(precision).removeprefix("torch.")},
         metadata={
             "teacher": str(plan.teacher_path),
+            "teacher_fingerprint": plan.teacher_fingerprint,
             "dataset": cfg.data.dataset,
             "label_names": list(plan.splits["train"].label_names),
             "max_length": cfg.data.max_length,
             "data_fingerprint": plan.data_fingerprint,
             "tokenizer_fingerprint": plan.tokenizer_fingerprint,
+            "dropped_test_overlap": plan.splits.test_overlap,
             "capture": {**dataclasses.asdict(capture), "cache_root": None},
             "device": device.type,
-            "precision": str(precision).removeprefix("torch."),
         },
     )
+    todo = writer.pending(num_shards=num_shards, shard_index=shard_index)
+    for problem in writer.damaged:
+        say(f"capture: committed shard {problem}; computing it again")
     done = writer.committed_count()
     if done:
         say(f"resuming cache {plan.key}: {done} of {len(writer.tasks)} shards already committed")
-    todo = writer.pending(num_shards=num_shards, shard_index=shard_index)
     forward = TeacherForward(model, Collator.for_model(load_tokenizer(plan.teacher_path), model.config), capture,
                              device=device, precision=precision)  # fmt: skip
     written = 0  # bytes committed, counted on the writer's thread

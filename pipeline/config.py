@@ -191,6 +191,12 @@ class StudentConfig:
 
     def __post_init__(self):
         given = [self.teacher_layers is not None, self.pretrained is not None, self.architecture is not None]
+        bad_pairs = [list(p) for p in self.layer_map or () if len(p) != 2 or min(p) < 0]
+        _check(
+            not bad_pairs,
+            f"student {self.name!r}: layer_map must list [student layer, teacher layer] pairs of layers >= 0; "
+            f"got {bad_pairs}",
+        )
         _check(
             sum(given) == 1, f"student {self.name!r}: give exactly one of teacher_layers, pretrained or architecture"
         )
@@ -209,6 +215,7 @@ class DistillConfig:
     warmup_ratio: float = 0.1
     seeds: tuple[int, ...] = (0,)  # each student (and baseline) is trained once per seed
     baselines: bool = True  # also train each student architecture on hard labels only
+    baseline_epochs: int | None = None  # None: enough epochs for each baseline to take at least its student's steps
     block_rows: int = 256  # rows read and shuffled together within a shard
     buffer_rows: int = 1024  # shuffle buffer: its rows are batched by length, the batches shuffled
     loader_workers: int = 0  # DataLoader worker processes (0: read in the training process)
@@ -224,6 +231,10 @@ class DistillConfig:
         for name in ("block_rows", "buffer_rows", "checkpoint_steps"):
             _check(getattr(self, name) > 0, f"distill.{name} must be > 0; got {getattr(self, name)!r}")
         _check(self.loader_workers >= 0, f"distill.loader_workers must be >= 0; got {self.loader_workers!r}")
+        _check(
+            self.baseline_epochs is None or self.baseline_epochs >= 1,
+            f"distill.baseline_epochs must be >= 1 or null; got {self.baseline_epochs!r}",
+        )
 
 
 @dataclass(frozen=True)
@@ -308,7 +319,13 @@ def _convert(hint, value, where: str):
     if origin in (typing.Union, types.UnionType):
         if value is None:
             return None
-        return _convert(next(a for a in args if a is not type(None)), value, where)
+        options = [a for a in args if a is not type(None)]
+        for option in options[:-1]:  # the first type that takes the value (int | float: 3 stays an int, 0.2 a float)
+            try:
+                return _convert(option, value, where)
+            except ConfigError:
+                pass
+        return _convert(options[-1], value, where)
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, where)
     if origin is tuple:
@@ -317,6 +334,8 @@ def _convert(hint, value, where: str):
         return tuple(_convert(item, v, f"{where}[{i}]") for i, v in enumerate(value))
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is str and isinstance(value, int) and not isinstance(value, bool):
+        return str(value)  # label_names: [0, 1] in YAML names the classes "0" and "1"
     if hint in (int, float, str, bool):
         _check(
             isinstance(value, hint) and not (hint is int and isinstance(value, bool)),

@@ -6,6 +6,7 @@ Any CSV/TSV/JSON/JSONL/Parquet file or saved Hugging Face dataset works, read th
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,11 +87,40 @@ def _size(value: int | float, total: int) -> int:
     return int(round(value * total)) if isinstance(value, float) else int(value)
 
 
-def split_data(data: TextData, cfg: DataConfig, *, seed: int) -> dict[str, TextData]:
+@dataclass(frozen=True)
+class Splits:
+    """A data set cut into train, validation and test, and what was dropped to keep test held out."""
+
+    parts: dict[str, TextData]  # split name -> its rows
+    test_overlap: dict[str, int]  # train, validation -> rows dropped because their text is also in test
+
+    def __getitem__(self, name: str) -> TextData:
+        return self.parts[name]
+
+    def __iter__(self):
+        return iter(self.parts)
+
+    def summary(self) -> str:
+        """One line: the rows per split, the labeled training rows, and the test overlap dropped."""
+        sizes = ", ".join(f"{name} {len(self.parts[name])}" for name in SPLITS)
+        labeled = int((self.parts["train"].labels != UNLABELED).sum())
+        dropped = " and ".join(f"{n} {name}" for name, n in self.test_overlap.items())
+        return f"data: {sizes} rows ({labeled} labeled train rows); dropped {dropped} rows whose text is also in test"
+
+
+def normalized(texts: tuple[str, ...]) -> tuple[str, ...]:
+    """A row's texts as compared for overlap: Unicode NFKC, case-folded, whitespace collapsed."""
+    return tuple(" ".join(unicodedata.normalize("NFKC", t).casefold().split()) for t in texts)
+
+
+def split_data(data: TextData, cfg: DataConfig, *, seed: int) -> Splits:
     """Shuffle with ``seed`` and cut into test, validation and train (in that order).
 
-    With ``labeled_train_size`` set, only that many training rows keep their label; the
-    others become unlabeled transfer text that the teacher labels through the cache.
+    Train and validation rows whose normalized text (``normalized``) equals a test row's
+    are dropped, so the test split measures unseen text. With ``labeled_train_size`` set,
+    only that many training rows, drawn at random (seeded) so they spread over the cache's
+    shards, keep their label; the others become unlabeled transfer text that the teacher
+    labels through the cache.
     """
     order = np.random.default_rng(seed).permutation(len(data))
     if cfg.max_examples is not None:
@@ -101,20 +131,26 @@ def split_data(data: TextData, cfg: DataConfig, *, seed: int) -> dict[str, TextD
             f"data: {len(order)} rows cannot give test_size={cfg.test_size}, "
             f"validation_size={cfg.validation_size} and a training split"
         )
-    splits = {
-        "test": data.take(order[:n_test]),
-        "validation": data.take(order[n_test : n_test + n_val]),
-        "train": data.take(order[n_test + n_val :]),
-    }
-    if cfg.labeled_train_size is not None and cfg.labeled_train_size < len(splits["train"]):
-        train = splits["train"]
-        labels = train.labels.copy()
-        labels[cfg.labeled_train_size :] = UNLABELED
-        splits["train"] = TextData(train.example_id, train.texts, labels, train.label_names)
-    return splits
+    test = data.take(order[:n_test])
+    held_out = {normalized(t) for t in test.texts}
+    parts, overlap = {"test": test}, {}
+    for name, index in (("validation", order[n_test : n_test + n_val]), ("train", order[n_test + n_val :])):
+        fresh = np.array([normalized(data.texts[i]) not in held_out for i in index], dtype=bool)
+        parts[name], overlap[name] = data.take(index[fresh]), int((~fresh).sum())
+    if not len(parts["train"]) or not len(parts["validation"]):
+        raise ConfigError(f"data: every train or validation row also appears in test ({overlap})")
+    train = parts["train"]
+    if cfg.labeled_train_size is not None and cfg.labeled_train_size < len(train):
+        labeled = np.zeros(len(train), dtype=bool)
+        labeled[np.random.default_rng([seed, 1]).choice(len(train), cfg.labeled_train_size, replace=False)] = True
+        parts["train"] = TextData(train.example_id, train.texts, np.where(labeled, train.labels, UNLABELED),
+                                  train.label_names)  # fmt: skip
+    return Splits(
+        {name: parts[name] for name in SPLITS}, {"train": overlap["train"], "validation": overlap["validation"]}
+    )
 
 
-def load_splits(cfg: DataConfig, *, seed: int) -> dict[str, TextData]:
+def load_splits(cfg: DataConfig, *, seed: int) -> Splits:
     """Load the configured data set and split it."""
     return split_data(load_text_data(load_dataset_spec(cfg.dataset)), cfg, seed=seed)
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -23,8 +24,9 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from cache_store import CacheNotFoundError, Location, open_cache
+from cache_store.shard import decode, encode
 
-from .capture import ATTENTION, HIDDEN, CachePlan, plan_cache, tokenizer_fingerprint
+from .capture import ATTENTION, HIDDEN, CachePlan, plan_cache, tensor_specs, tokenizer_fingerprint
 from .config import ConfigError, ExperimentConfig, StudentConfig
 from .data import tokenize
 from .losses import ATTENTION_TERMS, HIDDEN_TERMS
@@ -42,7 +44,17 @@ from .objective import BASELINE_LOSS, Objective, layer_pairs
 from .report import ModelResult, write_report
 from .runtime import ALONE, Ranks, barrier, process_group, resolve_device
 from .streaming import CacheSource, Select, StudentStream, TokenSource
-from .training import Checkpoint, Collator, Learner, classification_metrics, evaluate, fit, predict_logits
+from .teacher import TEACHER_RECORD
+from .training import (
+    Checkpoint,
+    Collator,
+    EpochRecord,
+    Learner,
+    classification_metrics,
+    evaluate,
+    fit,
+    predict_logits,
+)
 
 CONFIG_RECORD = "config.json"
 
@@ -84,30 +96,44 @@ def _distill(cfg: ExperimentConfig, ranks: Ranks, *, cache_location: str | None,
             raise ConfigError("sample selection reads cached teacher statistics; it cannot run with --online")
         train = plan.splits["train"]
         source = TokenSource(plan.token_ids["train"], train.labels, train.example_id, shard_rows=cfg.capture.shard_rows)
-        stored, cache_key = None, None
+        stored, stored_heads, cache_key = None, cfg.capture.attention_heads, None
         say("distill: the teacher runs live on every batch (--online)")
     else:
         cache = _open_checked(plan, cache_location, say)
         source, cache_key = CacheSource(cache, "train"), cache.key
         stored = {spec.name: spec.layers for spec in cache.manifest.tensors}
+        heads = cache.manifest.metadata.get("capture", {}).get("attention_heads")
+        stored_heads = tuple(heads) if heads is not None else None
     for spec in cfg.distill.students:
-        check_student_fits(cfg, spec, teacher_config.num_hidden_layers, stored, plan)
+        check_student_fits(cfg, spec, teacher_config, stored, stored_heads, plan)
     run_dir = _run_dir(cfg, resume, ranks, say)
     tokenizer = load_tokenizer(plan.teacher_path)
     test_ids = tokenize(tokenizer, plan.splits["test"], max_length=cfg.data.max_length)
     test_labels = plan.splits["test"].labels
     device = resolve_device(cfg.device, ranks)
+    epochs = {True: cfg.distill.epochs, False: baseline_epochs(cfg, source, tokenizer, select=select, ranks=ranks)}
+    if cfg.distill.baselines:
+        say(f"distill: students train {epochs[True]} epochs, baselines {epochs[False]} "
+            "(at least as many optimizer steps as their students)")  # fmt: skip
 
-    def evaluated(model, name, role, seed, directory, baseline=None) -> ModelResult:
+    def evaluated(model, name, role, seed, directory, history, baseline=None) -> ModelResult:
         result = evaluate(model.to(device), test_ids, test_labels, collate=Collator.for_model(tokenizer, model.config))
         say(f"{name} ({role}, seed {seed}): test accuracy {result.accuracy:.4f}")
+        best = max(history, key=lambda h: h.validation_accuracy) if history else None
         return ModelResult(name=name, role=role, seed=seed, accuracy=result.accuracy, macro_f1=result.macro_f1,
                            params=count_parameters(model), size_bytes=directory_bytes(directory),
-                           examples_per_s=result.examples_per_s, path=str(directory), baseline=baseline)  # fmt: skip
+                           examples_per_s=result.examples_per_s, path=str(directory),
+                           steps=history[-1].steps if history else None, best_epoch=best.epoch if best else None,
+                           baseline=baseline)  # fmt: skip
 
     teacher = load_classifier(plan.teacher_path)
-    results = [evaluated(teacher, "teacher", "teacher", cfg.seed, plan.teacher_path)] if ranks.is_main else []
-    live = LiveTeacher(teacher.to(device).eval()) if online else None
+    if ranks.is_main:
+        results = [
+            evaluated(teacher, "teacher", "teacher", cfg.seed, plan.teacher_path, teacher_history(plan.teacher_path))
+        ]
+    else:
+        results = []
+    live = LiveTeacher(teacher.to(device).eval(), cfg, tokenizer) if online else None
     if not online:
         del teacher
     for seed in cfg.distill.seeds:
@@ -117,18 +143,20 @@ def _distill(cfg: ExperimentConfig, ranks: Ranks, *, cache_location: str | None,
             if record.exists():  # finished before the run was interrupted
                 results += [ModelResult(**r) for r in json.loads(record.read_text())]
                 continue
-            students = train_pass(cfg, plan, source, run_dir, name, seed=seed, kd=kd, tokenizer=tokenizer, device=device,
-                                  teacher_config=teacher_config, live=live, select=select, ranks=ranks)  # fmt: skip
+            trained = train_pass(cfg, plan, source, run_dir, name, seed=seed, kd=kd, epochs=epochs[kd],
+                                 tokenizer=tokenizer, device=device, teacher_config=teacher_config,
+                                 stored_heads=stored_heads, live=live, select=select, ranks=ranks)  # fmt: skip
             barrier(ranks)
             if not ranks.is_main:  # rank 0 saves, evaluates and reports
                 continue
             done = []
-            for spec, student in zip(cfg.distill.students, students, strict=True):
+            for spec, (student, history) in zip(cfg.distill.students, trained, strict=True):
                 model_name = spec.name if kd else f"{spec.name}-no-kd"
                 directory = run_dir / "models" / f"{model_name}-seed{seed}"
                 save_model(student, tokenizer, directory)
                 baseline = f"{spec.name}-no-kd" if kd and cfg.distill.baselines else None
-                done.append(evaluated(student, model_name, "student" if kd else "baseline", seed, directory, baseline))
+                role = "student" if kd else "baseline"
+                done.append(evaluated(student, model_name, role, seed, directory, history, baseline))
             record.parent.mkdir(exist_ok=True)
             record.write_text(json.dumps([dataclasses.asdict(r) for r in done], indent=1))
             for path in (run_dir / "checkpoints").glob(f"{name}*.pt"):
@@ -140,34 +168,98 @@ def _distill(cfg: ExperimentConfig, ranks: Ranks, *, cache_location: str | None,
     return RunResult(run_dir, results)
 
 
+def teacher_history(teacher_path: Path) -> list[EpochRecord]:
+    """The fine-tuned teacher's epochs (steps and validation), from its record; empty for a ready-made one."""
+    record = teacher_path / TEACHER_RECORD
+    if not record.exists():
+        return []
+    raw = json.loads(record.read_text())
+    return [EpochRecord(**h) for h in raw.get("history", []) if "steps" in h]
+
+
+def student_stream(cfg: ExperimentConfig, source, tokenizer, *, seed: int, kd: bool,
+                   wanted: list[tuple[str, int]] = (), select: Select | None = None,
+                   ranks: Ranks = ALONE) -> StudentStream:  # fmt: skip
+    """The stream of one pass: every row for students (kd), labeled rows only for baselines.
+
+    Its batches carry every input any model of the tokenizer takes; each model picks its own.
+    """
+    return StudentStream(source, collate=Collator.for_tokenizer(tokenizer), batch_size=cfg.distill.batch_size,
+                         seed=seed, wanted=wanted, labeled_only=not kd, select=select,
+                         block_rows=cfg.distill.block_rows, buffer_rows=cfg.distill.buffer_rows, rank=ranks.rank,
+                         world=ranks.world)  # fmt: skip
+
+
+def baseline_epochs(cfg: ExperimentConfig, source, tokenizer, *, select: Select | None = None,
+                    ranks: Ranks = ALONE) -> int:  # fmt: skip
+    """Epochs for the baselines: ``distill.baseline_epochs``, or by default the fewest that give a
+    baseline at least as many optimizer steps as its student (it sees only the labeled rows, so
+    each of its epochs is shorter). A baseline keeps its best validation epoch, as a student does.
+    """
+    if cfg.distill.baseline_epochs is not None:
+        return cfg.distill.baseline_epochs
+    student_steps = cfg.distill.epochs * len(student_stream(cfg, source, tokenizer, seed=0, kd=True, select=select,
+                                                             ranks=ranks))  # fmt: skip
+    per_epoch = len(student_stream(cfg, source, tokenizer, seed=0, kd=False, select=select, ranks=ranks))
+    return max(cfg.distill.epochs, -(-student_steps // per_epoch)) if per_epoch else cfg.distill.epochs
+
+
+def require_batches(stream: StudentStream, pass_name: str) -> None:
+    """Refuse a pass in which some rank would take no optimizer step (its result would be an untrained model)."""
+    counts = stream.batches_per_rank()
+    empty = [rank for rank, n in enumerate(counts) if n == 0]
+    if empty:
+        where = f"rank {empty[0]} of {stream.world}" if stream.world > 1 else "this run"
+        what = "labeled rows" if stream.labeled_only else "rows"
+        raise ConfigError(
+            f"pass {pass_name}: {where} gets no batch: its shards ({len(stream.source)} in all, every "
+            f"{stream.world}-th per rank) hold no {what} to train on; use fewer ranks, smaller capture.shard_rows "
+            "or more labeled rows"
+        )
+
+
 def train_pass(cfg: ExperimentConfig, plan: CachePlan, source, run_dir: Path, name: str, *, seed: int, kd: bool,
-               tokenizer, device: torch.device, teacher_config, live: LiveTeacher | None = None,
-               select: Select | None = None, ranks: Ranks = ALONE) -> list[nn.Module]:  # fmt: skip
+               epochs: int, tokenizer, device: torch.device, teacher_config,
+               stored_heads: tuple[int, ...] | None = None, live: LiveTeacher | None = None,
+               select: Select | None = None, ranks: Ranks = ALONE) -> list[tuple[nn.Module, list[EpochRecord]]]:  # fmt: skip
     """Train every student (kd) or every baseline (not kd) of one seed on one stream of batches.
 
-    Under torchrun each rank streams its own part and DDP averages the gradients.
-    Returns the students, each holding its best validation epoch's weights.
+    Under torchrun each rank streams its own part and DDP averages the gradients. Each
+    model takes the inputs its own kind takes (segment ids or not), in training,
+    validation and test alike.
+
+    Args:
+        stored_heads: the teacher's attention heads the cache holds (None: all); students
+            compare the same heads of their own maps.
+
+    Returns:
+        Per student: the model holding its best validation epoch's weights, and its epochs.
+
+    Raises:
+        ConfigError: some rank would get no batch.
     """
-    students, objectives = [], []
+    students, objectives, collators = [], [], []
     for spec in cfg.distill.students:
         torch.manual_seed(seed)
         terms = (spec.loss or cfg.distill.loss) if kd else BASELINE_LOSS
         wants_attention = any(t.kind in ATTENTION_TERMS for t in terms)
         student = build_student(spec, plan, attention_maps=wants_attention).to(device)
         pairs = layer_pairs(spec, student.config.num_hidden_layers, teacher_config.num_hidden_layers)
-        teacher_width = teacher_config.hidden_size
+        collate = Collator.for_model(tokenizer, student.config)
+        objective = Objective(student, terms, pairs, teacher_width=teacher_config.hidden_size, inputs=collate.inputs,
+                              attention_heads=stored_heads)  # fmt: skip
         students.append(student)
-        objectives.append(Objective(student, terms, pairs, teacher_width=teacher_width).to(device))
+        objectives.append(objective.to(device))
+        collators.append(collate)
     wanted = sorted({w for objective in objectives for w in objective.wanted})
-    collate = Collator.for_model(tokenizer, students[0].config)
-    stream = StudentStream(source, collate=collate, batch_size=cfg.distill.batch_size, seed=seed,
-                           wanted=wanted if live is None else [],  # the live teacher adds them to each batch
-                           labeled_only=not kd, select=select, block_rows=cfg.distill.block_rows,
-                           buffer_rows=cfg.distill.buffer_rows, rank=ranks.rank, world=ranks.world)  # fmt: skip
-    total = cfg.distill.epochs * len(stream)
+    stream = student_stream(
+        cfg, source, tokenizer, seed=seed, kd=kd, select=select, ranks=ranks, wanted=wanted if live is None else []
+    )  # the live teacher adds them to each batch
+    require_batches(stream, name)
+    total = epochs * len(stream)
     val_ids, val_labels = plan.token_ids["validation"], plan.splits["validation"].labels
 
-    def learner(spec: StudentConfig, student: nn.Module, objective: Objective) -> Learner:
+    def learner(spec: StudentConfig, student: nn.Module, objective: Objective, collate: Collator) -> Learner:
         step_loss = objective if ranks.world == 1 else DistributedDataParallel(objective)  # gradients averaged
         return Learner(
             name=spec.name if kd else f"{spec.name}-no-kd",
@@ -185,9 +277,10 @@ def train_pass(cfg: ExperimentConfig, plan: CachePlan, source, run_dir: Path, na
         loader = stream.loader(epoch, start, workers=cfg.distill.loader_workers, pin_memory=device.type == "cuda")
         return loader if live is None else (live.annotate(batch, wanted) for batch in loader)
 
+    learners = [learner(*args) for args in zip(cfg.distill.students, students, objectives, collators, strict=True)]
     fit(
-        [learner(*args) for args in zip(cfg.distill.students, students, objectives, strict=True)],
-        epochs=cfg.distill.epochs,
+        learners,
+        epochs=epochs,
         steps_per_epoch=len(stream),
         epoch_batches=epoch_batches,
         desc=f"{name} ({len(students)} student{'s' if len(students) > 1 else ''})",
@@ -197,28 +290,44 @@ def train_pass(cfg: ExperimentConfig, plan: CachePlan, source, run_dir: Path, na
         log_dir=run_dir / "tensorboard" / name if ranks.is_main else None,
         quiet=not ranks.is_main,
     )
-    return [_merged(student) for student in students]
+    return [(_merged(student), learner.history) for student, learner in zip(students, learners, strict=True)]
 
 
 class LiveTeacher:
-    """The teacher in eval mode, adding to each batch what a cache would hold (float32, padded)."""
+    """The teacher in eval mode, adding to each batch exactly what its cache would hold: the
+    configured attention heads, values rounded to their storage dtype (or quantization), padding zeroed."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, cfg: ExperimentConfig, tokenizer):
         self.model, self.device = model, next(model.parameters()).device
+        self.inputs = Collator.for_model(tokenizer, model.config).inputs
+        self.specs = {spec.name: spec for spec in tensor_specs(cfg, model.config)}
+        heads = cfg.capture.attention_heads
+        self.heads = list(heads) if heads is not None else None
 
     @torch.no_grad()
     def annotate(self, batch: dict[str, torch.Tensor], wanted: list[tuple[str, int]]) -> dict[str, torch.Tensor]:
         batch = {k: v.to(self.device) for k, v in batch.items()}
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
         needs_attention = any(name == ATTENTION for name, _ in wanted)
         if needs_attention and self.model.config._attn_implementation != "eager":
             self.model.set_attn_implementation("eager")
-        out = self.model(**inputs, output_hidden_states=True, output_attentions=needs_attention)
+        out = self.model(**{k: batch[k] for k in self.inputs}, output_hidden_states=True,
+                         output_attentions=needs_attention)  # fmt: skip
         batch["teacher_logits"] = out.logits.float()
         for name, layer in wanted:
-            value = out.hidden_states[layer] if name == HIDDEN else out.attentions[layer - 1]
-            batch[f"{name}/{layer}"] = value.float() * _padding_zeroed(batch["attention_mask"], name)
+            if name == HIDDEN:
+                value = out.hidden_states[layer]  # (B, T, H)
+            else:
+                value = out.attentions[layer - 1] if self.heads is None else out.attentions[layer - 1][:, self.heads]
+            value = value.float() * _padding_zeroed(batch["attention_mask"], name)
+            batch[f"{name}/{layer}"] = self._as_stored(value, self.specs[name])
         return batch
+
+    def _as_stored(self, value: torch.Tensor, spec) -> torch.Tensor:
+        """``value`` as the cache returns it: encoded to the stored dtype and decoded again."""
+        if spec.dtype == "float32" and spec.quantization is None:
+            return value
+        stored = decode(encode(value.cpu().numpy(), spec), spec)
+        return torch.from_numpy(np.asarray(stored, dtype=np.float32)).to(self.device)
 
 
 def _padding_zeroed(mask: torch.Tensor, name: str) -> torch.Tensor:
@@ -283,8 +392,14 @@ def _open_checked(plan: CachePlan, cache_location: str | None, say=tqdm.write):
 
 
 def check_cache_matches(plan: CachePlan, cache) -> None:
-    """Refuse a cache made from other data, or whose token ids come from another tokenizer."""
+    """Refuse a cache written by another teacher, made from other data, or whose token ids come from another tokenizer."""
     recorded = cache.manifest.metadata
+    if recorded.get("teacher_fingerprint") != plan.teacher_fingerprint:
+        raise ConfigError(
+            f"cache {cache.key} was written by teacher {recorded.get('teacher', '?')} (fingerprint "
+            f"{recorded.get('teacher_fingerprint')}), not by this config's teacher {plan.teacher_path} (fingerprint "
+            f"{plan.teacher_fingerprint}); distill with that teacher's config, or capture a cache of this one"
+        )
     if recorded.get("data_fingerprint") != plan.data_fingerprint:
         raise ConfigError(
             f"cache {cache.key} holds other data than this config's train and validation splits "
@@ -297,11 +412,13 @@ def check_cache_matches(plan: CachePlan, cache) -> None:
         )
 
 
-def check_student_fits(cfg: ExperimentConfig, spec: StudentConfig, teacher_depth: int,
-                       stored: dict[str, tuple[int, ...]] | None, plan: CachePlan) -> None:  # fmt: skip
-    """Refuse a student whose tokenizer differs from the teacher's, or whose layer mapping
-    needs layers outside the student or teacher tensors the cache does not hold (``stored``:
-    tensor name -> layers; None when the teacher runs live)."""
+def check_student_fits(cfg: ExperimentConfig, spec: StudentConfig, teacher_config,
+                       stored: dict[str, tuple[int, ...]] | None, stored_heads: tuple[int, ...] | None,
+                       plan: CachePlan) -> None:  # fmt: skip
+    """Refuse a student whose tokenizer differs from the teacher's, whose layer mapping needs
+    layers outside the student or teacher tensors the cache does not hold (``stored``: tensor
+    name -> layers; None when the teacher runs live), or whose attention maps cannot be
+    compared head for head with the stored subset of the teacher's heads (``stored_heads``)."""
     if spec.pretrained is not None:
         theirs = tokenizer_fingerprint(load_tokenizer(model_dir(spec.pretrained)))
         if theirs != plan.tokenizer_fingerprint:
@@ -310,14 +427,9 @@ def check_student_fits(cfg: ExperimentConfig, spec: StudentConfig, teacher_depth
                 f"token ids come from (vocabulary fingerprint {theirs} vs {plan.tokenizer_fingerprint}); "
                 "the cached token ids would mean other tokens to it"
             )
-    if spec.teacher_layers is not None:
-        depth = len(spec.teacher_layers)
-    elif spec.architecture is not None:
-        depth = spec.architecture.layers
-    else:
-        depth = AutoConfig.from_pretrained(str(model_dir(spec.pretrained))).num_hidden_layers
+    depth, heads = _student_shape(spec, teacher_config)
     kinds = {t.kind for t in spec.loss or cfg.distill.loss}
-    pairs = layer_pairs(spec, depth, teacher_depth)
+    pairs = layer_pairs(spec, depth, teacher_config.num_hidden_layers)
     for name, family, low in ((HIDDEN, HIDDEN_TERMS, 0), (ATTENTION, ATTENTION_TERMS, 1)):
         if not kinds & set(family):
             continue
@@ -328,6 +440,13 @@ def check_student_fits(cfg: ExperimentConfig, spec: StudentConfig, teacher_depth
             raise ConfigError(
                 f"student {spec.name!r}: layer_map student layers {bad} outside {low}..{depth} for {name}"
             )
+        if name == ATTENTION and stored_heads is not None and heads != teacher_config.num_attention_heads:
+            raise ConfigError(
+                f"student {spec.name!r} has {heads} attention heads; the cache holds heads {list(stored_heads)} of the "
+                f"teacher's {teacher_config.num_attention_heads}, which only a student with "
+                f"{teacher_config.num_attention_heads} heads can match head for head (capture all heads to compare "
+                "head-averaged maps)"
+            )
         if stored is None:
             continue
         missing = sorted({t for _, t in pairs} - set(stored.get(name, ())))
@@ -337,6 +456,16 @@ def check_student_fits(cfg: ExperimentConfig, spec: StudentConfig, teacher_depth
                 f"student {spec.name!r} maps to teacher layers {missing}, but the cache stores {name} "
                 f"for {list(stored.get(name, ()))}; add them to capture.{what}"
             )
+
+
+def _student_shape(spec: StudentConfig, teacher_config) -> tuple[int, int]:
+    """(layers, attention heads) of the student ``spec`` describes."""
+    if spec.teacher_layers is not None:
+        return len(spec.teacher_layers), teacher_config.num_attention_heads
+    if spec.architecture is not None:
+        return spec.architecture.layers, spec.architecture.heads
+    config = AutoConfig.from_pretrained(str(model_dir(spec.pretrained)))
+    return config.num_hidden_layers, config.num_attention_heads
 
 
 def _run_dir(cfg: ExperimentConfig, resume: str | Path | None, ranks: Ranks, say) -> Path:

@@ -50,12 +50,17 @@ class Objective(nn.Module):
     Args:
         terms: the loss terms and their (scheduled) weights.
         pairs: (student layer, teacher layer) for the hidden and attention terms.
+        inputs: the batch keys the student is called with (its kind's inputs: segment ids or not).
+        attention_heads: the teacher heads the cached maps hold when they are a subset; the
+            student's maps of the same heads are compared with them (None: all heads).
     """
 
     def __init__(self, student: nn.Module, terms: tuple[LossTerm, ...], pairs: tuple[tuple[int, int], ...], *,
-                 teacher_width: int):  # fmt: skip
+                 teacher_width: int, inputs: tuple[str, ...] = ("input_ids", "attention_mask"),
+                 attention_heads: tuple[int, ...] | None = None):  # fmt: skip
         super().__init__()
-        self.student, self.terms = student, terms
+        self.student, self.terms, self.inputs = student, terms, inputs
+        self.attention_heads = list(attention_heads) if attention_heads is not None else None
         kinds = {t.kind for t in terms}
         self.hidden_pairs = pairs if kinds & set(HIDDEN_TERMS) else ()
         self.attention_pairs = pairs if kinds & set(ATTENTION_TERMS) else ()
@@ -79,9 +84,10 @@ class Objective(nn.Module):
         """The total loss and each term's unweighted value, ``progress`` (0..1) through training."""
         progress = min(max(progress, 0.0), 1.0)
         mask = batch["attention_mask"]  # (B, T)
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
         out = self.student(
-            **inputs, output_hidden_states=bool(self.hidden_pairs), output_attentions=bool(self.attention_pairs)
+            **{k: batch[k] for k in self.inputs},
+            output_hidden_states=bool(self.hidden_pairs),
+            output_attentions=bool(self.attention_pairs),
         )
         total, parts = 0.0, {}
         for term in self.terms:
@@ -101,9 +107,15 @@ class Objective(nn.Module):
                 ) / len(self.hidden_pairs)
             else:
                 value = sum(
-                    ATTENTION_TERMS[term.kind](out.attentions[s - 1], batch[f"{ATTENTION}/{t}"], mask)
+                    ATTENTION_TERMS[term.kind](
+                        self._student_maps(out.attentions[s - 1]), batch[f"{ATTENTION}/{t}"], mask
+                    )
                     for s, t in self.attention_pairs
                 ) / len(self.attention_pairs)
             parts[term.kind] = value.detach()
             total = total + scheduled(term.weight, term.weight_end, progress) * value
         return total, parts
+
+    def _student_maps(self, maps: torch.Tensor) -> torch.Tensor:
+        """The student's attention maps (B, heads, T, T) of the heads the cache holds for the teacher."""
+        return maps if self.attention_heads is None else maps[:, self.attention_heads]

@@ -25,6 +25,8 @@ class ModelResult:
     size_bytes: int
     examples_per_s: float  # CPU inference, batch 32
     path: str
+    steps: int | None = None  # optimizer steps taken over all its epochs (None: a ready-made teacher)
+    best_epoch: int | None = None  # the epoch whose weights were kept (best validation accuracy)
     baseline: str | None = None  # for a student: the name of its no-KD baseline
 
 
@@ -42,6 +44,8 @@ def summarize(results: list[ModelResult]) -> list[dict]:
             "accuracy": float(np.mean(accuracy)),
             "accuracy_std": float(np.std(accuracy)),
             "macro_f1": float(np.mean([r.macro_f1 for r in runs])),
+            "steps": runs[0].steps,
+            "best_epochs": [r.best_epoch for r in runs],
             "params": runs[0].params,
             "size_bytes": runs[0].size_bytes,
             "examples_per_s": float(np.mean([r.examples_per_s for r in runs])),
@@ -52,7 +56,8 @@ def summarize(results: list[ModelResult]) -> list[dict]:
     return summary
 
 
-_COLUMNS = ("model", "role", "accuracy", "macro-F1", "% of teacher", "params", "size", "examples/s")
+_COLUMNS = ("model", "role", "accuracy", "macro-F1", "% of teacher", "steps", "best epoch", "params", "size",
+            "examples/s")  # fmt: skip
 
 
 def _row(entry: dict) -> tuple[str, ...]:
@@ -63,6 +68,8 @@ def _row(entry: dict) -> tuple[str, ...]:
         f"{entry['accuracy']:.4f}{spread}",
         f"{entry['macro_f1']:.4f}",
         f"{entry['pct_of_teacher']:.1f}%",
+        "-" if entry["steps"] is None else f"{entry['steps']:,}",
+        ",".join("-" if e is None else str(e) for e in entry["best_epochs"]),
         f"{entry['params'] / 1e6:.1f}M",
         f"{entry['size_bytes'] / 1e6:.1f} MB",
         f"{entry['examples_per_s']:.0f}",
@@ -85,7 +92,11 @@ def write_report(run_dir: Path, results: list[ModelResult], *, config: dict, cac
     lines = ["| " + " | ".join(_COLUMNS) + " |", "|" + "---|" * len(_COLUMNS)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     seeds = sorted({r.seed for r in results if r.role != "teacher"})
-    note = f"Accuracy is the mean over seeds {seeds} (± standard deviation); throughput is CPU inference at batch 32."
+    note = (
+        f"Accuracy is the mean over seeds {seeds} (± standard deviation); steps are optimizer steps over all epochs, "
+        "and the best epoch's weights (by validation accuracy) are the ones tested, one per seed; throughput is "
+        "CPU inference at batch 32."
+    )
     (run_dir / "report.md").write_text(f"# kdcache run {run_dir.name}\n\n{note}\n\n" + "\n".join(lines) + "\n")
     report = {
         "cache_key": cache_key,

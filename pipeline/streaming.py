@@ -108,7 +108,7 @@ class StudentStream(IterableDataset):
                  block_rows: int = 256, buffer_rows: int = 1024, rank: int = 0, world: int = 1):  # fmt: skip
         self.source, self.collate, self.batch_size, self.seed = source, collate, batch_size, seed
         self.wanted, self.block_rows, self.buffer_rows = list(wanted), block_rows, buffer_rows
-        self.rank, self.world = rank, world
+        self.rank, self.world, self.labeled_only = rank, world, labeled_only
         self.selected, self.lengths = [], []  # per shard: the rows to stream, every row's length
         for shard in range(len(source)):
             rows = source.rows(shard)
@@ -128,16 +128,20 @@ class StudentStream(IterableDataset):
     def _pools(self, rows: np.ndarray) -> list[np.ndarray]:
         return [rows[i : i + self.buffer_rows] for i in range(0, len(rows), self.buffer_rows)]
 
-    def __len__(self) -> int:
-        """Batches per epoch on each rank: the fewest any rank has."""
-        return min(
+    def batches_per_rank(self) -> list[int]:
+        """How many batches each rank's shards give per epoch."""
+        return [
             sum(
                 -(-len(pool) // self.batch_size)
                 for shard in self._shards(rank)
                 for pool in self._pools(self.selected[shard])
             )
             for rank in range(self.world)
-        )
+        ]
+
+    def __len__(self) -> int:
+        """Batches per epoch on each rank: the fewest any rank has."""
+        return min(self.batches_per_rank())
 
     def plan(self, epoch: int) -> list[tuple[int, np.ndarray]]:
         """This rank's batches of ``epoch``: (shard, row indices) each."""

@@ -12,11 +12,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+from transformers import AutoConfig
 
 from cache_store import Fingerprint
 
 from .config import ConfigError, ExperimentConfig
-from .data import UNLABELED, TextData, load_splits, tokenize
+from .data import UNLABELED, Splits, load_splits, tokenize
 from .models import load_classifier, load_tokenizer, model_dir, model_files, save_model
 from .runtime import resolve_device, resolve_precision
 from .training import (
@@ -40,7 +41,7 @@ class TeacherResult:
     reused: bool
 
 
-def teacher_key(cfg: ExperimentConfig, base: Path, splits: dict[str, TextData], tokenizer) -> str:
+def teacher_key(cfg: ExperimentConfig, base: Path, splits: Splits, tokenizer) -> str:
     """Hash of what determines the fine-tuned weights: base model files, data content, hyperparameters."""
     fp = Fingerprint("kdcache-teacher-v1").update_files("base", base, model_files(base))
     for name in ("train", "validation"):
@@ -53,16 +54,38 @@ def teacher_key(cfg: ExperimentConfig, base: Path, splits: dict[str, TextData], 
     return fp.update_json("settings", settings).hexdigest()
 
 
-def locate_teacher(cfg: ExperimentConfig, splits: dict[str, TextData]) -> tuple[Path, str]:
+def locate_teacher(cfg: ExperimentConfig, splits: Splits) -> tuple[Path, str]:
     """The teacher directory for ``cfg`` and its key; the base model itself when fine_tune is off."""
     base = model_dir(cfg.teacher.base_model)
     if not cfg.teacher.fine_tune:
+        check_teacher_labels(base, splits["train"].label_names)
         return base, Fingerprint("kdcache-teacher-v1").update_files("base", base, model_files(base)).hexdigest()
     key = teacher_key(cfg, base, splits, load_tokenizer(base))
     return Path(cfg.teacher.output_root) / key, key
 
 
-def require_teacher(cfg: ExperimentConfig, splits: dict[str, TextData]) -> tuple[Path, str]:
+def check_teacher_labels(teacher: Path, label_names: tuple[str, ...]) -> None:
+    """Refuse a ready-made classifier (``fine_tune: false``) whose classes are not the data set's.
+
+    Its ``num_labels`` must equal the number of classes, and its ``id2label`` names must be
+    the data set's ``label_names`` in the same order; Hugging Face's placeholder names
+    (``LABEL_0``, ``LABEL_1``, ...) carry no order and are accepted.
+    """
+    config = AutoConfig.from_pretrained(str(teacher))
+    if config.num_labels != len(label_names):
+        raise ConfigError(
+            f"teacher {teacher} (fine_tune: false) has {config.num_labels} classes, the data set "
+            f"{len(label_names)} {list(label_names)}; fine-tune it (teacher.fine_tune: true) or pick a matching model"
+        )
+    names = [str(config.id2label[i]) for i in range(config.num_labels)]
+    if names != [f"LABEL_{i}" for i in range(config.num_labels)] and names != list(label_names):
+        raise ConfigError(
+            f"teacher {teacher} (fine_tune: false) orders its classes {names}, the data set {list(label_names)}; "
+            "set label_names in the dataset definition to the teacher's order"
+        )
+
+
+def require_teacher(cfg: ExperimentConfig, splits: Splits) -> tuple[Path, str]:
     """Like locate_teacher, but refuses a fine-tuned teacher that has not been trained yet."""
     path, key = locate_teacher(cfg, splits)
     if cfg.teacher.fine_tune and not (path / TEACHER_RECORD).exists():
@@ -76,6 +99,7 @@ def run_teacher_train(cfg: ExperimentConfig) -> TeacherResult:
     Reuses an existing teacher with the same key (same base model, data and settings).
     """
     splits = load_splits(cfg.data, seed=cfg.seed)
+    print(splits.summary())
     path, key = locate_teacher(cfg, splits)
     if not cfg.teacher.fine_tune:
         print(f"teacher: using {cfg.teacher.base_model} as is (fine_tune: false)")
@@ -135,6 +159,7 @@ def run_teacher_train(cfg: ExperimentConfig) -> TeacherResult:
         "key": key,
         "base_model": cfg.teacher.base_model,
         "labeled_rows": len(train_ids),
+        "steps": history[-1].steps,
         "history": [dataclasses.asdict(h) for h in history],
     })  # fmt: skip
     checkpoint.remove()

@@ -38,6 +38,20 @@ class Collator:
         segments = getattr(model_config, "type_vocab_size", 1) > 1 and tokenizer.sep_token_id is not None
         return cls(tokenizer.pad_token_id, tokenizer.sep_token_id if segments else None)
 
+    @classmethod
+    def for_tokenizer(cls, tokenizer) -> Collator:
+        """Every input any model of this tokenizer takes (segment ids included); each model picks its ``inputs``."""
+        return cls(tokenizer.pad_token_id, tokenizer.sep_token_id)
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        """The batch keys this collator makes: what a model of its kind is called with."""
+        return (
+            ("input_ids", "attention_mask", "token_type_ids")
+            if self.sep_id is not None
+            else ("input_ids", "attention_mask")
+        )
+
     def __call__(self, ids: list[np.ndarray]) -> Batch:
         """input_ids, attention_mask (and token_type_ids), each (B, T) int64."""
         lengths = np.array([len(x) for x in ids])
@@ -151,6 +165,7 @@ def make_optimizer(modules: list[nn.Module], *, lr: float, weight_decay: float, 
 @dataclass
 class EpochRecord:
     epoch: int
+    steps: int  # optimizer steps taken from the start of training to the end of this epoch
     train_loss: float
     validation_accuracy: float
     validation_macro_f1: float
@@ -256,9 +271,9 @@ class _LearnerState:
         self.losses.append(loss.item())
         return {"total": self.losses[-1], **{k: float(v) for k, v in parts.items()}}
 
-    def end_epoch(self, epoch: int) -> dict[str, float]:
+    def end_epoch(self, epoch: int, steps: int) -> dict[str, float]:
         metrics = self.learner.validate()
-        record = EpochRecord(epoch + 1, float(np.mean(self.losses)), metrics["accuracy"], metrics["macro_f1"])
+        record = EpochRecord(epoch + 1, steps, float(np.mean(self.losses)), metrics["accuracy"], metrics["macro_f1"])
         self.learner.history.append(record)
         if metrics["accuracy"] > self.best_accuracy:
             self.best_accuracy = metrics["accuracy"]
@@ -353,7 +368,7 @@ def fit(
                 if checkpoint and step % checkpoint_steps == 0 and step < steps_per_epoch:
                     save(epoch, step)
         for writer, state in zip(writers, states, strict=True):
-            metrics = state.end_epoch(epoch)
+            metrics = state.end_epoch(epoch, (epoch + 1) * steps_per_epoch)
             record = state.learner.history[-1]
             for name, value in metrics.items():
                 writer.add_scalar(f"validation/{name}", value, (epoch + 1) * steps_per_epoch)

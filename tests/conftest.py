@@ -40,6 +40,17 @@ def write_reviews(path: Path, rows: int, seed: int = 0) -> None:
         writer.writerow(["a plot summary row that is dropped", "plot"])
 
 
+def write_pairs(path: Path, rows: int, seed: int = 0) -> None:
+    """Sentence pairs labeled 1 when the second text's sentiment agrees with the first's."""
+    rng = random.Random(seed)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["premise", "hypothesis", "label"])
+        for i in range(rows):
+            positive, agrees = i % 2 == 0, i % 4 < 2
+            writer.writerow([review(rng, positive), review(rng, positive == agrees), int(agrees)])
+
+
 def build_tiny_teacher(directory: Path, *, layers: int = 4, hidden: int = 32, seed: int = 0) -> Path:
     """A random tiny BERT classifier and a word-level tokenizer, saved like a real checkpoint."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -69,6 +80,18 @@ def tiny_dataset(tmp_path_factory) -> Path:
     definition.write_text(yaml.safe_dump({
         "path": str(root / "reviews.csv"), "text_columns": ["review"],
         "label_column": "sentiment", "label_names": ["neg", "pos"],
+    }))  # fmt: skip
+    return definition
+
+
+@pytest.fixture(scope="session")
+def pairs_dataset(tmp_path_factory) -> Path:
+    """A dataset definition over 120 synthetic sentence pairs (premise, hypothesis, label)."""
+    root = tmp_path_factory.mktemp("pairs-data")
+    write_pairs(root / "pairs.csv", 120)
+    definition = root / "pairs.yaml"
+    definition.write_text(yaml.safe_dump({
+        "path": str(root / "pairs.csv"), "text_columns": ["premise", "hypothesis"], "label_column": "label",
     }))  # fmt: skip
     return definition
 

@@ -98,3 +98,18 @@ def test_overrides_set_nested_keys_and_list_items_and_are_checked():
         load_config(ROOT / "configs" / "demo.yaml", ["distill.students.5.name=x"])
     with pytest.raises(ConfigError, match="must look like key.subkey=value"):
         load_config(ROOT / "configs" / "demo.yaml", ["distill.epochs"])
+
+
+def test_fractions_label_numbers_and_layer_pairs_from_yaml(tmp_path):
+    raw = demo_raw()
+    raw["data"]["test_size"], raw["data"]["validation_size"] = 0.2, 300
+    cfg = load_config(write(tmp_path, raw))
+    assert cfg.data.test_size == 0.2 and isinstance(cfg.data.validation_size, int)
+    (tmp_path / "d.yaml").write_text("path: x.csv\nlabel_names: [0, 1]\n")
+    from pipeline.config import load_dataset_spec
+
+    assert load_dataset_spec(tmp_path / "d.yaml").label_names == ("0", "1")
+    raw["distill"]["students"][0]["layer_map"] = [[1, 3, 5]]
+    with pytest.raises(ConfigError, match=r"student 'minilm-l2': layer_map must list \[student layer, teacher layer\] "
+                       r"pairs of layers >= 0; got \[\[1, 3, 5\]\]"):  # fmt: skip
+        load_config(write(tmp_path, raw))

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from cache_store import open_cache
+from cache_store import CacheFormatError, open_cache
 from pipeline.capture import plan_cache, run_capture
 from pipeline.config import ConfigError
 from pipeline.distill import run_distill
@@ -100,6 +100,7 @@ def test_distill_trains_students_and_baselines_and_writes_the_report(config, cap
         assert entry["params"] > 0 and entry["size_bytes"] > 0 and entry["examples_per_s"] > 0
     assert models["tiny-l2"]["params"] < models["teacher"]["params"]
     assert "| tiny-l2 | student |" in (result.run_dir / "report.md").read_text()
+    assert models["teacher"]["steps"] > 0 and all(len(m["best_epochs"]) == 1 for m in models.values())
     assert (result.run_dir / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     latest = result.run_dir.parent / "latest"
     assert latest.resolve() == result.run_dir.resolve()
@@ -117,12 +118,20 @@ def test_distill_without_baselines_and_with_several_seeds(config, captured):
     assert summary[1]["seeds"] == [0, 1] and summary[1]["baseline"] is None
 
 
-def test_distill_refuses_a_cache_of_other_data(config, captured, tmp_path):
-    other = dataclasses.replace(config, data=dataclasses.replace(config.data, labeled_train_size=40))
-    run_teacher_train(other)
+def test_distill_refuses_a_cache_of_other_data(config):
+    ready = dataclasses.replace(config, teacher=dataclasses.replace(config.teacher, fine_tune=False))  # one teacher
+    other = dataclasses.replace(ready, data=dataclasses.replace(config.data, max_length=8))
     run_capture(other)
     with pytest.raises(ConfigError, match=r"cache .* holds other data than this config's"):
-        run_distill(config, cache_location=str(plan_cache(other).location))
+        run_distill(ready, cache_location=str(plan_cache(other).location))
+
+
+def test_distill_refuses_a_cache_written_by_another_teacher(config, captured):
+    """Same data and vocabulary, other weights: the students would be cut from and rated against the wrong teacher."""
+    ready = dataclasses.replace(config, teacher=dataclasses.replace(config.teacher, fine_tune=False))
+    with pytest.raises(ConfigError, match=r"cache \w+ was written by teacher .*teachers/\w+ \(fingerprint \w+\), not by "
+                       r"this config's teacher .*tiny-teacher\w* \(fingerprint \w+\)"):  # fmt: skip
+        run_distill(ready, cache_location=str(captured.location))
 
 
 def test_distill_refuses_a_student_with_another_tokenizer(config, captured, tmp_path):
@@ -224,24 +233,43 @@ def test_capture_keeps_only_the_configured_attention_heads(config):
         run_capture(dataclasses.replace(config, capture=dataclasses.replace(capture, attention_heads=(0, 9))))
 
 
-def test_sentence_pairs_train_and_capture_with_segment_ids(config_file, tmp_path):
-    import csv
-
-    import yaml
-
+def test_sentence_pairs_train_and_capture_with_segment_ids(config_file, pairs_dataset):
     from pipeline.config import load_config
 
-    with open(tmp_path / "pairs.csv", "w", newline="") as f:  # does the second text agree with the first?
-        writer = csv.writer(f)
-        writer.writerow(["premise", "hypothesis", "label"])
-        for i in range(80):
-            first, second = ("great film", "lovely") if i % 2 else ("dull film", "boring")
-            writer.writerow([first, second if i % 4 < 2 else ("boring" if i % 2 else "lovely"), int(i % 4 < 2)])
-    (tmp_path / "pairs.yaml").write_text(yaml.safe_dump({
-        "path": str(tmp_path / "pairs.csv"), "text_columns": ["premise", "hypothesis"], "label_column": "label",
-    }))  # fmt: skip
-    cfg = load_config(config_file, [f"data.dataset={tmp_path / 'pairs.yaml'}"])
+    cfg = load_config(config_file, [f"data.dataset={pairs_dataset}"])
     run_teacher_train(cfg)
     cache = open_cache(run_capture(cfg).location)
     ids = cache.read_shard(cache.shards("train")[0], []).rows.input_ids
     assert all((x == 3).sum() == 2 for x in ids)  # [CLS] a [SEP] b [SEP]: both texts are in every row
+
+
+def test_a_ready_made_teacher_must_have_the_data_sets_classes_in_its_order(config, tmp_path):
+    from pipeline.teacher import check_teacher_labels
+
+    names = ("neg", "pos")
+    path = tmp_path / "ready"
+    load_classifier(config.teacher.base_model).save_pretrained(str(path))  # LABEL_0, LABEL_1: no order to check
+    check_teacher_labels(path, names)
+    with pytest.raises(ConfigError, match=r"has 2 classes, the data set 3 \['a', 'b', 'c'\]"):
+        check_teacher_labels(path, ("a", "b", "c"))
+    model = load_classifier(path)
+    model.config.id2label, model.config.label2id = {0: "pos", 1: "neg"}, {"pos": 0, "neg": 1}
+    model.save_pretrained(str(path))
+    with pytest.raises(ConfigError, match=r"orders its classes \['pos', 'neg'\], the data set \['neg', 'pos'\]"):
+        run_teacher_train(dataclasses.replace(config, teacher=dataclasses.replace(config.teacher, base_model=str(path),
+                                                                                  fine_tune=False)))  # fmt: skip
+
+
+def test_each_shard_records_its_precision_and_a_resume_at_another_is_refused(config, monkeypatch):
+    import pipeline.capture as capture
+
+    run_teacher_train(config)
+    partial = run_capture(config, num_shards=2, shard_index=0)
+    assert partial.manifest is None
+    cache_dir = partial.location
+    entry = json.loads(cache_dir.read_bytes("train/shard-00000/shard.json"))
+    assert entry["producer"] == {"precision": "float32"}  # what `auto` resolved to on this CPU
+    monkeypatch.setattr(capture, "resolve_precision", lambda name, device: torch.bfloat16)  # as a GPU would
+    with pytest.raises(CacheFormatError, match=r"shard train/shard-00000 was computed with precision=float32, this "
+                       "run computes precision=bfloat16"):  # fmt: skip
+        run_capture(config)
