@@ -10,7 +10,8 @@ import typer
 import yaml
 
 from cache_store import CacheError
-from pipeline.config import ConfigError, ExperimentConfig, load_config
+from pipeline.config import ExperimentConfig, load_config
+from pipeline.errors import KdcacheError
 
 DEFAULT_CONFIG = Path("configs/demo.yaml")
 
@@ -56,7 +57,7 @@ def teacher_train(
 
     try:
         run_teacher_train(_load(config, overrides, max_examples=max_examples))
-    except (ConfigError, CacheError) as e:
+    except (KdcacheError, CacheError) as e:
         raise _fail(e) from None
 
 
@@ -74,7 +75,7 @@ def teacher_cache(
     overrides: list[str] = SetOption,
 ) -> None:
     """Run the teacher over the data once and write its outputs into a cache (resumes a partial one)."""
-    from pipeline.capture import estimate_capture, run_capture
+    from pipeline.teacher import estimate_capture, run_capture
 
     try:
         cfg = _load(config, overrides, max_examples=max_examples, cache_root=cache_root)
@@ -82,7 +83,7 @@ def teacher_cache(
             _print_estimate(estimate_capture(cfg))
             return
         result = run_capture(cfg, num_shards=num_shards, shard_index=shard_index)
-    except (ConfigError, CacheError) as e:
+    except (KdcacheError, CacheError) as e:
         raise _fail(e) from None
     if as_json:
         manifest = result.manifest
@@ -104,26 +105,34 @@ def _print_estimate(estimate) -> None:
 @app.command("distill")
 def distill(
     config: Path = ConfigOption,
-    max_examples: int | None = MaxExamplesOption,
+    max_examples: int | None = typer.Option(
+        None, "--max-examples", help="find the cache teacher-cache made with --max-examples N (no --cache)"
+    ),
     seeds: str | None = typer.Option(None, "--seeds", help="comma-separated seeds, e.g. 0,1,2"),
     baselines: bool | None = typer.Option(None, "--baselines/--no-baselines", help="also train no-KD baselines"),
-    cache: str | None = typer.Option(None, "--cache", help="read this cache (path or URL) instead of the config's"),
+    cache: str | None = typer.Option(
+        None, "--cache", help="the teacher cache (path or URL); default: the one teacher-cache made for the config"
+    ),
+    teacher: str | None = typer.Option(
+        None, "--teacher", help="a local copy of the cache's teacher, when the cache does not bundle it"
+    ),
     online: bool = typer.Option(False, "--online", help="run the teacher live on every batch instead of a cache"),
     resume: str | None = typer.Option(
         None, "--resume", help="continue an interrupted run: its directory, or 'latest'", show_default=False
     ),
     overrides: list[str] = SetOption,
 ) -> None:
-    """Train the students from the cache, evaluate them beside the teacher, write the report."""
-    from pipeline.distill import run_distill
+    """Train the students from a teacher cache, evaluate them beside the teacher, write the report."""
+    from pipeline.student import run_distill
 
     try:
         seed_list = yaml.safe_load(f"[{seeds}]") if seeds else None
         cfg = _load(config, overrides, max_examples=max_examples, seeds=seed_list, baselines=baselines)
+        cfg.require("distill", stage="distill")
         if resume == "latest":
             resume = str(Path(cfg.distill.run_root) / "latest")
-        result = run_distill(cfg, cache_location=cache, online=online, resume=resume)
-    except (ConfigError, CacheError) as e:
+        result = run_distill(cfg, cache_location=cache, online=online, resume=resume, teacher=teacher)
+    except (KdcacheError, CacheError) as e:
         raise _fail(e) from None
     typer.echo(f"report: {result.run_dir / 'report.md'}")
 
@@ -182,9 +191,12 @@ def cache_info(path: str = typer.Argument(..., help="cache directory or URL")) -
     info = {
         "key": manifest.key, "format_version": manifest.format_version, "rows": manifest.rows,
         "bytes": manifest.bytes, "num_labels": manifest.num_labels,
-        "splits": {n: {"rows": s.rows, "tokens": s.tokens, "shards": len(s.shards), "bytes": s.bytes}
+        "splits": {n: {"rows": s.rows, "tokens": s.tokens, "shards": len(s.shards), "bytes": s.bytes,
+                       "tensors": list(s.tensors)}
                    for n, s in manifest.splits.items()},
         "tensors": [dataclasses.asdict(t) for t in manifest.tensors], "metadata": manifest.metadata,
+        "attachments": {name: {"files": len(files), "bytes": sum(f.bytes for f in files.values())}
+                        for name, files in manifest.attachments.items()},
     }  # fmt: skip
     typer.echo(json.dumps(info, indent=1))
 

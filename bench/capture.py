@@ -1,4 +1,4 @@
-"""Teacher capture vs its limit (bare forward passes) and vs a naive loop, one run.
+"""Teacher capture vs its limit (bare forward passes) and vs a naive loop, in interleaved rounds.
 
 All three run the same teacher over the same SST-2 rows with the same outputs requested
 (logits and the hidden states of the chosen layers) and the same rows per batch:
@@ -12,14 +12,18 @@ All three run the same teacher over the same SST-2 rows with the same outputs re
            longest row by HF's DataCollatorWithPadding, padded float16 outputs saved
            with np.save after each batch.
 
-Loading the data and the model is common to all three and not timed.
+Loading the data and the model is common to all three and not timed; the teacher's
+checkpoint is not bundled into the cache (a fixed copy of its files, not a per-row cost). After one warm-up
+of each, the three run in turn for ``--rounds`` rounds (see rounds.py); ratios are the
+median over rounds of the per-round ratio, with their spread.
 
-    python bench/capture.py [--rows 3000] [--batch-size 64] [--json]
+    python bench/capture.py [--rows 3000] [--batch-size 64] [--rounds 5] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import tempfile
@@ -29,12 +33,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
+from rounds import interleaved, ratio, spread
 
-from pipeline.capture import CAPTURED_SPLITS, TeacherForward, fill_cache, plan_cache
+from cache_store import Location
 from pipeline.config import load_config
+from pipeline.contract import SPLITS
 from pipeline.data import tokenize
 from pipeline.models import load_classifier, load_tokenizer
 from pipeline.runtime import autocast, resolve_device, resolve_precision
+from pipeline.teacher.capture import TeacherForward, fill_cache, plan_cache
 from pipeline.training import Collator, to_device, token_budget_batches
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,7 +62,8 @@ def experiment(work: Path, args) -> Path:
                  "max_length": 128},
         "teacher": {"base_model": args.teacher, "fine_tune": False},
         "capture": {"hidden_layers": args.hidden_layers, "batch_size": args.batch_size,
-                    "batch_tokens": args.batch_tokens, "precision": args.precision, "cache_root": str(work / "caches")},
+                    "batch_tokens": args.batch_tokens, "precision": args.precision, "cache_root": str(work / "caches"),
+                    "bundle_teacher": False},
         "distill": {"students": [{"name": "unused", "teacher_layers": [1]}]},
     }  # fmt: skip
     path = work / "bench.yaml"
@@ -119,6 +127,7 @@ def main() -> None:
     parser.add_argument("--batch-tokens", type=int, default=8192, help="capture's padded-token budget per batch")
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the three modes")
     parser.add_argument("--json", action="store_true", help="end with one JSON line of the figures")
     args = parser.parse_args()
 
@@ -132,52 +141,67 @@ def main() -> None:
         tokenizer = load_tokenizer(plan.teacher_path)
         forward = TeacherForward(model, Collator.for_model(tokenizer, model.config), cfg.capture, device=device,
                                  precision=precision)  # fmt: skip
-        rows = sum(len(plan.token_ids[s]) for s in CAPTURED_SPLITS)
-        tokens = sum(len(x) for s in CAPTURED_SPLITS for x in plan.token_ids[s])
-        texts = [t[0] for s in CAPTURED_SPLITS for t in plan.splits[s].texts]
+        rows = sum(len(plan.token_ids[s]) for s in SPLITS)
+        tokens = sum(len(x) for s in SPLITS for x in plan.token_ids[s])
+        texts = [t[0] for s in SPLITS for t in plan.splits[s].texts]
         shard_ids = [
             plan.token_ids[s][k : k + cfg.capture.shard_rows]
-            for s in CAPTURED_SPLITS
+            for s in SPLITS
             for k in range(0, len(plan.token_ids[s]), cfg.capture.shard_rows)
         ]
-        bare(forward, shard_ids[:1])  # warm up: first-call allocations and kernel selection
+        written = {"bare": 0}
 
-        seconds = {"bare": bare(forward, shard_ids)}
-        start = time.perf_counter()
-        for s in CAPTURED_SPLITS:  # the tokenization capture does inside plan_cache, timed here
-            tokenize(tokenizer, plan.splits[s], max_length=cfg.data.max_length)
-        result = fill_cache(cfg, plan, model)
-        seconds["capture"] = time.perf_counter() - start
-        written = {"bare": 0, "capture": result.manifest.bytes}
-        seconds["naive"], written["naive"] = naive(model, tokenizer, texts, args, work / "naive", device, precision)
+        def capture() -> float:
+            fresh = dataclasses.replace(plan, location=Location(str(work / "rounds")) / plan.key)
+            start = time.perf_counter()
+            for s in SPLITS:  # the tokenization capture does inside plan_cache, timed here
+                tokenize(tokenizer, plan.splits[s], max_length=cfg.data.max_length)
+            written["capture"] = fill_cache(cfg, fresh, model).manifest.bytes
+            seconds = time.perf_counter() - start
+            shutil.rmtree(work / "rounds")
+            return seconds
+
+        def naive_loop() -> float:
+            seconds, written["naive"] = naive(model, tokenizer, texts, args, work / "naive", device, precision)
+            shutil.rmtree(work / "naive")
+            return seconds
+
+        seconds = interleaved({"bare": lambda: bare(forward, shard_ids), "capture": capture, "naive": naive_loop},
+                              rounds=args.rounds)  # fmt: skip
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    figures = {"rows": rows, "tokens": tokens, "device": str(device), "precision": str(precision)[6:]}
-    for name, s in seconds.items():
+    figures = {"rows": rows, "tokens": tokens, "device": str(device), "precision": str(precision)[6:],
+               "rounds": args.rounds}  # fmt: skip
+    for name, times in seconds.items():
+        s = float(np.median(times))
+        figures[f"{name}_seconds"] = round(s, 3)
         figures[f"{name}_examples_per_s"] = round(rows / s, 1)
         figures[f"{name}_tokens_per_s"] = round(tokens / s, 1)
         figures[f"{name}_mb_written"] = round(written[name] / 1e6, 1)
-    figures["capture_write_mb_per_s"] = round(written["capture"] / 1e6 / seconds["capture"], 1)
-    figures["capture_vs_bare"] = round(seconds["bare"] / seconds["capture"], 3)
-    figures["capture_vs_naive"] = round(seconds["naive"] / seconds["capture"], 3)
-    print_table(figures, seconds)
+    figures["capture_write_mb_per_s"] = round(written["capture"] / 1e6 / figures["capture_seconds"], 1)
+    figures |= ratio("capture_vs_bare", seconds["bare"], seconds["capture"])
+    figures |= ratio("capture_vs_naive", seconds["naive"], seconds["capture"])
+    print_table(figures, list(seconds))
     if args.json:
         print(json.dumps(figures))
 
 
-def print_table(figures: dict, seconds: dict) -> None:
+def print_table(figures: dict, modes: list[str]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"capture of {figures['rows']} SST-2 rows ({figures['tokens']} tokens), {figures['device']}")
+    title = (f"capture of {figures['rows']} SST-2 rows ({figures['tokens']} tokens), {figures['device']}, "
+             f"median of {figures['rounds']} interleaved rounds")  # fmt: skip
+    table = Table(title=title)
     for column in ("method", "seconds", "examples/s", "tokens/s", "MB written"):
         table.add_column(column, justify="right" if column != "method" else "left")
-    for name, s in seconds.items():
-        table.add_row(name, f"{s:.2f}", f"{figures[f'{name}_examples_per_s']:.0f}",
+    for name in modes:
+        table.add_row(name, f"{figures[f'{name}_seconds']:.2f}", f"{figures[f'{name}_examples_per_s']:.0f}",
                       f"{figures[f'{name}_tokens_per_s']:.0f}", f"{figures[f'{name}_mb_written']:.1f}")  # fmt: skip
     Console().print(table)
-    print(f"capture / bare: {figures['capture_vs_bare']:.3f}    capture / naive: {figures['capture_vs_naive']:.3f}")
+    print(f"capture / bare: {spread(figures, 'capture_vs_bare')}    "
+          f"capture / naive: {spread(figures, 'capture_vs_naive')}  (median, min-max over rounds)")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,17 +1,20 @@
 """Student training from the cache vs from memory vs with the live teacher, and 1 to 4 students per pass.
 
-One run on the demo (its fine-tuned MiniLM-L6 teacher and its cache: `make teacher-cache`
-first), training the demo's 2-layer student (teacher layers 3 and 6, frozen embeddings,
-KL + CE + hidden-state MSE) on the same planned batches in every mode:
+On the demo (its fine-tuned MiniLM-L6 teacher and its cache: `make teacher-cache`
+first), the demo's 2-layer student (teacher layers 3 and 6, frozen embeddings, KL + CE +
+hidden-state MSE) trains one epoch over the first ``--shards`` train shards, on the same
+planned batches in every mode:
 
 - cached:    batches streamed from the cache (read, verify, decode, pad);
 - in memory: the same cache shards decoded into memory beforehand: the limit for cached;
 - online:    the teacher runs live on every batch (`distill --online`).
 
 Then 1, 2 and 4 students (cut from other layer pairs) train in one pass over the cache.
-Times include each epoch's validation; evaluation on test is not timed.
+Times include the epoch's validation; evaluation on test is not timed. After one warm-up
+of each, the modes run in turn for ``--rounds`` rounds (see rounds.py); ratios are the
+median over rounds of the per-round ratio, with their spread.
 
-    python bench/distill.py [--epochs 1] [--max-students 4] [--json]
+    python bench/distill.py [--shards 3] [--rounds 5] [--max-students 4] [--json]
 """
 
 from __future__ import annotations
@@ -24,29 +27,43 @@ import tempfile
 import time
 from pathlib import Path
 
-from transformers import AutoConfig
+import numpy as np
+from rounds import interleaved, ratio, spread
 
-from pipeline.capture import plan_cache
 from pipeline.config import load_config
-from pipeline.data import tokenize
-from pipeline.distill import LiveTeacher, _open_checked, train_pass
-from pipeline.models import load_classifier, load_tokenizer
+from pipeline.models import load_classifier
 from pipeline.runtime import resolve_device
-from pipeline.streaming import CacheSource, TokenSource
+from pipeline.student.distill import TEACHER_ROOT, student_stream, train_pass
+from pipeline.student.inputs import TeacherCache, locate_cache
+from pipeline.student.streaming import CacheSource, LiveTeacher, TokenSource
 from pipeline.training import Collator, evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 OTHER_CUTS = [(2, 6), (4, 6), (2, 4)]  # more 2-layer students (layers the demo cache holds)
 
 
-class MemorySource:
-    """A cache split's shards, decoded into memory before training starts."""
+class FirstShards:
+    """The first ``count`` shards of a source (a round's worth of training)."""
 
-    def __init__(self, source: CacheSource, wanted: list[tuple[str, int]]):
-        self.shards = [source.read(k, wanted) for k in range(len(source))]
+    def __init__(self, source, count: int):
+        self.source, self.count = source, min(count, len(source))
 
     def __len__(self) -> int:
-        return len(self.shards)
+        return self.count
+
+    def rows(self, shard: int):
+        return self.source.rows(shard)
+
+    def read(self, shard: int, wanted):
+        return self.source.read(shard, wanted)
+
+
+class MemorySource(FirstShards):
+    """Shards decoded into memory before training starts."""
+
+    def __init__(self, source, wanted: list[tuple[str, int]]):
+        super().__init__(source, len(source))
+        self.shards = [source.read(k, wanted) for k in range(len(source))]
 
     def rows(self, shard: int):
         return self.shards[shard].rows
@@ -58,103 +75,108 @@ class MemorySource:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
-    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--shards", type=int, default=3, help="train shards per round (1,024 rows each)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the modes")
     parser.add_argument("--max-students", type=int, default=4)
     parser.add_argument("--json", action="store_true", help="end with one JSON line of the figures")
     args = parser.parse_args()
 
-    base = load_config(args.config, [f"distill.epochs={args.epochs}", "distill.seeds=[0]"])
+    base = load_config(args.config, ["distill.epochs=1", "distill.seeds=[0]"])
     student = base.distill.students[0]
     cfg = dataclasses.replace(base, distill=dataclasses.replace(base.distill, students=(student,)))
-    plan = plan_cache(cfg)
-    cache = _open_checked(plan, None)
+    cache = TeacherCache(locate_cache(cfg))
     device = resolve_device(cfg.device)
-    tokenizer = load_tokenizer(plan.teacher_path)
-    teacher_config = AutoConfig.from_pretrained(str(plan.teacher_path))
-    test_ids = tokenize(tokenizer, plan.splits["test"], max_length=cfg.data.max_length)
-    cached_source = CacheSource(cache, "train")
+    tokenizer = cache.tokenizer
+    teacher = load_classifier(cache.teacher_dir(search=(TEACHER_ROOT,))).to(device).eval()
+    test = cache.rows("test")
+    cached = FirstShards(CacheSource(cache.cache, "train"), args.shards)
     wanted = [("hidden_states", t) for t in student.teacher_layers]
-    train = plan.splits["train"]
-    sources = {
-        "cached": cached_source,
-        "in memory": MemorySource(cached_source, wanted),
-        "online": TokenSource(
-            plan.token_ids["train"], train.labels, train.example_id, shard_rows=cfg.capture.shard_rows
-        ),  # fmt: skip
-    }
-    live = LiveTeacher(load_classifier(plan.teacher_path).to(device).eval())
+    train = cache.rows("train")
+    online = TokenSource(train.input_ids, train.labels, train.example_id, shard_rows=cache.cache.manifest.shard_rows)
+    sources = {"cached": cached, "in memory": MemorySource(cached, wanted), "online": FirstShards(online, args.shards)}
+    live = LiveTeacher(teacher, tokenizer=tokenizer, specs=cache.cache.manifest.tensors, heads=cache.meta.stored_heads)
+    rows = sum(cached.rows(k).label.size for k in range(len(cached)))
+    steps = len(student_stream(cfg, cached, tokenizer, seed=0, kd=True))  # the same planned batches in every mode
     work = Path(tempfile.mkdtemp(prefix="kdcache-bench-distill-"))
-    figures, rows = {"train_rows": len(train), "epochs": args.epochs}, []
-    try:
+    trained = {}
 
-        def timed_pass(run_cfg, source, name, online=False):
+    def one_pass(run_cfg, source, mode: str, *, with_teacher: bool = False):
+        def run() -> float:
+            run_dir = work / mode.replace(" ", "-")
             start = time.perf_counter()
-            students = train_pass(run_cfg, plan, source, work, name, seed=0, kd=True, tokenizer=tokenizer,
-                                  device=device, teacher_config=teacher_config,
-                                  live=live if online else None)  # fmt: skip
-            return time.perf_counter() - start, students
+            trained[mode] = train_pass(run_cfg, cache, source, run_dir, "bench", seed=0, kd=True, epochs=1,
+                                       device=device, teacher_model=teacher,
+                                       live=live if with_teacher else None)  # fmt: skip
+            seconds = time.perf_counter() - start
+            shutil.rmtree(run_dir, ignore_errors=True)
+            return seconds
 
-        steps = _steps(cfg, cached_source)  # the same planned batches in every mode
-        for mode, source in sources.items():
-            seconds, (model,) = timed_pass(cfg, source, mode.replace(" ", "-"), online=mode == "online")
-            accuracy = evaluate(model, test_ids, plan.splits["test"].labels,
+        return run
+
+    try:
+        modes = {mode: one_pass(cfg, source, mode, with_teacher=mode == "online") for mode, source in sources.items()}
+        seconds = interleaved(modes, rounds=args.rounds)
+        figures = {"train_rows": rows, "steps": steps, "rounds": args.rounds}
+        for mode in sources:
+            ((model, _),) = trained[mode]
+            accuracy = evaluate(model, test.input_ids, test.labels,
                                 collate=Collator.for_model(tokenizer, model.config)).accuracy  # fmt: skip
-            key = mode.replace(" ", "_").replace("in_memory", "memory")
-            figures[f"{key}_seconds"] = round(seconds, 2)
-            figures[f"{key}_steps_per_s"] = round(steps / seconds, 3)
+            key = mode.replace("in memory", "memory")
+            figures[f"{key}_seconds"] = round(float(np.median(seconds[mode])), 2)
+            figures[f"{key}_steps_per_s"] = round(steps / figures[f"{key}_seconds"], 3)
+            figures[f"{key}_examples_per_s"] = round(rows / figures[f"{key}_seconds"], 1)
             figures[f"accuracy_{key}"] = round(accuracy, 4)
-            rows.append((mode, seconds, steps / seconds, len(train) * args.epochs / seconds, accuracy))
-        figures["cache_vs_memory"] = round(figures["cached_steps_per_s"] / figures["memory_steps_per_s"], 3)
-        figures["cached_vs_online"] = round(figures["online_seconds"] / figures["cached_seconds"], 3)
-        figures["memory_vs_online"] = round(figures["online_seconds"] / figures["memory_seconds"], 3)
+        figures |= ratio("cache_vs_memory", seconds["in memory"], seconds["cached"])
+        figures |= ratio("cached_vs_online", seconds["online"], seconds["cached"])
+        figures |= ratio("memory_vs_online", seconds["online"], seconds["in memory"])
 
-        many = []
+        passes = {}
         for count in (n for n in (1, 2, 4) if n <= args.max_students):
             students = (student,) + tuple(
                 dataclasses.replace(student, name=f"{student.name}-{a}-{b}", teacher_layers=(a, b))
                 for a, b in OTHER_CUTS[: count - 1]
             )
             run_cfg = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, students=students))
-            seconds = (
-                figures["cached_seconds"] if count == 1 else timed_pass(run_cfg, cached_source, f"many-{count}")[0]
-            )
-            per_student = len(train) * args.epochs / seconds
-            many.append((count, seconds, per_student, per_student * count))
-            figures[f"students_{count}_examples_per_s_per_student"] = round(per_student, 1)
+            passes[f"students_{count}"] = one_pass(run_cfg, cached, f"students-{count}")
+        per_pass = interleaved(passes, rounds=max(1, args.rounds // 2), warmup=False)
+        for name, times in per_pass.items():
+            count = int(name.rsplit("_", 1)[1])
+            figures[f"{name}_seconds"] = round(float(np.median(times)), 2)
+            figures[f"{name}_examples_per_s_per_student"] = round(rows / figures[f"{name}_seconds"], 1)
+        if "students_2" in per_pass:
+            figures |= ratio("two_students_vs_one", [2 * t for t in per_pass["students_1"]], per_pass["students_2"])
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print_tables(rows, many, figures)
+    print_tables(figures, list(per_pass))
     if args.json:
         print(json.dumps(figures))
 
 
-def _steps(cfg, source: CacheSource) -> int:
-    from pipeline.streaming import StudentStream
-
-    stream = StudentStream(source, collate=Collator(pad_id=0), batch_size=cfg.distill.batch_size, seed=0,
-                           block_rows=cfg.distill.block_rows, buffer_rows=cfg.distill.buffer_rows)  # fmt: skip
-    return len(stream) * cfg.distill.epochs
-
-
-def print_tables(rows, many, figures) -> None:
+def print_tables(figures: dict, passes: list[str]) -> None:
     from rich.console import Console
     from rich.table import Table
 
     console = Console()
-    table = Table(title=f"a 2-layer student, {figures['train_rows']} rows x {figures['epochs']} epoch(s)")
+    title = (f"a 2-layer student, {figures['train_rows']} rows, {figures['steps']} steps, median of "
+             f"{figures['rounds']} interleaved rounds")  # fmt: skip
+    table = Table(title=title)
     for column in ("mode", "seconds", "steps/s", "examples/s", "test accuracy"):
         table.add_column(column, justify="left" if column == "mode" else "right")
-    for mode, seconds, steps_s, examples_s, accuracy in rows:
-        table.add_row(mode, f"{seconds:.1f}", f"{steps_s:.2f}", f"{examples_s:.0f}", f"{accuracy:.4f}")
+    for mode, key in (("cached", "cached"), ("in memory", "memory"), ("online", "online")):
+        table.add_row(mode, f"{figures[f'{key}_seconds']:.1f}", f"{figures[f'{key}_steps_per_s']:.2f}",
+                      f"{figures[f'{key}_examples_per_s']:.0f}", f"{figures[f'accuracy_{key}']:.4f}")  # fmt: skip
     console.print(table)
-    print(f"cached / in memory (steps/s): {figures['cache_vs_memory']:.3f}    "
-          f"online / cached (time): {figures['cached_vs_online']:.3f}    "
-          f"online / in memory (time): {figures['memory_vs_online']:.3f}")  # fmt: skip
+    print(f"cached / in memory (speed): {spread(figures, 'cache_vs_memory')}    "
+          f"online / cached (time): {spread(figures, 'cached_vs_online')}    "
+          f"online / in memory (time): {spread(figures, 'memory_vs_online')}  (median, min-max over rounds)")  # fmt: skip
     table = Table(title="students trained in one pass over the cache")
     for column in ("students", "seconds", "examples/s per student", "student-examples/s in all"):
         table.add_column(column, justify="right")
-    for count, seconds, per_student, total in many:
-        table.add_row(str(count), f"{seconds:.1f}", f"{per_student:.0f}", f"{total:.0f}")
+    for name in passes:
+        count, per_student = int(name.rsplit("_", 1)[1]), figures[f"{name}_examples_per_s_per_student"]
+        table.add_row(
+            str(count), f"{figures[f'{name}_seconds']:.1f}", f"{per_student:.0f}", f"{per_student * count:.0f}"
+        )
     console.print(table)
 
 

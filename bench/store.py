@@ -1,11 +1,13 @@
-"""Cache store vs a raw numpy memmap: write, sequential read and shuffled-block read, one run.
+"""Cache store vs a raw numpy memmap: write, sequential read and shuffled-block read, in interleaved rounds.
 
 The same real data goes through both: the packaged MiniLM teacher's hidden states
 (float16, layers 2, 3, 4, 6, width 384) for real SST-2 sentences from ../shared/data.
 The memmap holds the same ragged bytes with no format, no checksum and no compression:
 it is the limit. Padded storage (every example at max_length) is reported for size.
+After one warm-up of each, the six modes run in turn for ``--rounds`` rounds (see
+rounds.py); ratios are the median over rounds of the per-round ratio, with their spread.
 
-    python bench/store.py [--examples 4000] [--json]
+    python bench/store.py [--examples 4000] [--rounds 7] [--json]
 """
 
 from __future__ import annotations
@@ -14,10 +16,10 @@ import argparse
 import json
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
+from rounds import interleaved, ratio, spread, timed
 
 from cache_store import CacheWriter, ShardRows, TensorSpec, open_cache
 
@@ -59,17 +61,12 @@ def teacher_hidden_states(n: int, rng: np.random.Generator) -> tuple[list[dict[i
         return values, "random values, synthetic lengths (model or SST-2 missing)"
 
 
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--examples", type=int, default=4000)
     parser.add_argument("--shard-rows", type=int, default=1024)
     parser.add_argument("--codec", default="zstd", choices=["zstd", "none"])
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds of the six modes")
     parser.add_argument("--json", action="store_true", help="end with one JSON line of the ratios")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
@@ -87,6 +84,7 @@ def main() -> None:
         maps = {}
 
         def memmap_write():
+            maps.clear()
             for k, data in hidden.items():
                 mm = np.memmap(work / f"layer{k}.f16", dtype=np.float16, mode="w+", shape=data.shape)
                 mm[:] = data
@@ -107,6 +105,7 @@ def main() -> None:
         location = work / "cache"
 
         def cache_write():
+            shutil.rmtree(location, ignore_errors=True)
             writer = CacheWriter(location, key="bench", num_labels=2, tensors=[spec],
                                  split_rows={"train": args.examples}, shard_rows=args.shard_rows)  # fmt: skip
             for task in writer.pending():
@@ -125,47 +124,50 @@ def main() -> None:
 
         def cache_read(block_order):
             def run():
+                cache = open_cache(location)
+                shards = cache.shards("train")
                 for b in block_order:
                     cache.read_shard(shards[b], wanted)
 
             return run
 
-        t = {"memmap_write": timed(memmap_write), "cache_write": timed(cache_write)}
-        cache = open_cache(location)
-        shards = cache.shards("train")
-        memmap_read([0])(), cache_read([0])()  # warm both paths (imports, thread pools) before timing reads
-        t |= {
-            "memmap_read_seq": timed(memmap_read(range(len(blocks)))),
-            "cache_read_seq": timed(cache_read(range(len(blocks)))),
-            "memmap_read_shuffled": timed(memmap_read(order)),
-            "cache_read_shuffled": timed(cache_read(order)),
+        modes = {
+            "memmap_write": memmap_write,
+            "cache_write": cache_write,
+            "memmap_read_seq": memmap_read(range(len(blocks))),
+            "cache_read_seq": cache_read(range(len(blocks))),
+            "memmap_read_shuffled": memmap_read(order),
+            "cache_read_shuffled": cache_read(order),
         }
-        stored = cache.manifest.bytes
+        seconds = interleaved({name: lambda fn=fn: timed(fn) for name, fn in modes.items()}, rounds=args.rounds)
+        stored = open_cache(location).manifest.bytes
     finally:
         shutil.rmtree(work, ignore_errors=True)
     mb = payload / 1e6
     padded = args.examples * MAX_LENGTH * WIDTH * 2 * len(LAYERS)
-    rates = {name: mb / seconds for name, seconds in t.items()}
+    rates = {name: mb / float(np.median(times)) for name, times in seconds.items()}
     result = {
         "examples": args.examples,
         "tokens": tokens,
         "mean_tokens": tokens / args.examples,
         "lengths_from": source,
         "payload_mb": mb,
+        "rounds": args.rounds,
         **{f"{name}_mb_s": round(rate, 1) for name, rate in rates.items()},
-        "write_vs_memmap": rates["cache_write"] / rates["memmap_write"],
-        "read_seq_vs_memmap": rates["cache_read_seq"] / rates["memmap_read_seq"],
-        "read_shuffled_vs_memmap": rates["cache_read_shuffled"] / rates["memmap_read_shuffled"],
+        **ratio("write_vs_memmap", seconds["memmap_write"], seconds["cache_write"]),
+        **ratio("read_seq_vs_memmap", seconds["memmap_read_seq"], seconds["cache_read_seq"]),
+        **ratio("read_shuffled_vs_memmap", seconds["memmap_read_shuffled"], seconds["cache_read_shuffled"]),
         "bytes_vs_padded": stored / padded,
         "bytes_per_example": stored / args.examples,
         "padded_bytes_per_example": padded / args.examples,
     }
     print(f"{args.examples} examples, {tokens} tokens ({source}); {len(LAYERS)} layers x {WIDTH} float16; "
           f"{mb:.0f} MB of tensors; codec {args.codec}")  # fmt: skip
-    print(f"{'':22}{'memmap MB/s':>14}{'cache MB/s':>14}{'ratio':>8}")
+    print(f"median of {args.rounds} interleaved rounds; ratio: median (min-max) of the per-round ratios")
+    print(f"{'':22}{'memmap MB/s':>14}{'cache MB/s':>14}   ratio")
     for label, key in (("write", "write"), ("sequential read", "read_seq"), ("shuffled-block read", "read_shuffled")):
         m, c = rates[f"memmap_{key}"], rates[f"cache_{key}"]
-        print(f"{label:22}{m:14.0f}{c:14.0f}{c / m:8.2f}")
+        print(f"{label:22}{m:14.0f}{c:14.0f}   {spread(result, f'{key}_vs_memmap')}")
     print(f"stored {stored / args.examples / 1e3:.1f} KB per example vs {padded / args.examples / 1e3:.1f} KB padded "
           f"to {MAX_LENGTH} tokens: {stored / padded:.3f} of padded")  # fmt: skip
     if args.json:

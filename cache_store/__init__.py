@@ -5,7 +5,7 @@ inspection), ``CacheWriter`` makes one, ``verify_cache`` checks one, and ``catal
 lists, removes and copies caches. The format is described in docs/cache-format.md.
 """
 
-from .catalog import CacheListing, describe, list_caches, push_cache, remove_cache
+from .catalog import CacheListing, describe, list_caches, name_cache, named_cache, push_cache, remove_cache
 from .errors import CacheBusyError, CacheCorruptError, CacheError, CacheFormatError, CacheNotFoundError
 from .fingerprint import Fingerprint, file_digest
 from .manifest import FORMAT_VERSION, MANIFEST_NAME, Manifest, ShardEntry, TensorSpec
@@ -37,6 +37,8 @@ __all__ = [
     "describe",
     "file_digest",
     "list_caches",
+    "name_cache",
+    "named_cache",
     "open_cache",
     "push_cache",
     "remove_cache",

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from .errors import CacheBusyError, CacheCorruptError, CacheNotFoundError
-from .manifest import MANIFEST_NAME, SHARD_ENTRY_NAME, ShardEntry
+from .manifest import MANIFEST_NAME, PLAIN_NAME, SHARD_ENTRY_NAME, ShardEntry
 from .reader import Cache, open_cache, verify_cache
 from .shard import file_problem, verify_shard
 from .storage import Location
@@ -107,9 +107,36 @@ def push_cache(source, dest_root, **storage_options) -> tuple[Cache, bool]:
                 (staging / name).write_bytes(data)
             (staging / SHARD_ENTRY_NAME).write_bytes(src.location.read_bytes(f"{entry.path}/{SHARD_ENTRY_NAME}"))
             dest.commit_dir(staging, entry.path, last=SHARD_ENTRY_NAME)
+    for name, files in src.manifest.attachments.items():
+        for relative, recorded in files.items():
+            data = src.location.read_bytes(f"{name}/{relative}")
+            problem = file_problem(relative, data, recorded)
+            if problem:
+                raise CacheCorruptError(f"attachment {name} of {src.location}: {problem}")
+            dest.write_bytes(f"{name}/{relative}", data)
     shards = [entry for split in src.manifest.splits.values() for entry in split.shards]
     bad = [entry.path for entry in shards if verify_shard(dest, entry)]
     if bad:
         raise CacheCorruptError(f"the copy at {dest} does not verify: shards {bad}")
     dest.write_bytes(MANIFEST_NAME, src.location.read_bytes(MANIFEST_NAME))
     return open_cache(dest), True
+
+
+NAMES_DIR = ".names"
+
+
+def name_cache(root, name: str, key: str, **storage_options) -> None:
+    """Record ``<root>/<key>`` as the cache called ``name`` (an experiment's name), replacing any earlier one."""
+    if not PLAIN_NAME.fullmatch(name):
+        raise ValueError(f"cache name {name!r} is not a plain name")
+    Location(root, **storage_options).write_bytes(f"{NAMES_DIR}/{name}.json", json.dumps({"key": key}).encode())
+
+
+def named_cache(root, name: str, **storage_options) -> Location | None:
+    """The cache last recorded as ``name`` under ``root``, or None."""
+    base = Location(root, **storage_options)
+    try:
+        key = json.loads(base.read_bytes(f"{NAMES_DIR}/{name}.json"))["key"]
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        return None
+    return base / key

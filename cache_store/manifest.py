@@ -4,6 +4,9 @@ Each shard directory ends with ``shard.json`` (its entry: rows, files, checksums
 last, so a shard with that file is committed. The cache's ``manifest.json`` gathers all
 shard entries and is written once every shard is committed: no manifest, no cache.
 
+Besides shards, a manifest lists attachments: named folders of files (a tokenizer, a
+model) stored beside the shards and verified like them.
+
 Every path in them is relative to the cache directory; a reader refuses absolute paths
 and ``..`` so that a manifest from someone else cannot point it outside the cache.
 """
@@ -21,12 +24,13 @@ import numpy as np
 from .errors import CacheFormatError
 
 FORMAT_NAME = "kdcache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: test split, per-split tensors, attachments, per-shard producer
 MANIFEST_NAME = "manifest.json"
 SHARD_ENTRY_NAME = "shard.json"
 TOKENS = "L"  # the placeholder for an example's token count in a tensor's shape
 DTYPES = ("float16", "float32", "bfloat16")
 QUANTIZATIONS = (None, "sqrt-uint8")
+PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # a cache key or name: one path segment
 
 
 @dataclass(frozen=True)
@@ -141,6 +145,7 @@ class SplitEntry:
     rows: int
     tokens: int
     shards: tuple[ShardEntry, ...]
+    tensors: tuple[str, ...] = ()  # names of the ragged tensors its shards hold (the others hold rows only)
 
     @property
     def bytes(self) -> int:
@@ -155,6 +160,7 @@ class Manifest:
     tensors: tuple[TensorSpec, ...]
     splits: dict[str, SplitEntry]
     metadata: dict = field(default_factory=dict)  # who made it: teacher, dataset, capture spec
+    attachments: dict[str, dict[str, FileEntry]] = field(default_factory=dict)  # name -> {file: size, checksum}
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
 
@@ -186,10 +192,10 @@ class Manifest:
         if raw.get("format_version") != FORMAT_VERSION:
             raise CacheFormatError(
                 f"{where}: cache format version {raw.get('format_version')!r} is not supported "
-                f"by this kdcache, which reads version {FORMAT_VERSION}"
+                f"by this kdcache, which reads version {FORMAT_VERSION}; capture the cache again with this kdcache"
             )
         key = raw.get("key")
-        if not isinstance(key, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}", key):
+        if not isinstance(key, str) or not PLAIN_NAME.fullmatch(key):
             raise CacheFormatError(f"{where}: cache key {key!r} is not a plain name")
         try:
             return cls(
@@ -205,10 +211,15 @@ class Manifest:
                         rows=s["rows"],
                         tokens=s["tokens"],
                         shards=tuple(ShardEntry.from_raw(e, where) for e in s["shards"]),
+                        tensors=tuple(s.get("tensors", ())),
                     )
                     for name, s in raw["splits"].items()
                 },
                 metadata=raw.get("metadata", {}),
+                attachments={
+                    check_relative(name, where): {check_relative(f, where): FileEntry(**e) for f, e in files.items()}
+                    for name, files in raw.get("attachments", {}).items()
+                },
             )
         except (KeyError, TypeError, ValueError) as e:
             raise CacheFormatError(f"{where}: malformed manifest ({e!r})") from e

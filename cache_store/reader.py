@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from collections.abc import Iterator
+from pathlib import Path
 
 import dask
 import dask.array as da
@@ -10,9 +13,9 @@ import dask.dataframe as dd
 import numpy as np
 import pandas as pd
 
-from .errors import CacheFormatError, CacheNotFoundError
-from .manifest import MANIFEST_NAME, Manifest, ShardEntry, SplitEntry
-from .shard import TENSORS_DIR, ShardData, decode, read_shard, verify_shard
+from .errors import CacheCorruptError, CacheFormatError, CacheNotFoundError
+from .manifest import MANIFEST_NAME, FileEntry, Manifest, ShardEntry, SplitEntry
+from .shard import TENSORS_DIR, ShardData, decode, file_problem, read_shard, verify_shard
 from .storage import Location
 
 
@@ -67,6 +70,40 @@ class Cache:
             raise CacheFormatError(f"cache {self.key} stores {name} for layers {list(spec.layers)}, not {layer}")
         return spec
 
+    def attachment(self, name: str) -> Path:
+        """A local folder holding the attachment ``name`` (a tokenizer, a model), every file verified.
+
+        A local cache's own folder is verified in place; a remote one's is downloaded once into
+        ``$KDCACHE_HOME/attachments/<key>/<name>`` (default ``~/.cache/kdcache``) and reused.
+
+        Raises:
+            CacheFormatError: the cache has no such attachment.
+            CacheCorruptError: a file is missing or does not match its checksum.
+        """
+        if name not in self.manifest.attachments:
+            raise CacheFormatError(
+                f"cache {self.key} has no attachment {name!r}; it has {sorted(self.manifest.attachments)}"
+            )
+        files = self.manifest.attachments[name]
+        local = attachment_home() / self.key / name
+        if not self.location.is_local and local.is_dir():
+            if not _attachment_problems(files, {f: _read_or_none(Location(str(local)), f) for f in files}):
+                return local  # downloaded and verified before
+        blobs = {f: _read_or_none(self.location, f"{name}/{f}") for f in files}
+        problems = _attachment_problems(files, blobs)
+        if problems:
+            raise CacheCorruptError(f"attachment {name} of {self.location}: {'; '.join(problems)}")
+        if self.location.is_local:
+            return Path(self.location.path(name))
+        staging = local.with_name(f".{name}.tmp-{os.getpid()}")
+        shutil.rmtree(staging, ignore_errors=True)
+        for f, data in blobs.items():
+            (staging / f).parent.mkdir(parents=True, exist_ok=True)
+            (staging / f).write_bytes(data)
+        shutil.rmtree(local, ignore_errors=True)
+        os.replace(staging, local)
+        return local
+
     def iter_shards(self, split: str, wanted: list[tuple[str, int]] = ()) -> Iterator[ShardData]:
         for entry in self.shards(split):
             yield self.read_shard(entry, wanted)
@@ -109,6 +146,21 @@ def _rows_frame_meta(num_labels: int) -> pd.DataFrame:
     return meta
 
 
+def attachment_home() -> Path:
+    """Where attachments of remote caches are kept locally: ``$KDCACHE_HOME/attachments``."""
+    return Path(os.environ.get("KDCACHE_HOME", "~/.cache/kdcache")).expanduser() / "attachments"
+
+
+def _attachment_problems(files: dict[str, FileEntry], blobs: dict[str, bytes | None]) -> list[str]:
+    problems = []
+    for name, recorded in files.items():
+        data = blobs.get(name)
+        problem = f"{name} is missing" if data is None else file_problem(name, data, recorded)
+        if problem:
+            problems.append(problem)
+    return problems
+
+
 def open_cache(location, **storage_options) -> Cache:
     """Open the committed cache at a path or fsspec URL (``storage_options`` go to fsspec)."""
     return Cache(location, **storage_options)
@@ -127,4 +179,15 @@ def verify_cache(location, **storage_options) -> dict[str, list[str]]:
             problems = verify_shard(cache.location, entry)
             if problems:
                 bad[entry.path] = problems
+    for name, files in cache.manifest.attachments.items():
+        problems = _attachment_problems(files, {f: _read_or_none(cache.location, f"{name}/{f}") for f in files})
+        if problems:
+            bad[name] = problems
     return bad
+
+
+def _read_or_none(location: Location, relative: str) -> bytes | None:
+    try:
+        return location.read_bytes(relative)
+    except FileNotFoundError:
+        return None

@@ -193,6 +193,13 @@ def read_shard(
     Raises:
         CacheCorruptError: a file is missing or does not match its recorded size and checksum.
     """
+    missing = [
+        f"{name}/{layer}"
+        for name, layer in wanted
+        if f"{TENSORS_DIR}/{specs[name].array_path(layer)}" not in entry.arrays
+    ]
+    if missing:
+        raise CacheFormatError(f"shard {entry.path} holds no {', '.join(missing)} (its split stores rows only)")
     prefixes = [f"{TENSORS_DIR}/{specs[name].array_path(layer)}/" for name, layer in wanted]
     names = [
         n for n in entry.files

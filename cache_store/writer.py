@@ -16,12 +16,13 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from .errors import CacheCorruptError, CacheError, CacheFormatError
-from .manifest import MANIFEST_NAME, SHARD_ENTRY_NAME, Manifest, ShardEntry, SplitEntry, TensorSpec
-from .shard import ShardRows, build_shard
+from .manifest import MANIFEST_NAME, SHARD_ENTRY_NAME, FileEntry, Manifest, ShardEntry, SplitEntry, TensorSpec
+from .shard import ShardRows, build_shard, checksum, read_shard
 from .storage import Location
 
 WRITERS_DIR = ".writers"
@@ -52,6 +53,7 @@ class CacheWriter:
         num_labels: width of the stored logits.
         tensors: the ragged tensors each example carries (hidden states, attention maps).
         split_rows: rows per split, in the order they are written.
+        tensor_splits: the splits whose shards hold the tensors (None: all); the others hold rows only.
         shard_rows: rows per shard.
         metadata: JSON recorded in the manifest (teacher, dataset, capture spec).
         producer: JSON recorded in every shard entry: how this writer computes values (the
@@ -63,8 +65,8 @@ class CacheWriter:
     """
 
     def __init__(self, location, *, key: str, num_labels: int, tensors: list[TensorSpec],
-                 split_rows: dict[str, int], shard_rows: int = 1024, metadata: dict | None = None,
-                 producer: dict | None = None):  # fmt: skip
+                 split_rows: dict[str, int], tensor_splits: tuple[str, ...] | None = None, shard_rows: int = 1024,
+                 metadata: dict | None = None, producer: dict | None = None):  # fmt: skip
         self.location = location if isinstance(location, Location) else Location(location)
         if self.location.exists(MANIFEST_NAME):
             raise CacheError(f"{self.location} already holds a complete cache; refusing to overwrite it")
@@ -72,6 +74,7 @@ class CacheWriter:
             raise ValueError(f"shard_rows must be > 0; got {shard_rows!r}")
         self.key, self.num_labels, self.shard_rows = key, num_labels, shard_rows
         self.specs = {spec.name: spec for spec in tensors}
+        self.tensor_splits = tuple(split_rows) if tensor_splits is None else tuple(tensor_splits)
         self.metadata, self.producer = metadata or {}, dict(producer or {})
         self.damaged: list[str] = []  # committed shards found damaged by pending(), removed to be recomputed
         self.tasks = [
@@ -145,7 +148,8 @@ class CacheWriter:
         self, task: ShardTask, rows: ShardRows, tensors: dict[tuple[str, int], list[np.ndarray]]
     ) -> ShardEntry | None:
         """Build the shard locally and publish it; its entry, or None when another writer committed it first."""
-        expected = {(spec.name, layer) for spec in self.specs.values() for layer in spec.layers}
+        specs = self.split_specs(task.split)
+        expected = {(spec.name, layer) for spec in specs.values() for layer in spec.layers}
         if set(tensors) != expected:
             raise ValueError(f"shard tensors {sorted(tensors)} differ from the cache's spec {sorted(expected)}")
         if len(rows) != task.row_end - task.row_start:
@@ -153,11 +157,24 @@ class CacheWriter:
         if rows.logits.shape != (len(rows), self.num_labels):
             raise ValueError(f"logits must be ({len(rows)}, {self.num_labels}); got {rows.logits.shape}")
         staging = self.location.staging_dir(task.path.replace("/", "-"))
-        entry = build_shard(staging, rows, tensors, self.specs, num_labels=self.num_labels,
+        entry = build_shard(staging, rows, tensors, specs, num_labels=self.num_labels,
                             relative_path=task.path, row_start=task.row_start, producer=self.producer)  # fmt: skip
         committed = self.location.commit_dir(staging, task.path, last=SHARD_ENTRY_NAME)
         self._beat()
         return entry if committed else None
+
+    def split_specs(self, split: str) -> dict[str, TensorSpec]:
+        """The tensors the shards of ``split`` hold."""
+        return self.specs if split in self.tensor_splits else {}
+
+    def committed_rows(self, split: str) -> list[ShardRows]:
+        """The rows of every shard of ``split``, read back and verified (all must be committed)."""
+        out = []
+        for task in (t for t in self.tasks if t.split == split):
+            where = f"{self.location}/{task.path}/{SHARD_ENTRY_NAME}"
+            entry = ShardEntry.from_raw(json.loads(self.location.read_bytes(f"{task.path}/{SHARD_ENTRY_NAME}")), where)
+            out.append(read_shard(self.location, entry, {}, []).rows)
+        return out
 
     def committed_count(self) -> int:
         return sum(self.is_committed(task) for task in self.tasks)
@@ -166,8 +183,13 @@ class CacheWriter:
         """Stop marking this writer alive, leaving the manifest to another writer."""
         self.location.remove(self._heartbeat)
 
-    def finish(self) -> Manifest | None:
+    def finish(self, *, metadata: dict | None = None, attachments: dict[str, Path] | None = None) -> Manifest | None:
         """Write the manifest if every shard is committed and sound, and return it; None while some are missing.
+
+        Args:
+            metadata: added to the writer's metadata (what is known only once every shard is in).
+            attachments: name -> a local folder whose files are stored under ``<name>/`` and
+                listed, with sizes and checksums, in the manifest (written before it).
 
         Raises:
             CacheCorruptError: a committed shard is damaged (a rerun recomputes it).
@@ -195,15 +217,31 @@ class CacheWriter:
             shard_rows=self.shard_rows,
             tensors=tuple(self.specs.values()),
             splits={
-                split: SplitEntry(rows=shards[-1].row_end, tokens=sum(s.tokens for s in shards), shards=tuple(shards))
+                split: SplitEntry(
+                    rows=shards[-1].row_end,
+                    tokens=sum(s.tokens for s in shards),
+                    shards=tuple(shards),
+                    tensors=tuple(self.split_specs(split)),
+                )  # fmt: skip
                 for split, shards in splits.items()
             },
-            metadata=self.metadata,
+            metadata={**self.metadata, **(metadata or {})},
+            attachments={name: self._attach(name, Path(folder)) for name, folder in (attachments or {}).items()},
         )
         self.location.write_bytes(MANIFEST_NAME, manifest.to_json().encode())
         self.close()
         _remove_stale(self.location)
         return manifest
+
+    def _attach(self, name: str, folder: Path) -> dict[str, FileEntry]:
+        """Store the files under ``folder`` as ``<name>/...``; their entries, by relative path."""
+        entries = {}
+        for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
+            relative = path.relative_to(folder).as_posix()
+            data = path.read_bytes()
+            self.location.write_bytes(f"{name}/{relative}", data)
+            entries[relative] = FileEntry(bytes=len(data), xxh3=checksum(data))
+        return entries
 
 
 class BackgroundWriter:

@@ -8,6 +8,7 @@ package, which is how the embedded demo finds its packaged model and data.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import importlib.util
 import types
 import typing
@@ -18,11 +19,9 @@ import yaml
 
 from cache_store.manifest import DTYPES, QUANTIZATIONS
 
+from .errors import ConfigError
+
 PACKAGE_SCHEME = "pkg://"
-
-
-class ConfigError(ValueError):
-    """A config file or value that cannot be used; the message names the key."""
 
 
 def _check(condition: bool, message: str) -> None:
@@ -38,18 +37,58 @@ def _check_precision(section: str, value: str) -> None:
 
 
 @dataclass(frozen=True)
-class DatasetSpec:
-    """Where a labeled text data set lives and how to read it (a file under data/)."""
+class SplitSources:
+    """Where each split comes from: a file or glob each, or a split name of a saved or hub data set.
 
-    path: str  # CSV/TSV/JSON/JSONL/Parquet file, a saved HF dataset directory, or pkg://...
+    A split given no source is cut at random from train (``data.test_size``, ``data.validation_size``).
+    """
+
+    train: str | None = None
+    validation: str | None = None
+    test: str | None = None
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Where a labeled text data set lives and how to read it (a file under data/).
+
+    Exactly one of ``path`` (one file, split at random; or a saved Hugging Face data set,
+    with its own splits), ``files`` (a file or glob per split) or ``hub`` (a data set in the
+    local Hugging Face cache, by name, with its own splits).
+    """
+
+    path: str | None = None  # CSV/TSV/JSON/JSONL/Parquet file, a saved HF dataset (dict) directory, or pkg://...
+    files: SplitSources | None = None  # a file or glob per split, e.g. GLUE's train.tsv and dev.tsv
+    hub: str | None = None  # a data set in the local HF cache by name (offline), e.g. glue
+    hub_config: str | None = None  # its configuration, e.g. sst2
+    splits: SplitSources | None = None  # a saved DatasetDict's or hub data set's split serving as each of ours
+    unlabeled: tuple[str, ...] = ()  # files or globs of transfer text without labels: unlabeled training rows
     text_columns: tuple[str, ...] = ("text",)  # one column, or two for sentence pairs
     label_column: str = "label"
-    label_names: tuple[str, ...] | None = None  # class order; rows with other labels are dropped
+    label_names: tuple[str, ...] | None = None  # class order; rows with other labels are counted and dropped
     format: str | None = None  # csv, tsv, json, jsonl, parquet or hf; None: from the file name
     encoding: str = "utf-8"
+    column_names: tuple[str, ...] | None = None  # a headerless CSV/TSV: its columns, in order
+    quoting: bool = True  # False: quote characters are plain text (as in GLUE's TSV files)
 
     def __post_init__(self):
         _check(1 <= len(self.text_columns) <= 2, f"text_columns must name 1 or 2 columns; got {self.text_columns!r}")
+        given = [name for name in ("path", "files", "hub") if getattr(self, name) is not None]
+        _check(len(given) == 1, f"a dataset definition needs exactly one of path, files or hub; got {given or 'none'}")
+        _check(
+            self.splits is None or self.files is None, "splits names the splits of a path or hub data set, not files"
+        )
+
+    def paths(self) -> list[str]:
+        """Every local data file the definition names (globs expanded, pkg:// resolved)."""
+        patterns = [self.path] if self.path else []
+        if self.files is not None:
+            patterns += [p for p in dataclasses.astuple(self.files) if p]
+        found = []
+        for pattern in [*patterns, *self.unlabeled]:
+            resolved = resolve_location(pattern)
+            found += sorted(glob.glob(resolved)) or [resolved]
+        return found
 
 
 @dataclass(frozen=True)
@@ -102,6 +141,8 @@ class CaptureConfig:
     batch_size: int = 64  # most rows per batch (on a GPU, 256 or more)
     batch_tokens: int = 8192  # most padded tokens per batch (rows are length-sorted within each shard)
     shard_rows: int = 1024  # examples per shard, and the window rows are length-sorted within
+    tensor_splits: tuple[str, ...] = ("train",)  # splits whose hidden states and attention maps are stored
+    bundle_teacher: bool | None = None  # store the teacher's checkpoint in the cache; None: when under 1 GB
     cache_root: str = "caches"  # caches live in <cache_root>/<key>/
 
     def __post_init__(self):
@@ -113,6 +154,8 @@ class CaptureConfig:
             f"capture.attention_heads must list head numbers (0-based) or be null; got {self.attention_heads!r}",
         )
         _check_precision("capture", self.precision)
+        bad = [split for split in self.tensor_splits if split not in ("train", "validation", "test")]
+        _check(not bad, f"capture.tensor_splits must name train, validation or test; got {bad}")
         for name in ("hidden_dtype", "attention_dtype"):
             value = getattr(self, name)
             _check(value in DTYPES, f"capture.{name} must be one of {list(DTYPES)}; got {value!r}")
@@ -239,13 +282,23 @@ class DistillConfig:
 
 @dataclass(frozen=True)
 class ExperimentConfig:
-    name: str
-    data: DataConfig
-    teacher: TeacherConfig
-    distill: DistillConfig
+    """An experiment. Each stage needs its sections: the teacher stage ``data`` and ``teacher``
+    (and ``capture``); the student stage only ``distill``, when it is given the cache."""
+
+    name: str | None = None  # names runs and the cache; None: the config file's name
+    data: DataConfig | None = None
+    teacher: TeacherConfig | None = None
+    distill: DistillConfig | None = None
     capture: CaptureConfig = field(default_factory=CaptureConfig)
     seed: int = 0  # the data split and the teacher's fine-tuning
     device: str = "auto"  # auto (CUDA when there is one, else CPU), cpu, cuda or cuda:N
+
+    def require(self, *sections: str, stage: str) -> None:
+        """Refuse a config that lacks a section ``stage`` needs."""
+        missing = [name for name in sections if getattr(self, name) is None]
+        _check(
+            not missing, f"config {self.name!r} has no {', '.join(f'{m}:' for m in missing)} section; {stage} needs it"
+        )
 
 
 def load_config(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> ExperimentConfig:
@@ -261,6 +314,7 @@ def load_config(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -
     raw = _read_yaml(path)
     for override in overrides:
         _apply_override(raw, override)
+    raw.setdefault("name", Path(path).stem)
     return _build(ExperimentConfig, raw, str(path))
 
 

@@ -1,22 +1,29 @@
-"""Labeled text data: load a data set, split it with a fixed seed, tokenize it.
+"""Labeled text data: load a data set laid out as its benchmark ships it, split it, tokenize it.
 
-Any CSV/TSV/JSON/JSONL/Parquet file or saved Hugging Face dataset works, read through
-``datasets``; a dataset definition under data/ names its columns and classes.
+A dataset definition under data/ names one file (split at random with a fixed seed), a
+file or glob per split (GLUE's train.tsv and dev.tsv, say), a saved Hugging Face data set
+or one in the local Hugging Face cache by name (their own splits), and optionally files
+of unlabeled transfer text. Every format ``datasets`` reads works: CSV/TSV (headerless
+too), JSON/JSONL, Parquet. Rows that cannot be used are counted, by split and reason, and
+reported in one line (and in the cache's manifest), never dropped silently.
 """
 
 from __future__ import annotations
 
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
 import numpy as np
 
-from .config import ConfigError, DataConfig, DatasetSpec, load_dataset_spec, resolve_location
+from .config import DataConfig, DatasetSpec, SplitSources, load_dataset_spec, resolve_location
+from .errors import DataError
 
 UNLABELED = -1  # label of a training row whose label is hidden: the teacher's logits teach it
 SPLITS = ("train", "validation", "test")
+WHOLE = "data set"  # the source name of a data set given as one file (split at random)
+UNKNOWN_LABEL, EMPTY_TEXT, IN_TEST = "label not in label_names", "empty text", "text also in test"
 _COMPRESSED = {".bz2", ".gz", ".xz", ".zst", ".zip"}
 _BUILDERS = {"csv": ("csv", {}), "tsv": ("csv", {"delimiter": "\t"}), "json": ("json", {}),
              "jsonl": ("json", {}), "parquet": ("parquet", {})}  # fmt: skip
@@ -24,7 +31,7 @@ _BUILDERS = {"csv": ("csv", {}), "tsv": ("csv", {"delimiter": "\t"}), "json": ("
 
 @dataclass(frozen=True)
 class TextData:
-    """Texts with integer labels; ``example_id`` is each row's index in the loaded data set."""
+    """Texts with integer labels; ``example_id`` is each row's index among the data set's usable rows."""
 
     example_id: np.ndarray  # (N,) int64
     texts: list[tuple[str, ...]]  # one or two texts per row
@@ -37,43 +44,118 @@ class TextData:
     def take(self, index: np.ndarray) -> TextData:
         return TextData(self.example_id[index], [self.texts[i] for i in index], self.labels[index], self.label_names)
 
+    def with_labels(self, labels: np.ndarray) -> TextData:
+        return TextData(self.example_id, self.texts, labels, self.label_names)
 
-def load_text_data(spec: DatasetSpec) -> TextData:
-    """Read the data set a definition describes, mapping labels to class ids.
+
+@dataclass(frozen=True)
+class Splits:
+    """A data set cut into train, validation and test, and the rows left out on the way."""
+
+    parts: dict[str, TextData]  # split name -> its rows
+    dropped: dict[str, dict[str, int]] = field(default_factory=dict)  # source or split -> reason -> rows
+    scaled: str = ""  # how --max-examples scaled the configured sizes, when it did
+
+    def __getitem__(self, name: str) -> TextData:
+        return self.parts[name]
+
+    def __iter__(self):
+        return iter(self.parts)
+
+    def summary(self) -> str:
+        """One line: rows per split, labeled training rows, and every row left out, by where and why."""
+        sizes = ", ".join(f"{name} {len(self.parts[name]):,}" for name in SPLITS)
+        labeled = int((self.parts["train"].labels != UNLABELED).sum())
+        dropped = [f"{n:,} {where} rows ({why})" for where, reasons in self.dropped.items()
+                   for why, n in reasons.items() if n]  # fmt: skip
+        line = f"data: {sizes} rows ({labeled:,} labeled training rows)"
+        line += f"; dropped {', '.join(dropped)}" if dropped else "; no row dropped"
+        return line + (f"; {self.scaled}" if self.scaled else "")
+
+
+def normalized(texts: tuple[str, ...]) -> tuple[str, ...]:
+    """A row's texts as compared for overlap: Unicode NFKC, case-folded, whitespace collapsed."""
+    return tuple(" ".join(unicodedata.normalize("NFKC", t).casefold().split()) for t in texts)
+
+
+def load_splits(cfg: DataConfig, *, seed: int) -> Splits:
+    """Load the configured data set and split it (see ``split_sources``)."""
+    spec = load_dataset_spec(cfg.dataset)
+    tables = read_sources(spec)
+    return split_sources(to_text_data(tables, spec), cfg, seed=seed)
+
+
+def read_sources(spec: DatasetSpec) -> dict[str, datasets.Dataset]:
+    """The definition's tables by source: ``WHOLE`` for one file to split at random, else split
+    names; plus ``unlabeled`` when it names transfer text.
 
     Raises:
-        ConfigError: missing file or columns, or labels that cannot be mapped.
+        DataError: a file, split or data set that is not there.
     """
-    table = _read_table(spec)
-    missing = [c for c in (*spec.text_columns, spec.label_column) if c not in table.column_names]
+    if spec.files is not None:
+        tables = {name: _read_files(pattern, spec) for name, pattern in _sources(spec.files).items()}
+    elif spec.hub is not None:
+        tables = _split_dict(_load_hub(spec), spec)
+    else:
+        path = Path(resolve_location(spec.path))
+        if not path.exists():
+            raise DataError(f"data set {spec.path} not found at {path}")
+        loaded = datasets.load_from_disk(str(path)) if (spec.format or _format_from_name(path)) == "hf" else None
+        if isinstance(loaded, datasets.DatasetDict):
+            tables = _split_dict(loaded, spec)
+        else:
+            tables = {WHOLE: loaded if loaded is not None else _read_files(spec.path, spec)}
+    if spec.unlabeled:
+        parts = [_read_files(pattern, spec, labeled=False) for pattern in spec.unlabeled]
+        tables["unlabeled"] = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    if WHOLE not in tables and "train" not in tables:
+        raise DataError(f"{spec.path or spec.hub or 'files'}: no train split among {sorted(tables)}")
+    return tables
+
+
+def _sources(sources: SplitSources) -> dict[str, str]:
+    return {name: value for name in SPLITS if (value := getattr(sources, name)) is not None}
+
+
+def _load_hub(spec: DatasetSpec) -> datasets.DatasetDict:
+    try:
+        return datasets.load_dataset(spec.hub, spec.hub_config)
+    except Exception as e:  # offline and not in the local cache, a wrong name, ...
+        raise DataError(
+            f"data set {spec.hub!r} ({spec.hub_config}) is not in the local Hugging Face cache ({e})"
+        ) from None
+
+
+def _split_dict(loaded: datasets.DatasetDict, spec: DatasetSpec) -> dict[str, datasets.Dataset]:
+    """Our splits from a DatasetDict's: ``spec.splits`` names its split for each of ours (default: the same name)."""
+    wanted = _sources(spec.splits) if spec.splits is not None else {n: n for n in SPLITS if n in loaded}
+    missing = [theirs for theirs in wanted.values() if theirs not in loaded]
     if missing:
-        raise ConfigError(f"{spec.path}: no column(s) {missing}; it has {table.column_names}")
-    raw_labels = table[spec.label_column]
-    names = spec.label_names or tuple(sorted({str(v) for v in raw_labels if v is not None}))
-    index = {name: i for i, name in enumerate(names)}
-    keep = [i for i, v in enumerate(raw_labels) if str(v) in index]
-    if not keep:
-        raise ConfigError(f"{spec.path}: no row has a label in {list(names)}")
-    columns = [table[c] for c in spec.text_columns]
-    texts = [tuple("" if col[i] is None else str(col[i]) for col in columns) for i in keep]
-    labels = np.array([index[str(raw_labels[i])] for i in keep], dtype=np.int64)
-    return TextData(np.arange(len(keep), dtype=np.int64), texts, labels, tuple(names))
+        raise DataError(f"{spec.path or spec.hub}: no split {missing}; it has {sorted(loaded)}")
+    return {ours: loaded[theirs] for ours, theirs in wanted.items()}
 
 
-def _read_table(spec: DatasetSpec) -> datasets.Dataset:
-    path = Path(resolve_location(spec.path))
-    if not path.exists():
-        raise ConfigError(f"data set {spec.path} not found at {path}")
-    fmt = spec.format or _format_from_name(path)
-    if fmt == "hf":
-        loaded = datasets.load_from_disk(str(path))
-        return loaded["train"] if isinstance(loaded, datasets.DatasetDict) else loaded
+def _read_files(pattern: str, spec: DatasetSpec, *, labeled: bool = True) -> datasets.Dataset:
+    """One table from a file or glob in the definition's format."""
+    resolved = resolve_location(pattern)
+    files = sorted(Path(resolved).parent.glob(Path(resolved).name)) if any(c in resolved for c in "*?[") else []
+    if not files and not Path(resolved).exists():
+        raise DataError(f"data file {pattern} not found at {resolved}")
+    fmt = spec.format or _format_from_name(Path(files[0] if files else resolved))
     if fmt not in _BUILDERS:
-        raise ConfigError(f"unknown data format {fmt!r} for {spec.path}; choose from {sorted([*_BUILDERS, 'hf'])}")
+        raise DataError(f"unknown data format {fmt!r} for {pattern}; choose from {sorted([*_BUILDERS, 'hf'])}")
     builder, options = _BUILDERS[fmt]
     if builder == "csv":
         options = {**options, "encoding": spec.encoding}
-    return datasets.load_dataset(builder, data_files=str(path), split="train", **options)
+        if spec.column_names is not None:
+            options["column_names"] = list(spec.column_names)
+        if not spec.quoting:
+            options["quoting"] = 3  # csv.QUOTE_NONE: quote characters are text
+    data_files = [str(f) for f in files] or str(resolved)
+    try:
+        return datasets.load_dataset(builder, data_files=data_files, split="train", **options)
+    except (ValueError, datasets.exceptions.DatasetGenerationError) as e:
+        raise DataError(f"cannot read {pattern} as {fmt} ({e.__cause__ or e})") from None
 
 
 def _format_from_name(path: Path) -> str:
@@ -83,76 +165,157 @@ def _format_from_name(path: Path) -> str:
     return suffixes[-1].lstrip(".").lower() if suffixes else ""
 
 
+def to_text_data(tables: dict[str, datasets.Dataset], spec: DatasetSpec) -> tuple[dict[str, TextData], dict]:
+    """Each source's usable rows with class ids, and the rows dropped per source and reason.
+
+    Example ids number the usable rows of all sources in order. Labels map through
+    ``label_names`` (or the column's class names, or its sorted values); a row with any
+    other label, or an empty or missing text, is dropped and counted.
+
+    Raises:
+        DataError: missing columns, or a source with no usable row.
+    """
+    names = spec.label_names or _label_names(tables, spec)
+    index = {name: i for i, name in enumerate(names)}
+    out, dropped, next_id = {}, {}, 0
+    for source, table in tables.items():
+        labeled = source != "unlabeled"
+        wanted = [*spec.text_columns, *([spec.label_column] if labeled else [])]
+        missing = [c for c in wanted if c not in table.column_names]
+        if missing:
+            raise DataError(
+                f"{source} of {spec.path or spec.hub or 'files'}: no column(s) {missing}; it has {table.column_names}"
+            )
+        columns = [table[c] for c in spec.text_columns]
+        raw = _label_strings(table, spec.label_column) if labeled else [None] * len(table)
+        texts = [tuple("" if col[i] is None else str(col[i]) for col in columns) for i in range(len(table))]
+        empty = np.array([any(not t.strip() for t in row) for row in texts], bool)
+        known = np.array([not labeled or v in index for v in raw], bool)
+        keep = np.flatnonzero(known & ~empty)
+        dropped[source] = {UNKNOWN_LABEL: int((~known).sum()), EMPTY_TEXT: int((empty & known).sum())}
+        if not len(keep):
+            raise DataError(f"{source} of {spec.path or spec.hub or 'files'}: no usable row ({dropped[source]}); "
+                            f"label_names is {list(names)}")  # fmt: skip
+        labels = np.array([index[raw[i]] if labeled else UNLABELED for i in keep], dtype=np.int64)
+        out[source] = TextData(np.arange(next_id, next_id + len(keep), dtype=np.int64), [texts[i] for i in keep],
+                               labels, tuple(names))  # fmt: skip
+        next_id += len(keep)
+    return out, dropped
+
+
+def _label_strings(table: datasets.Dataset, column: str) -> list[str | None]:
+    """A label column as text: class names for a ClassLabel column, else each value's str."""
+    feature = table.features[column]
+    values = table[column]
+    if isinstance(feature, datasets.ClassLabel):
+        return [feature.names[v] if v is not None and 0 <= v < feature.num_classes else None for v in values]
+    return [None if v is None else str(v) for v in values]
+
+
+def _label_names(tables: dict[str, datasets.Dataset], spec: DatasetSpec) -> tuple[str, ...]:
+    labeled = [t for source, t in tables.items() if source != "unlabeled"]
+    feature = labeled[0].features.get(spec.label_column) if labeled else None
+    if isinstance(feature, datasets.ClassLabel):
+        return tuple(feature.names)
+    values = {v for t in labeled if spec.label_column in t.column_names for v in _label_strings(t, spec.label_column)}
+    return tuple(sorted(v for v in values if v is not None))
+
+
 def _size(value: int | float, total: int) -> int:
     return int(round(value * total)) if isinstance(value, float) else int(value)
 
 
-@dataclass(frozen=True)
-class Splits:
-    """A data set cut into train, validation and test, and what was dropped to keep test held out."""
+def split_sources(loaded: tuple[dict[str, TextData], dict], cfg: DataConfig, *, seed: int) -> Splits:
+    """Train, validation and test from the loaded sources, with ``seed``.
 
-    parts: dict[str, TextData]  # split name -> its rows
-    test_overlap: dict[str, int]  # train, validation -> rows dropped because their text is also in test
+    A data set given as one file is shuffled and cut into test, validation and train; with
+    split files (or a data set's own splits), a split not given is cut at random from train.
+    Unlabeled transfer text joins train. Train and validation rows whose normalized text
+    (``normalized``) equals a test row's are dropped, so test measures unseen text. With
+    ``labeled_train_size``, only that many labeled training rows, drawn at random, keep
+    their label. Train rows are in random order (a train file's are shuffled), so labeled
+    rows spread over the cache's shards.
+    ``max_examples`` keeps a random sample of that many rows and scales the sizes given
+    as counts by the same fraction.
 
-    def __getitem__(self, name: str) -> TextData:
-        return self.parts[name]
-
-    def __iter__(self):
-        return iter(self.parts)
-
-    def summary(self) -> str:
-        """One line: the rows per split, the labeled training rows, and the test overlap dropped."""
-        sizes = ", ".join(f"{name} {len(self.parts[name])}" for name in SPLITS)
-        labeled = int((self.parts["train"].labels != UNLABELED).sum())
-        dropped = " and ".join(f"{n} {name}" for name, n in self.test_overlap.items())
-        return f"data: {sizes} rows ({labeled} labeled train rows); dropped {dropped} rows whose text is also in test"
-
-
-def normalized(texts: tuple[str, ...]) -> tuple[str, ...]:
-    """A row's texts as compared for overlap: Unicode NFKC, case-folded, whitespace collapsed."""
-    return tuple(" ".join(unicodedata.normalize("NFKC", t).casefold().split()) for t in texts)
-
-
-def split_data(data: TextData, cfg: DataConfig, *, seed: int) -> Splits:
-    """Shuffle with ``seed`` and cut into test, validation and train (in that order).
-
-    Train and validation rows whose normalized text (``normalized``) equals a test row's
-    are dropped, so the test split measures unseen text. With ``labeled_train_size`` set,
-    only that many training rows, drawn at random (seeded) so they spread over the cache's
-    shards, keep their label; the others become unlabeled transfer text that the teacher
-    labels through the cache.
+    Raises:
+        ConfigError: sizes that leave no training rows.
     """
-    order = np.random.default_rng(seed).permutation(len(data))
-    if cfg.max_examples is not None:
-        order = order[: cfg.max_examples]
-    n_test, n_val = _size(cfg.test_size, len(order)), _size(cfg.validation_size, len(order))
-    if n_test < 1 or n_val < 1 or n_test + n_val >= len(order):
-        raise ConfigError(
-            f"data: {len(order)} rows cannot give test_size={cfg.test_size}, "
-            f"validation_size={cfg.validation_size} and a training split"
+    sources, dropped = loaded
+    total = sum(len(d) for d in sources.values())
+    fraction = 1.0 if cfg.max_examples is None or cfg.max_examples >= total else cfg.max_examples / total
+    if fraction < 1:
+        sources = {name: d.take(np.sort(np.random.default_rng([seed, 3, i]).permutation(len(d))[: max(1, round(len(d) * fraction))]))
+                   for i, (name, d) in enumerate(sources.items())}  # fmt: skip
+    sizes = {
+        name: _scaled(getattr(cfg, name), fraction) for name in ("test_size", "validation_size", "labeled_train_size")
+    }
+    scaled = ""
+    if fraction < 1:
+        changes = [f"{name} {getattr(cfg, name)} -> {sizes[name]}" for name in sizes
+                   if isinstance(getattr(cfg, name), int) and getattr(cfg, name) != sizes[name]]  # fmt: skip
+        scaled = f"--max-examples {cfg.max_examples} of {total:,} rows" + (
+            f" scales {', '.join(changes)}" if changes else ""
         )
-    test = data.take(order[:n_test])
-    held_out = {normalized(t) for t in test.texts}
-    parts, overlap = {"test": test}, {}
-    for name, index in (("validation", order[n_test : n_test + n_val]), ("train", order[n_test + n_val :])):
-        fresh = np.array([normalized(data.texts[i]) not in held_out for i in index], dtype=bool)
-        parts[name], overlap[name] = data.take(index[fresh]), int((~fresh).sum())
-    if not len(parts["train"]) or not len(parts["validation"]):
-        raise ConfigError(f"data: every train or validation row also appears in test ({overlap})")
+    pool = sources.get(WHOLE, sources.get("train"))
+    order = np.random.default_rng(seed).permutation(len(pool))
+    cut = {}
+    for name in ("test", "validation"):
+        if name in sources:
+            cut[name] = sources[name]
+            continue
+        n = _size(sizes[f"{name}_size"], len(pool))
+        cut[name], order = pool.take(order[:n]), order[n:]
+    if WHOLE not in sources:  # a train file's rows come in its order: shuffle them (a single file's already are)
+        order = order[np.random.default_rng([seed, 2]).permutation(len(order))]
+    train = pool.take(order)
+    if min(len(cut["test"]), len(cut["validation"]), len(train)) < 1:
+        raise DataError(f"data: {len(pool)} rows cannot give test_size={cfg.test_size}, "
+                        f"validation_size={cfg.validation_size} and a training split")  # fmt: skip
+    held_out = {normalized(t) for t in cut["test"].texts}
+    parts = {"test": cut["test"]}
+    for name, data in (("validation", cut["validation"]), ("train", train), ("unlabeled", sources.get("unlabeled"))):
+        if data is None:
+            continue
+        fresh = np.array([normalized(t) not in held_out for t in data.texts], dtype=bool)
+        parts[name] = data.take(np.flatnonzero(fresh))
+        dropped.setdefault(name, {})[IN_TEST] = int((~fresh).sum())
+        if not len(parts[name]):
+            raise DataError(f"data: every {name} row's text also appears in test")
     train = parts["train"]
-    if cfg.labeled_train_size is not None and cfg.labeled_train_size < len(train):
-        labeled = np.zeros(len(train), dtype=bool)
-        labeled[np.random.default_rng([seed, 1]).choice(len(train), cfg.labeled_train_size, replace=False)] = True
-        parts["train"] = TextData(train.example_id, train.texts, np.where(labeled, train.labels, UNLABELED),
-                                  train.label_names)  # fmt: skip
-    return Splits(
-        {name: parts[name] for name in SPLITS}, {"train": overlap["train"], "validation": overlap["validation"]}
-    )
+    labeled = np.arange(len(train))
+    if sizes["labeled_train_size"] is not None and sizes["labeled_train_size"] < len(labeled):
+        kept = np.random.default_rng([seed, 1]).choice(labeled, sizes["labeled_train_size"], replace=False)
+        labels = train.labels.copy()
+        labels[np.setdiff1d(labeled, kept)] = UNLABELED
+        train = train.with_labels(labels)
+    if "unlabeled" in parts:
+        train = _interleaved(train, parts.pop("unlabeled"), np.random.default_rng([seed, 4]))
+    parts["train"] = train
+    return Splits({name: parts[name] for name in SPLITS}, dropped, scaled)
 
 
-def load_splits(cfg: DataConfig, *, seed: int) -> Splits:
-    """Load the configured data set and split it."""
-    return split_data(load_text_data(load_dataset_spec(cfg.dataset)), cfg, seed=seed)
+def _interleaved(train: TextData, extra: TextData, rng: np.random.Generator) -> TextData:
+    """``extra``'s rows, shuffled, at random places among ``train``'s, whose order is kept (so adding
+    transfer text changes neither which labeled rows are kept nor the order the teacher sees them in)."""
+    slots = np.zeros(len(train) + len(extra), dtype=bool)
+    slots[rng.choice(len(slots), len(extra), replace=False)] = True  # True: a place of an extra row
+    order = np.empty(len(slots), dtype=np.int64)
+    order[~slots] = np.arange(len(train))
+    order[slots] = len(train) + rng.permutation(len(extra))
+    return _concat(train, extra).take(order)
+
+
+def _scaled(value, fraction: float):
+    """A size given as a count, scaled by ``fraction`` (at least 1); fractions and None as they are."""
+    if isinstance(value, int) and fraction < 1:
+        return max(1, round(value * fraction))
+    return value
+
+
+def _concat(a: TextData, b: TextData) -> TextData:
+    return TextData(np.concatenate([a.example_id, b.example_id]), a.texts + b.texts,
+                    np.concatenate([a.labels, b.labels]), a.label_names)  # fmt: skip
 
 
 def tokenize(tokenizer, data: TextData, *, max_length: int) -> list[np.ndarray]:

@@ -9,7 +9,8 @@ from pathlib import Path
 from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from .config import ConfigError, resolve_location
+from .config import resolve_location
+from .errors import ConfigError
 
 _MODEL_FILES = ("*.json", "*.txt", "*.model", "*.safetensors", "*.bin")
 

@@ -9,7 +9,7 @@ from datetime import timedelta
 
 import torch
 
-from .config import ConfigError
+from .errors import ConfigError
 
 CPU = torch.device("cpu")
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

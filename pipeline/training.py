@@ -15,7 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from .config import ConfigError
+from .errors import CheckpointError
 from .runtime import CPU, autocast
 
 Batch = dict[str, torch.Tensor]
@@ -188,7 +188,7 @@ class Checkpoint:
         try:
             return torch.load(self.path, map_location="cpu", weights_only=True)
         except Exception as e:  # a file that torch cannot read back is not a checkpoint we can trust
-            raise ConfigError(f"checkpoint {self.path} is unreadable ({e}); delete it to start over") from None
+            raise CheckpointError(f"checkpoint {self.path} is unreadable ({e}); delete it to start over") from None
 
     def save(self, state: dict) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,7 @@ pytestmark = [
 
 def test_demo_runs_end_to_end_on_a_slice(tmp_path, monkeypatch):
     raw = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
-    raw["data"].update(max_examples=600, test_size=100, validation_size=100, labeled_train_size=200)
+    raw["data"]["max_examples"] = 600  # the quick run: the fixed sizes scale with it
     raw["teacher"].update(epochs=1, output_root=str(tmp_path / "teachers"))
     raw["capture"]["cache_root"] = str(tmp_path / "caches")
     raw["distill"].update(epochs=1, run_root=str(tmp_path / "runs"))
@@ -41,4 +41,5 @@ def test_demo_runs_end_to_end_on_a_slice(tmp_path, monkeypatch):
     assert names == ["teacher", "minilm-l2", "minilm-l3", "minilm-l2-no-kd", "minilm-l3-no-kd"]
     teacher = report["models"][0]
     assert teacher["params"] == pytest.approx(22.7e6, rel=0.01)
-    assert teacher["accuracy"] > 0.6  # one epoch on 200 reviews already beats chance (0.5)
+    assert teacher["accuracy"] > 0.55  # one epoch on 94 labeled reviews beats chance (0.5)
+    assert all(m["steps"] for m in report["models"])

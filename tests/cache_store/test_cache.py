@@ -264,6 +264,55 @@ class CacheStoreContract:
             fill(new_writer(rival, producer={"precision": "bfloat16"}), num_shards=2, shard_index=1)
         assert not rival.exists(MANIFEST_NAME)
 
+    def test_attachments_travel_with_the_cache_verified(self, cache_url, tmp_path, monkeypatch):
+        monkeypatch.setenv("KDCACHE_HOME", str(tmp_path / "home"))
+        folder = tmp_path / "tokenizer"
+        (folder / "sub").mkdir(parents=True)
+        (folder / "vocab.txt").write_text("[PAD]\n[UNK]\n")
+        (folder / "sub" / "config.json").write_text("{}")
+        writer = new_writer(cache_url)
+        fill(writer, stop_after=0)
+        for task in writer.pending():
+            writer.write_shard(task, *shard_content(task))
+        manifest = writer.finish(attachments={"tokenizer": folder})
+        assert set(manifest.attachments["tokenizer"]) == {"vocab.txt", "sub/config.json"}
+        cache = open_cache(cache_url)
+        local = cache.attachment("tokenizer")
+        assert (local / "vocab.txt").read_text() == "[PAD]\n[UNK]\n" and (local / "sub" / "config.json").exists()
+        assert verify_cache(cache_url) == {}
+        Location(cache_url).write_bytes("tokenizer/vocab.txt", b"[PAD]\n[UNX]\n")
+        assert verify_cache(cache_url) == {"tokenizer": ["vocab.txt does not match its checksum"]}
+        if not Location(cache_url).is_local:  # the copy downloaded before, verified again, still serves
+            assert (cache.attachment("tokenizer") / "vocab.txt").read_text() == "[PAD]\n[UNK]\n"
+        else:
+            with pytest.raises(CacheCorruptError, match="attachment tokenizer of .*: vocab.txt does not match"):
+                cache.attachment("tokenizer")
+        with pytest.raises(CacheFormatError, match=r"has no attachment 'teacher'; it has \['tokenizer'\]"):
+            cache.attachment("teacher")
+
+    def test_splits_without_tensors_hold_rows_only(self, cache_url):
+        writer = CacheWriter(cache_url, key="k1", num_labels=LABELS, tensors=specs(), split_rows=SPLITS, shard_rows=5,
+                             tensor_splits=("train",))  # fmt: skip
+        for task in writer.pending():
+            rows, tensors = shard_content(task)
+            writer.write_shard(task, rows, tensors if task.split == "train" else {})
+        manifest = writer.finish()
+        assert manifest.splits["train"].tensors == ("hidden", "attn") and manifest.splits["validation"].tensors == ()
+        cache = open_cache(cache_url)
+        entry = cache.shards("validation")[0]
+        assert not entry.arrays and cache.read_shard(entry).rows.label.shape == (5,)
+        with pytest.raises(CacheFormatError, match="shard validation/shard-00000 holds no hidden/1 .*rows only"):
+            cache.read_shard(entry, [("hidden", 1)])
+
+    def test_a_name_points_at_the_cache_made_last(self, root):
+        from cache_store import name_cache, named_cache
+
+        assert named_cache(root, "demo") is None
+        name_cache(root, "demo", "k1")
+        name_cache(root, "demo", "k2")
+        assert named_cache(root, "demo").url.rstrip("/").endswith("/k2")
+        assert list_caches(root) == []  # names are not caches
+
     def test_missing_file_is_named(self, cache_url):
         fill(new_writer(cache_url))
         entry = open_cache(cache_url).shards("validation")[0]
@@ -343,9 +392,10 @@ def test_reader_refuses_paths_that_leave_the_cache(tmp_path, bad_path):
 
 def test_reader_names_both_versions_when_it_cannot_read_one(tmp_path):
     fill(new_writer(tmp_path / "c"))
-    _edit_manifest(tmp_path / "c", lambda raw: raw.__setitem__("format_version", 99))
-    with pytest.raises(CacheFormatError, match="version 99 .* reads version 1"):
-        open_cache(tmp_path / "c")
+    for old in (1, 99):  # version 1: caches from before the self-contained format
+        _edit_manifest(tmp_path / "c", lambda raw, v=old: raw.__setitem__("format_version", v))
+        with pytest.raises(CacheFormatError, match=f"version {old} .* reads version 2; capture the cache again"):
+            open_cache(tmp_path / "c")
 
 
 def test_reader_refuses_a_layer_the_cache_does_not_hold(tmp_path):

@@ -17,7 +17,7 @@ from cache_store import MANIFEST_NAME, Location, verify_cache
 # Runs the real CLI in a child process, slowed down per shard so that a kill lands mid-capture.
 CHILD = """
 import sys, time
-import pipeline.capture as capture
+import pipeline.teacher.capture as capture
 forward = capture.TeacherForward.__call__
 def slow(*args, **kwargs):
     time.sleep(float(sys.argv[1]))
@@ -50,7 +50,7 @@ def reference(config_file, config, tmp_path):
 
     run_teacher_train(config)
     assert start(config_file).wait(timeout=120) == 0
-    (cache,) = (tmp_path / "caches").iterdir()
+    (cache,) = [p for p in (tmp_path / "caches").iterdir() if not p.name.startswith(".")]
     moved = tmp_path / "reference"
     cache.rename(moved)
     return cache.name, files(moved)

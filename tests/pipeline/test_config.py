@@ -63,7 +63,7 @@ def test_student_needs_exactly_one_origin(tmp_path):
 
 
 def test_layer_mappings_auto_uniform_last_and_explicit():
-    from pipeline.objective import layer_pairs
+    from pipeline.student.objective import layer_pairs
 
     student = load_config(ROOT / "configs" / "demo.yaml").distill.students[0]  # cut from teacher layers [3, 6]
     assert layer_pairs(student, 2, 6) == ((1, 3), (2, 6))

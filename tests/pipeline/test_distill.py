@@ -11,11 +11,11 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from cache_store import open_cache
-from pipeline.capture import run_capture
 from pipeline.config import ConfigError, LoraConfig, StudentArchitecture, StudentConfig
-from pipeline.distill import run_distill
-from pipeline.streaming import CacheSource
+from pipeline.student.distill import run_distill
+from pipeline.student.streaming import CacheSource
 from pipeline.teacher import run_teacher_train
+from pipeline.teacher.capture import run_capture
 from pipeline.training import Collator
 
 
@@ -99,7 +99,7 @@ def test_the_cache_in_float32_gives_the_live_teachers_losses_step_by_step(traine
 
 
 def test_attention_terms_compare_the_students_heads_that_the_cache_holds(trained):
-    from pipeline.objective import Objective
+    from pipeline.student.objective import Objective
 
     teacher = AutoModelForSequenceClassification.from_pretrained(str(trained.teacher.base_model),
                                                                  attn_implementation="eager")  # fmt: skip
@@ -144,9 +144,9 @@ def test_baselines_take_at_least_their_students_optimizer_steps_and_the_report_s
 
 
 def test_a_pass_in_which_a_rank_gets_no_batch_is_refused(trained):
-    from pipeline.distill import require_batches, student_stream
     from pipeline.models import load_tokenizer
     from pipeline.runtime import Ranks
+    from pipeline.student.distill import require_batches, student_stream
 
     cache = open_cache(run_capture(trained).location)
     source, tokenizer = CacheSource(cache, "train"), load_tokenizer(trained.teacher.base_model)
@@ -168,7 +168,7 @@ def test_students_of_different_kinds_each_get_their_own_inputs(config_file, pair
     cfg = load_config(config_file, [f"data.dataset={pairs_dataset}"])
     run_teacher_train(cfg)
     run_capture(cfg)
-    from pipeline.capture import plan_cache
+    from pipeline.teacher.capture import plan_cache
 
     plan = plan_cache(cfg)
     teacher = load_classifier(plan.teacher_path)

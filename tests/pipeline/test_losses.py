@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.data import UNLABELED
-from pipeline.losses import (
+from pipeline.student.losses import (
     attention_kl,
     attention_mse,
     cls_mse,
@@ -90,7 +90,7 @@ def test_objective_weighs_each_term_and_follows_linear_schedules(tiny_teacher):
     from transformers import AutoModelForSequenceClassification
 
     from pipeline.config import LossTerm
-    from pipeline.objective import Objective
+    from pipeline.student.objective import Objective
 
     torch.manual_seed(0)
     student = AutoModelForSequenceClassification.from_pretrained(str(tiny_teacher)).eval()

@@ -11,8 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.capture import run_capture
 from pipeline.teacher import run_teacher_train
+from pipeline.teacher.capture import run_capture
 
 # The real CLI in a child process, slowed after each checkpoint so that a kill lands mid-run.
 CHILD = """

@@ -10,12 +10,12 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from cache_store import CacheFormatError, open_cache
-from pipeline.capture import plan_cache, run_capture
+from cache_store import CacheFormatError, CacheNotFoundError, open_cache
 from pipeline.config import ConfigError
-from pipeline.distill import run_distill
 from pipeline.models import load_classifier
+from pipeline.student.distill import run_distill
 from pipeline.teacher import run_teacher_train
+from pipeline.teacher.capture import plan_cache, run_capture
 from pipeline.training import Collator
 
 
@@ -78,7 +78,7 @@ def test_capture_reuses_its_cache_and_any_input_change_gives_a_new_key(config, c
 
 def test_distill_refuses_a_config_without_a_cache(config):
     run_teacher_train(config)
-    with pytest.raises(ConfigError, match="no teacher cache .* run `kdcache teacher-cache"):
+    with pytest.raises(CacheNotFoundError, match="no teacher cache named 'tiny' under .*; run `kdcache teacher-cache"):
         run_distill(config)
 
 
@@ -118,20 +118,42 @@ def test_distill_without_baselines_and_with_several_seeds(config, captured):
     assert summary[1]["seeds"] == [0, 1] and summary[1]["baseline"] is None
 
 
-def test_distill_refuses_a_cache_of_other_data(config):
-    ready = dataclasses.replace(config, teacher=dataclasses.replace(config.teacher, fine_tune=False))  # one teacher
-    other = dataclasses.replace(ready, data=dataclasses.replace(config.data, max_length=8))
-    run_capture(other)
-    with pytest.raises(ConfigError, match=r"cache .* holds other data than this config's"):
-        run_distill(ready, cache_location=str(plan_cache(other).location))
+def test_the_cache_found_by_name_must_have_been_made_from_this_config(config, captured):
+    """Without --cache, distill finds the cache teacher-cache named after the experiment, and refuses it when the
+    config (or a data file's size or time) changed since; it never reads the data to find out."""
+    other = dataclasses.replace(config, data=dataclasses.replace(config.data, labeled_train_size=40))
+    with pytest.raises(ConfigError, match=r"the cache named 'tiny' .* was made from other settings "
+                       r"\(data.labeled_train_size: 50 then, 40 now\)"):  # fmt: skip
+        run_distill(other)
+    import os
+
+    from pipeline.config import load_dataset_spec
+
+    data_file = load_dataset_spec(config.data.dataset).path
+    stat = os.stat(data_file)
+    os.utime(data_file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    try:
+        with pytest.raises(ConfigError, match=r"made from other settings \(files\..*reviews.csv: "):
+            run_distill(config)
+    finally:
+        os.utime(data_file, ns=(stat.st_atime_ns, stat.st_mtime_ns))
 
 
-def test_distill_refuses_a_cache_written_by_another_teacher(config, captured):
-    """Same data and vocabulary, other weights: the students would be cut from and rated against the wrong teacher."""
-    ready = dataclasses.replace(config, teacher=dataclasses.replace(config.teacher, fine_tune=False))
-    with pytest.raises(ConfigError, match=r"cache \w+ was written by teacher .*teachers/\w+ \(fingerprint \w+\), not by "
-                       r"this config's teacher .*tiny-teacher\w* \(fingerprint \w+\)"):  # fmt: skip
-        run_distill(ready, cache_location=str(captured.location))
+def test_cut_students_come_from_the_caches_own_teacher(config, captured, tmp_path):
+    """The cache bundles its teacher; a teacher given by hand must be that one."""
+    from pipeline.models import directory_bytes
+
+    cache = open_cache(captured.location)
+    card = cache.manifest.metadata["teacher"]
+    assert card["bundled"] and card["size_bytes"] == directory_bytes(plan_cache(config).teacher_path)
+    bundled = cache.attachment("teacher")
+    assert (bundled / "model.safetensors").read_bytes() == (
+        plan_cache(config).teacher_path / "model.safetensors"
+    ).read_bytes()
+    students_only = dataclasses.replace(config, data=None, teacher=None)
+    with pytest.raises(ConfigError, match=r"--teacher .*tiny-teacher\w* is another teacher \(fingerprint \w+\) than the "
+                       r"one cache \w+ was written by \(.*teachers/\w+, fingerprint \w+\)"):  # fmt: skip
+        run_distill(students_only, cache_location=str(captured.location), teacher=str(config.teacher.base_model))
 
 
 def test_distill_refuses_a_student_with_another_tokenizer(config, captured, tmp_path):
@@ -143,9 +165,7 @@ def test_distill_refuses_a_student_with_another_tokenizer(config, captured, tmp_
     BertTokenizer(vocab={w: i for i, w in enumerate(words)}).save_pretrained(str(student_dir))
     student = dataclasses.replace(config.distill.students[0], teacher_layers=None, pretrained=str(student_dir))
     bad = dataclasses.replace(config, distill=dataclasses.replace(config.distill, students=(student,)))
-    with pytest.raises(
-        ConfigError, match=r"the tokenizer of .* differs from the one the teacher's token ids come from"
-    ):
+    with pytest.raises(ConfigError, match=r"the tokenizer of .* differs from the one cache \w+'s token ids come from"):
         run_distill(bad)
 
 
@@ -167,7 +187,7 @@ def test_capture_to_object_storage_and_distill_from_it(config, s3_bucket):
     root = f"s3://{s3_bucket}/team-caches"
     on_s3 = dataclasses.replace(config, capture=dataclasses.replace(config.capture, cache_root=root))
     captured = run_capture(on_s3)
-    assert captured.location.url == f"{root}/{captured.key}" and captured.manifest.rows == 100
+    assert captured.location.url == f"{root}/{captured.key}" and captured.manifest.rows == 120
     assert run_capture(on_s3).reused
     cfg = dataclasses.replace(on_s3, distill=dataclasses.replace(config.distill, baselines=False))
     result = run_distill(cfg)
@@ -182,7 +202,7 @@ def test_distill_refuses_student_layers_outside_the_student(config, captured):
 
 
 def test_dry_run_estimate_is_within_20_percent_of_the_real_cache(config):
-    from pipeline.capture import estimate_capture
+    from pipeline.teacher.capture import estimate_capture
 
     run_teacher_train(config)
     estimate = estimate_capture(config, sample_rows=24)
@@ -203,7 +223,8 @@ def test_cache_rows_and_values_do_not_depend_on_the_batch_settings(config, tmp_p
     assert len({c.key for c in caches}) == 1  # batching is not part of what a cache is
     wanted = [("hidden_states", k) for k in (0, 2, 4)] + [("attentions", k) for k in (2, 4)]
     first, *others = caches
-    for split in ("train", "validation"):
+    for split in ("train", "validation", "test"):
+        wanted = wanted if split == "train" else []  # the other splits hold rows only
         expected = [first.read_shard(e, wanted) for e in first.shards(split)]
         for other in others:
             for want, got in zip(expected, [other.read_shard(e, wanted) for e in other.shards(split)], strict=True):
@@ -244,7 +265,7 @@ def test_sentence_pairs_train_and_capture_with_segment_ids(config_file, pairs_da
 
 
 def test_a_ready_made_teacher_must_have_the_data_sets_classes_in_its_order(config, tmp_path):
-    from pipeline.teacher import check_teacher_labels
+    from pipeline.teacher.train import check_teacher_labels
 
     names = ("neg", "pos")
     path = tmp_path / "ready"
@@ -261,7 +282,7 @@ def test_a_ready_made_teacher_must_have_the_data_sets_classes_in_its_order(confi
 
 
 def test_each_shard_records_its_precision_and_a_resume_at_another_is_refused(config, monkeypatch):
-    import pipeline.capture as capture
+    import pipeline.teacher.capture as capture
 
     run_teacher_train(config)
     partial = run_capture(config, num_shards=2, shard_index=0)
@@ -273,3 +294,21 @@ def test_each_shard_records_its_precision_and_a_resume_at_another_is_refused(con
     with pytest.raises(CacheFormatError, match=r"shard train/shard-00000 was computed with precision=float32, this "
                        "run computes precision=bfloat16"):  # fmt: skip
         run_capture(config)
+
+
+def test_unlabeled_transfer_text_does_not_retrain_the_teacher(config, tiny_dataset, tmp_path):
+    """The teacher key hashes only what the teacher learns from; the cache key changes (the cache holds more)."""
+    import yaml
+
+    from pipeline.data import load_splits
+    from pipeline.teacher.train import locate_teacher
+
+    (tmp_path / "more.csv").write_text("review\n" + "".join(f"a film number {i} with a plot\n" for i in range(40)))
+    definition = yaml.safe_load(tiny_dataset.read_text()) | {"unlabeled": [str(tmp_path / "more.csv")]}
+    (tmp_path / "more.yaml").write_text(yaml.safe_dump(definition))
+    more = dataclasses.replace(config, data=dataclasses.replace(config.data, dataset=str(tmp_path / "more.yaml")))
+    splits, with_more = load_splits(config.data, seed=0), load_splits(more.data, seed=0)
+    assert len(with_more["train"]) == len(splits["train"]) + 40
+    assert locate_teacher(more, with_more)[1] == locate_teacher(config, splits)[1]
+    run_teacher_train(config)
+    assert plan_cache(more).key != plan_cache(config).key

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from cache_store import open_cache
-from pipeline.capture import run_capture
-from pipeline.streaming import CacheSource, StudentStream, TeacherStats
+from pipeline.student.streaming import CacheSource, StudentStream, TeacherStats
 from pipeline.teacher import run_teacher_train
+from pipeline.teacher.capture import run_capture
 from pipeline.training import Collator
 
 WANTED = [("hidden_states", 2), ("attentions", 4)]

@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .capture import ATTENTION, HIDDEN
-from .config import ConfigError, LossTerm, StudentConfig
+from ..config import LossTerm, StudentConfig
+from ..contract import ATTENTION, HIDDEN, LABELS, TEACHER_LOGITS, tensor_key
+from ..errors import ConfigError
 from .losses import ATTENTION_TERMS, HIDDEN_TERMS, hard_label_ce, logit_kl, logit_mse
 
 BASELINE_LOSS = (LossTerm("ce", 1.0),)  # the no-KD baseline: hard labels only
@@ -93,22 +94,22 @@ class Objective(nn.Module):
         for term in self.terms:
             if term.kind == "kl":
                 temperature = scheduled(term.temperature, term.temperature_end, progress)
-                value = logit_kl(out.logits, batch["teacher_logits"], temperature=temperature)
+                value = logit_kl(out.logits, batch[TEACHER_LOGITS], temperature=temperature)
             elif term.kind == "logit_mse":
-                value = logit_mse(out.logits, batch["teacher_logits"])
+                value = logit_mse(out.logits, batch[TEACHER_LOGITS])
             elif term.kind == "ce":
-                value = hard_label_ce(out.logits, batch["labels"])
+                value = hard_label_ce(out.logits, batch[LABELS])
             elif term.kind in HIDDEN_TERMS:
                 value = sum(
                     HIDDEN_TERMS[term.kind](
-                        self.projections[str(s)](out.hidden_states[s]), batch[f"{HIDDEN}/{t}"], mask
+                        self.projections[str(s)](out.hidden_states[s]), batch[tensor_key(HIDDEN, t)], mask
                     )
                     for s, t in self.hidden_pairs
                 ) / len(self.hidden_pairs)
             else:
                 value = sum(
                     ATTENTION_TERMS[term.kind](
-                        self._student_maps(out.attentions[s - 1]), batch[f"{ATTENTION}/{t}"], mask
+                        self._student_maps(out.attentions[s - 1]), batch[tensor_key(ATTENTION, t)], mask
                     )
                     for s, t in self.attention_pairs
                 ) / len(self.attention_pairs)

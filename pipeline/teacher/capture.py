@@ -1,8 +1,16 @@
-"""Stage 1: run the teacher once over the data and write its outputs into a cache."""
+"""Stage 1: run the teacher once over every split and write a self-contained teacher cache.
+
+The cache holds all that stage 2 needs (``pipeline.contract``): the rows of train,
+validation and test with the teacher's logits, its hidden states and attention maps (of
+``capture.tensor_splits``), the tokenizer, the label names, the teacher's card (its config,
+size, and its metrics on validation and test from the cached logits) and, when bundled,
+the teacher's checkpoint.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import tempfile
 import time
 from dataclasses import dataclass
@@ -22,19 +30,34 @@ from cache_store import (
     Manifest,
     ShardRows,
     TensorSpec,
+    name_cache,
     open_cache,
 )
 from cache_store.shard import build_shard
 
-from .config import CaptureConfig, ConfigError, ExperimentConfig
-from .data import Splits, load_splits, tokenize
-from .models import load_classifier, load_tokenizer, model_files
-from .runtime import ALONE, Ranks, autocast, barrier, process_group, resolve_device, resolve_precision
-from .teacher import require_teacher
-from .training import Collator, to_device, token_budget_batches
+from ..config import CaptureConfig, ExperimentConfig
+from ..contract import (
+    ATTENTION,
+    HIDDEN,
+    SPLITS,
+    TEACHER,
+    TEACHER_RECORD,
+    TOKENIZER,
+    CacheMetadata,
+    TeacherCard,
+    capture_identity,
+    experiment_identity,
+    teacher_fingerprint,
+    tokenizer_fingerprint,
+)
+from ..data import Splits, load_splits, tokenize
+from ..errors import ConfigError
+from ..models import count_parameters, directory_bytes, load_classifier, load_tokenizer
+from ..runtime import ALONE, Ranks, autocast, barrier, process_group, resolve_device, resolve_precision
+from ..training import Collator, classification_metrics, to_device, token_budget_batches
+from .train import require_teacher
 
-CAPTURED_SPLITS = ("train", "validation")
-HIDDEN, ATTENTION = "hidden_states", "attentions"
+BUNDLE_LIMIT = 1 << 30  # bundle_teacher: null bundles a teacher whose files are under 1 GiB
 
 
 @dataclass(frozen=True)
@@ -53,50 +76,31 @@ class CachePlan:
     location: Location
     teacher_path: Path
     splits: Splits
-    token_ids: dict[str, list[np.ndarray]]
+    token_ids: dict[str, list[np.ndarray]]  # every split's token ids
     teacher_fingerprint: str  # the teacher's files (weights, config, tokenizer): which teacher this is
-    data_fingerprint: str  # token ids, lengths, labels and example ids of the captured splits
+    data_fingerprint: str  # token ids, lengths, labels and example ids of every split
     tokenizer_fingerprint: str  # the vocabulary the token ids refer to
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    """A hash of what token ids mean: the vocabulary and the special tokens (not the file format)."""
-    fp = Fingerprint("kdcache-tokenizer").update_json("vocab", tokenizer.get_vocab())
-    return fp.update_json("special", tokenizer.all_special_tokens).hexdigest()
-
-
-def capture_identity(capture: CaptureConfig) -> dict:
-    """The capture settings that decide a cache's content: all but where it lives and how rows are batched.
-
-    Precision is hashed as configured, so ``auto`` names one cache whether a GPU (bfloat16)
-    or a CPU (float32) fills it; the manifest records what was used.
-    """
-    settings = dataclasses.asdict(capture)
-    for name in ("cache_root", "batch_size", "batch_tokens"):
-        del settings[name]
-    return settings
 
 
 def plan_cache(cfg: ExperimentConfig) -> CachePlan:
     """Load and tokenize the data, locate the teacher, and compute the cache key.
 
-    The key chains the teacher's fingerprint (its files: weights, config, tokenizer), the
-    data fingerprint (token ids, labels and example ids of every captured split), the
-    capture settings and the format version.
+    The key chains the teacher's fingerprint (taken once, when the teacher was saved), the
+    data fingerprint (token ids, labels and example ids of every split), the capture
+    settings and the format version: the weights are not hashed again.
     """
+    cfg.require("data", "teacher", stage="teacher-cache")
     splits = load_splits(cfg.data, seed=cfg.seed)
     teacher_path, _ = require_teacher(cfg, splits)
-    teacher_fp = Fingerprint("kdcache-teacher-files").update_files("teacher", teacher_path, model_files(teacher_path))
-    teacher_fp = teacher_fp.hexdigest()
     tokenizer = load_tokenizer(teacher_path)
-    token_ids = {name: tokenize(tokenizer, splits[name], max_length=cfg.data.max_length) for name in CAPTURED_SPLITS}
+    token_ids = {name: tokenize(tokenizer, splits[name], max_length=cfg.data.max_length) for name in SPLITS}
     data = Fingerprint("kdcache-data")
-    for name in CAPTURED_SPLITS:
+    for name in SPLITS:
         ids = token_ids[name]
         data.update_array(f"{name}/ids", np.concatenate(ids)).update_array(f"{name}/lengths", [len(x) for x in ids])
         data.update_array(f"{name}/labels", splits[name].labels)
         data.update_array(f"{name}/example_id", splits[name].example_id)
-    data_fp = data.hexdigest()
+    data_fp, teacher_fp = data.hexdigest(), teacher_fingerprint(teacher_path)
     fp = Fingerprint("kdcache-cache").update_json("format_version", FORMAT_VERSION)
     fp.update_json("teacher", teacher_fp).update_json("data", data_fp)
     fp.update_json("capture", capture_identity(cfg.capture))
@@ -134,6 +138,8 @@ def _capture(cfg: ExperimentConfig, ranks: Ranks, *, num_shards: int, shard_inde
     say(plan.splits.summary())
     if plan.location.exists(MANIFEST_NAME):
         manifest = open_cache(plan.location).manifest
+        if ranks.is_main:
+            name_cache(cfg.capture.cache_root, cfg.name, plan.key)
         say(f"reused cache {plan.key} at {plan.location} ({manifest.rows} rows, {manifest.bytes / 1e6:.1f} MB)")
         return CaptureResult(plan.location, plan.key, manifest, reused=True)
     device = resolve_device(cfg.device, ranks)
@@ -154,21 +160,11 @@ def fill_cache(cfg: ExperimentConfig, plan: CachePlan, model, *, ranks: Ranks = 
         key=plan.key,
         num_labels=model.config.num_labels,
         tensors=tensor_specs(cfg, model.config),
-        split_rows={name: len(plan.token_ids[name]) for name in CAPTURED_SPLITS},
+        split_rows={name: len(plan.token_ids[name]) for name in SPLITS},
+        tensor_splits=capture.tensor_splits,
         shard_rows=capture.shard_rows,
         producer={"precision": str(precision).removeprefix("torch.")},
-        metadata={
-            "teacher": str(plan.teacher_path),
-            "teacher_fingerprint": plan.teacher_fingerprint,
-            "dataset": cfg.data.dataset,
-            "label_names": list(plan.splits["train"].label_names),
-            "max_length": cfg.data.max_length,
-            "data_fingerprint": plan.data_fingerprint,
-            "tokenizer_fingerprint": plan.tokenizer_fingerprint,
-            "dropped_test_overlap": plan.splits.test_overlap,
-            "capture": {**dataclasses.asdict(capture), "cache_root": None},
-            "device": device.type,
-        },
+        metadata=cache_metadata(cfg, plan, model).to_json(),
     )
     todo = writer.pending(num_shards=num_shards, shard_index=shard_index)
     for problem in writer.damaged:
@@ -195,18 +191,18 @@ def fill_cache(cfg: ExperimentConfig, plan: CachePlan, model, *, ranks: Ranks = 
             rows = slice(task.row_start, task.row_end)
             ids, data = plan.token_ids[task.split][rows], plan.splits[task.split]
             if not writer.is_committed(task):  # a writer running beside this one may have done it meanwhile
-                logits, tensors = forward(ids)
+                logits, tensors = forward(ids, tensors=task.split in capture.tensor_splits)
                 bg.submit(task, ShardRows(data.example_id[rows], ids, data.labels[rows], logits), tensors)
             tokens += sum(map(len, ids))
             elapsed = max(bar.format_dict["elapsed"], 1e-3)
             bar.update(len(ids))
             bar.set_postfix(split=task.split, tok_s=f"{tokens / elapsed:.0f}", MB_s=f"{written / 1e6 / elapsed:.1f}")
     if ranks.world == 1:
-        manifest = writer.finish()
+        manifest = finish_cache(cfg, plan, writer)
     else:  # every rank's shards are committed before rank 0 writes the manifest
         barrier(ranks)
         if ranks.is_main:
-            manifest = writer.finish()
+            manifest = finish_cache(cfg, plan, writer)
         else:
             writer.close()
         barrier(ranks)
@@ -218,6 +214,45 @@ def fill_cache(cfg: ExperimentConfig, plan: CachePlan, model, *, ranks: Ranks = 
     else:
         say(f"wrote cache {plan.key} at {plan.location} ({manifest.rows} rows, {manifest.bytes / 1e6:.1f} MB)")
     return CaptureResult(plan.location, plan.key, manifest, reused=False)
+
+
+def cache_metadata(cfg: ExperimentConfig, plan: CachePlan, model) -> CacheMetadata:
+    """What the manifest says of the teacher, the data and the tokenizer (metrics come at the finish)."""
+    record = plan.teacher_path / TEACHER_RECORD
+    history = json.loads(record.read_text()).get("history", []) if record.exists() else []
+    size = directory_bytes(plan.teacher_path)
+    bundle = cfg.capture.bundle_teacher if cfg.capture.bundle_teacher is not None else size < BUNDLE_LIMIT
+    card = TeacherCard(
+        source=str(plan.teacher_path), fingerprint=plan.teacher_fingerprint,
+        config=json.loads((plan.teacher_path / "config.json").read_text()), params=count_parameters(model),
+        size_bytes=size, bundled=bool(bundle), steps=history[-1].get("steps") if history else None, metrics={},
+    )  # fmt: skip
+    return CacheMetadata(
+        teacher=card, label_names=plan.splits["train"].label_names, max_length=cfg.data.max_length,
+        data_fingerprint=plan.data_fingerprint, tokenizer_fingerprint=plan.tokenizer_fingerprint,
+        dataset=cfg.data.dataset, data_report=plan.splits.dropped, experiment=experiment_identity(cfg),
+        capture={**dataclasses.asdict(cfg.capture), "cache_root": None},
+    )  # fmt: skip
+
+
+def finish_cache(cfg: ExperimentConfig, plan: CachePlan, writer: CacheWriter) -> Manifest | None:
+    """Once every shard is committed: the teacher's metrics on validation and test from the cached
+    logits, the tokenizer (and, when bundled, the teacher) attached, the manifest, and the cache
+    named after the experiment (``<cache_root>/.names/<name>``). None while shards are missing."""
+    if writer.committed_count() < len(writer.tasks):
+        return writer.finish()
+    metrics = {}
+    for split in ("validation", "test"):
+        rows = writer.committed_rows(split)
+        logits, labels = np.concatenate([r.logits for r in rows]), np.concatenate([r.label for r in rows])
+        metrics[split] = classification_metrics(logits, labels)
+    card = {**writer.metadata["teacher"], "metrics": metrics}
+    with tempfile.TemporaryDirectory() as folder:
+        load_tokenizer(plan.teacher_path).save_pretrained(folder)
+        attachments = {TOKENIZER: Path(folder)} | ({TEACHER: plan.teacher_path} if card["bundled"] else {})
+        manifest = writer.finish(metadata={"teacher": card}, attachments=attachments)
+    name_cache(cfg.capture.cache_root, cfg.name, plan.key)
+    return manifest
 
 
 @dataclass(frozen=True)
@@ -238,7 +273,8 @@ def estimate_capture(cfg: ExperimentConfig, *, sample_rows: int = 256) -> Captur
     directory, and scale each output's bytes and the time by what the full capture holds.
 
     Rows scale by count; each tensor by its element count (tokens for hidden states,
-    squared tokens for attention maps), so the estimate follows the real length mix.
+    squared tokens for attention maps) in the splits that store it, so the estimate follows
+    the real length mix.
     """
     plan = plan_cache(cfg)
     device = resolve_device(cfg.device)
@@ -246,8 +282,9 @@ def estimate_capture(cfg: ExperimentConfig, *, sample_rows: int = 256) -> Captur
     forward = TeacherForward(model, Collator.for_model(load_tokenizer(plan.teacher_path), model.config), cfg.capture,
                              device=device, precision=resolve_precision(cfg.capture.precision, device))  # fmt: skip
     specs = tensor_specs(cfg, model.config)
-    ids = [x for name in CAPTURED_SPLITS for x in plan.token_ids[name]]
+    ids = [x for name in SPLITS for x in plan.token_ids[name]]
     lengths = np.array([len(x) for x in ids])
+    stored_lengths = np.array([len(x) for name in cfg.capture.tensor_splits for x in plan.token_ids[name]])
     index = np.unique(np.linspace(0, len(ids) - 1, min(sample_rows, len(ids))).astype(int))
     sample = [ids[i] for i in index]
     start = time.perf_counter()
@@ -261,7 +298,7 @@ def estimate_capture(cfg: ExperimentConfig, *, sample_rows: int = 256) -> Captur
     scaled = {"rows": sum(b for n, b in files.items() if not n.startswith("tensors.zarr/")) * len(ids) / len(sample)}
     for spec in specs:
         stored = sum(b for n, b in files.items() if n.startswith(f"tensors.zarr/{spec.name}/"))
-        elements = spec.offsets(lengths)[-1] / spec.offsets(lengths[index])[-1]
+        elements = spec.offsets(stored_lengths)[-1] / spec.offsets(lengths[index])[-1]
         scaled[spec.name] = stored * elements
     tokens = lengths.sum() / lengths[index].sum()
     return CaptureEstimate(len(ids), {k: int(v) for k, v in scaled.items()}, seconds * tokens)
@@ -319,29 +356,32 @@ class TeacherForward:
         self.heads = list(capture.attention_heads) if capture.attention_heads is not None else None
 
     @torch.inference_mode()
-    def __call__(self, ids: list[np.ndarray]):
-        """Logits (N, C) float32, and per (tensor, layer) N arrays: hidden (L, H), attention (heads, L, L)."""
+    def __call__(self, ids: list[np.ndarray], *, tensors: bool = True):
+        """Logits (N, C) float32, and per (tensor, layer) N arrays: hidden (L, H), attention (heads, L, L)
+        (none with ``tensors`` False: a split that stores rows only)."""
         capture, n = self.capture, len(ids)
+        hidden_layers = capture.hidden_layers if tensors else ()
+        attention_layers = capture.attention_layers if tensors else ()
         lengths = np.array([len(x) for x in ids])
         logits = np.zeros((n, self.model.config.num_labels), np.float32)
-        tensors = {(HIDDEN, k): [None] * n for k in capture.hidden_layers}
-        tensors |= {(ATTENTION, k): [None] * n for k in capture.attention_layers}
+        out_tensors = {(HIDDEN, k): [None] * n for k in hidden_layers}
+        out_tensors |= {(ATTENTION, k): [None] * n for k in attention_layers}
         copies = []  # (rows, host tensors): device-to-host copies that may still be in flight
         for index in token_budget_batches(lengths, max_rows=capture.batch_size, max_tokens=capture.batch_tokens):
             batch = to_device(self.collate([ids[i] for i in index]), self.device)
             with autocast(self.device, self.precision):
                 out = self.model(
                     **batch,
-                    output_hidden_states=bool(capture.hidden_layers),
-                    output_attentions=bool(capture.attention_layers),
+                    output_hidden_states=bool(hidden_layers),
+                    output_attentions=bool(attention_layers),
                 )
             kept = {"logits": out.logits.float()}  # (B, C)
-            if capture.hidden_layers:
+            if hidden_layers:
                 real = batch["attention_mask"].flatten().nonzero().squeeze(1)  # the B*T positions that are tokens
                 kept[HIDDEN] = torch.stack(
-                    [out.hidden_states[k].flatten(0, 1).index_select(0, real) for k in capture.hidden_layers]
+                    [out.hidden_states[k].flatten(0, 1).index_select(0, real) for k in hidden_layers]
                 ).to(self.hidden_dtype)  # (K, tokens, H), row after row
-            for k in capture.attention_layers:
+            for k in attention_layers:
                 maps = out.attentions[k - 1] if self.heads is None else out.attentions[k - 1][:, self.heads]
                 kept[(ATTENTION, k)] = maps.to(self.attention_dtype)  # (B, heads, T, T)
             copies.append((index, {name: t.to("cpu", non_blocking=True) for name, t in kept.items()}))
@@ -349,14 +389,14 @@ class TeacherForward:
             torch.cuda.synchronize(self.device)  # the host copies are complete from here on
         for index, host in copies:
             logits[index] = host["logits"].numpy()
-            if capture.hidden_layers:
+            if hidden_layers:
                 packed = host[HIDDEN].numpy()
                 bounds = np.concatenate([[0], np.cumsum(lengths[index])])
-                for j, k in enumerate(capture.hidden_layers):
+                for j, k in enumerate(hidden_layers):
                     for row, i in enumerate(index):
-                        tensors[(HIDDEN, k)][i] = packed[j, bounds[row] : bounds[row + 1]]
-            for k in capture.attention_layers:
+                        out_tensors[(HIDDEN, k)][i] = packed[j, bounds[row] : bounds[row + 1]]
+            for k in attention_layers:
                 maps = host[(ATTENTION, k)].numpy()
                 for row, i in enumerate(index):
-                    tensors[(ATTENTION, k)][i] = maps[row, :, : lengths[i], : lengths[i]]
-        return logits, tensors
+                    out_tensors[(ATTENTION, k)][i] = maps[row, :, : lengths[i], : lengths[i]]
+        return logits, out_tensors

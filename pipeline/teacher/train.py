@@ -16,11 +16,13 @@ from transformers import AutoConfig
 
 from cache_store import Fingerprint
 
-from .config import ConfigError, ExperimentConfig
-from .data import UNLABELED, Splits, load_splits, tokenize
-from .models import load_classifier, load_tokenizer, model_dir, model_files, save_model
-from .runtime import resolve_device, resolve_precision
-from .training import (
+from ..config import ExperimentConfig
+from ..contract import TEACHER_RECORD, files_fingerprint
+from ..data import UNLABELED, Splits, TextData, load_splits, tokenize
+from ..errors import ConfigError
+from ..models import load_classifier, load_tokenizer, model_dir, model_files, save_model
+from ..runtime import resolve_device, resolve_precision
+from ..training import (
     Checkpoint,
     Collator,
     Learner,
@@ -30,7 +32,6 @@ from .training import (
     predict_logits,
 )
 
-TEACHER_RECORD = "teacher.json"
 TRAINING_VERSION = 2  # part of the key: bumped when the same inputs would train other weights (2: per-learner RNG)
 
 
@@ -41,13 +42,20 @@ class TeacherResult:
     reused: bool
 
 
+def labeled_train(splits: Splits) -> TextData:
+    """The training rows the teacher learns from: those with a label."""
+    return splits["train"].take(np.flatnonzero(splits["train"].labels != UNLABELED))
+
+
 def teacher_key(cfg: ExperimentConfig, base: Path, splits: Splits, tokenizer) -> str:
-    """Hash of what determines the fine-tuned weights: base model files, data content, hyperparameters."""
-    fp = Fingerprint("kdcache-teacher-v1").update_files("base", base, model_files(base))
-    for name in ("train", "validation"):
-        ids = tokenize(tokenizer, splits[name], max_length=cfg.data.max_length)
+    """Hash of what determines the fine-tuned weights: base model files, the labeled training rows
+    and the validation rows (in order), hyperparameters. Unlabeled transfer text is not part of
+    it: adding some does not retrain the teacher."""
+    fp = Fingerprint("kdcache-teacher-v2").update_files("base", base, model_files(base))
+    for name, data in (("train", labeled_train(splits)), ("validation", splits["validation"])):
+        ids = tokenize(tokenizer, data, max_length=cfg.data.max_length)
         fp.update_array(f"{name}/ids", np.concatenate(ids)).update_array(f"{name}/lengths", [len(x) for x in ids])
-        fp.update_array(f"{name}/labels", splits[name].labels)
+        fp.update_array(f"{name}/labels", data.labels)
     ignored = ("base_model", "output_root", "checkpoint_steps")  # base_model is hashed by content above
     settings = {k: v for k, v in dataclasses.asdict(cfg.teacher).items() if k not in ignored}
     settings |= {"seed": cfg.seed, "max_length": cfg.data.max_length, "training_version": TRAINING_VERSION}
@@ -59,7 +67,7 @@ def locate_teacher(cfg: ExperimentConfig, splits: Splits) -> tuple[Path, str]:
     base = model_dir(cfg.teacher.base_model)
     if not cfg.teacher.fine_tune:
         check_teacher_labels(base, splits["train"].label_names)
-        return base, Fingerprint("kdcache-teacher-v1").update_files("base", base, model_files(base)).hexdigest()
+        return base, files_fingerprint(base)
     key = teacher_key(cfg, base, splits, load_tokenizer(base))
     return Path(cfg.teacher.output_root) / key, key
 
@@ -98,6 +106,7 @@ def run_teacher_train(cfg: ExperimentConfig) -> TeacherResult:
 
     Reuses an existing teacher with the same key (same base model, data and settings).
     """
+    cfg.require("data", "teacher", stage="teacher-train")
     splits = load_splits(cfg.data, seed=cfg.seed)
     print(splits.summary())
     path, key = locate_teacher(cfg, splits)
@@ -109,7 +118,7 @@ def run_teacher_train(cfg: ExperimentConfig) -> TeacherResult:
         return TeacherResult(path, key, reused=True)
     base = model_dir(cfg.teacher.base_model)
     tokenizer = load_tokenizer(base)
-    train = splits["train"].take(np.flatnonzero(splits["train"].labels != UNLABELED))
+    train = labeled_train(splits)
     train_ids = tokenize(tokenizer, train, max_length=cfg.data.max_length)
     val_ids = tokenize(tokenizer, splits["validation"], max_length=cfg.data.max_length)
     device = resolve_device(cfg.device)
@@ -172,6 +181,7 @@ def _save_atomically(model, tokenizer, path: Path, *, record: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         save_model(model, tokenizer, tmp)
+        record = {**record, "fingerprint": files_fingerprint(tmp)}  # hashed once, here; stages read it back
         (tmp / TEACHER_RECORD).write_text(json.dumps(record, indent=1))
         if path.exists():  # an incomplete directory from an interrupted run
             shutil.rmtree(path)

@@ -26,13 +26,15 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from cache_store import Cache, ShardData, ShardRows
+from cache_store import Cache, ShardData, ShardRows, TensorSpec
+from cache_store.shard import decode, encode
 
-from .capture import HIDDEN
-from .data import UNLABELED
-from .training import Batch, Collator, length_grouped_batches
+from ..contract import ATTENTION, HIDDEN, LABELS, TEACHER_LOGITS, tensor_key
+from ..data import UNLABELED
+from ..training import Batch, Collator, length_grouped_batches
 
 
 @dataclass(frozen=True)
@@ -178,13 +180,13 @@ class StudentStream(IterableDataset):
     def _collate(self, data: ShardData, rows: np.ndarray) -> Batch:
         batch = {
             **self.collate([data.rows.input_ids[i] for i in rows]),  # input_ids, attention_mask: (B, T)
-            "labels": torch.from_numpy(data.rows.label[rows].astype(np.int64)),  # (B,)
+            LABELS: torch.from_numpy(data.rows.label[rows].astype(np.int64)),  # (B,)
         }
         if data.rows.logits.shape[1]:
-            batch["teacher_logits"] = torch.from_numpy(data.rows.logits[rows])  # (B, C)
+            batch[TEACHER_LOGITS] = torch.from_numpy(data.rows.logits[rows])  # (B, C)
         for name, layer in self.wanted:
             arrays = [data.example_tensor(name, layer, i) for i in rows]
-            batch[f"{name}/{layer}"] = _pad_tensors(arrays, batch["input_ids"].shape[1], name)
+            batch[tensor_key(name, layer)] = _pad_tensors(arrays, batch["input_ids"].shape[1], name)
         return batch
 
     def loader(self, epoch: int, start: int = 0, *, workers: int = 0, pin_memory: bool = False) -> DataLoader:
@@ -206,3 +208,46 @@ def _pad_tensors(arrays: list[np.ndarray], longest: int, name: str) -> torch.Ten
             n = a.shape[-1]
             out[i, :, :n, :n] = torch.from_numpy(a.astype(np.float32))
     return out
+
+
+class LiveTeacher:
+    """The teacher in eval mode, adding to each batch exactly what its cache would hold: the
+    configured attention heads, values rounded to their storage dtype (or quantization), padding zeroed."""
+
+    def __init__(self, model: nn.Module, *, tokenizer, specs: tuple[TensorSpec, ...], heads: tuple[int, ...] | None):
+        """``specs``: the tensors the cache stores; ``heads``: the teacher heads it keeps maps of (None: all)."""
+        self.model, self.device = model, next(model.parameters()).device
+        self.inputs = Collator.for_model(tokenizer, model.config).inputs
+        self.specs = {spec.name: spec for spec in specs}
+        self.heads = list(heads) if heads is not None else None
+
+    @torch.no_grad()
+    def annotate(self, batch: dict[str, torch.Tensor], wanted: list[tuple[str, int]]) -> dict[str, torch.Tensor]:
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        needs_attention = any(name == ATTENTION for name, _ in wanted)
+        if needs_attention and self.model.config._attn_implementation != "eager":
+            self.model.set_attn_implementation("eager")
+        out = self.model(**{k: batch[k] for k in self.inputs}, output_hidden_states=True,
+                         output_attentions=needs_attention)  # fmt: skip
+        batch[TEACHER_LOGITS] = out.logits.float()
+        for name, layer in wanted:
+            if name == HIDDEN:
+                value = out.hidden_states[layer]  # (B, T, H)
+            else:
+                value = out.attentions[layer - 1] if self.heads is None else out.attentions[layer - 1][:, self.heads]
+            value = value.float() * _padding_zeroed(batch["attention_mask"], name)
+            batch[tensor_key(name, layer)] = self._as_stored(value, self.specs[name])
+        return batch
+
+    def _as_stored(self, value: torch.Tensor, spec) -> torch.Tensor:
+        """``value`` as the cache returns it: encoded to the stored dtype and decoded again."""
+        if spec.dtype == "float32" and spec.quantization is None:
+            return value
+        stored = decode(encode(value.cpu().numpy(), spec), spec)
+        return torch.from_numpy(np.asarray(stored, dtype=np.float32)).to(self.device)
+
+
+def _padding_zeroed(mask: torch.Tensor, name: str) -> torch.Tensor:
+    """A multiplier that zeroes padded positions, as the cache's zero padding does: (B, T, 1) or (B, 1, T, T)."""
+    mask = mask.float()
+    return mask[:, :, None] if name == HIDDEN else (mask[:, :, None] * mask[:, None, :])[:, None]

@@ -1,0 +1,339 @@
+"""Stage 2: train the students from a teacher cache, plus their hard-label baselines.
+
+Everything comes from the cache (``inputs.TeacherCache``): the training stream, the
+validation and test rows, the tokenizer, the label names and the teacher's row of the
+report. The teacher's weights are loaded only for students cut from its layers, or with
+``--online``. A run is a sequence of passes, one per seed and kind (distilled, then
+baselines). In a pass every student trains on the same streamed batches, so the cache is
+read once for all of them; each student has its own optimizer and random state, so it
+trains exactly as it would alone. A pass checkpoints as it goes; ``--resume`` continues
+an interrupted run at the step it reached, and skips the passes it had finished.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+from cache_store import Location
+
+from ..config import ExperimentConfig, StudentConfig
+from ..errors import ConfigError
+from ..models import count_parameters, directory_bytes, load_classifier, save_model
+from ..report import ModelResult, write_report
+from ..runtime import ALONE, Ranks, barrier, process_group, resolve_device
+from ..training import Checkpoint, Collator, EpochRecord, Learner, classification_metrics, evaluate, fit, predict_logits
+from .inputs import TeacherCache, locate_cache
+from .losses import ATTENTION_TERMS
+from .objective import BASELINE_LOSS, Objective, layer_pairs
+from .streaming import CacheSource, LiveTeacher, Select, StudentStream, TokenSource
+from .students import build_student, check_student_fits, merged
+
+CONFIG_RECORD = "config.json"
+TEACHER_ROOT = Path("models/teachers")  # where fine-tuned teachers live by default: searched for a cache's teacher
+
+
+@dataclass(frozen=True)
+class RunResult:
+    run_dir: Path
+    models: list[ModelResult]
+
+
+def run_distill(cfg: ExperimentConfig, *, cache_location: str | Location | None = None, online: bool = False,
+                resume: str | Path | None = None, select: Select | None = None,
+                teacher: str | None = None) -> RunResult:  # fmt: skip
+    """Distill every configured student (for each seed) from a teacher cache, evaluate them, write the report.
+
+    Args:
+        cache_location: the cache (a path or URL, e.g. a shared one); None: the cache
+            ``teacher-cache`` made for this config (``locate_cache``).
+        online: run the teacher live on every batch instead of reading its outputs from the
+            cache (the batches are the same; for comparison).
+        resume: a run directory to continue (its config must be this one).
+        select: sample selection over the cached teacher statistics (rows to stream).
+        teacher: a local copy of the cache's teacher, for cut students or ``online`` when the
+            cache does not bundle it (checked against the cache's fingerprint).
+
+    Raises:
+        ConfigError: a student that does not fit the cache, a teacher that cannot be found,
+            or a resumed run of another config.
+        CacheError: no cache there, or a damaged one.
+    """
+    cfg.require("distill", stage="distill")
+    location = cache_location if cache_location is not None else locate_cache(cfg)
+    ranks = Ranks.from_env()
+    with process_group(ranks):
+        return _distill(cfg, ranks, location, online=online, resume=resume, select=select, teacher=teacher)
+
+
+def _distill(cfg: ExperimentConfig, ranks: Ranks, location, *, online: bool, resume: str | Path | None,
+             select: Select | None, teacher: str | None) -> RunResult:  # fmt: skip
+    say = tqdm.write if ranks.is_main else lambda message: None
+    cache = TeacherCache(location)
+    manifest, card = cache.cache.manifest, cache.meta.teacher
+    say(f"distill: reading cache {cache.key} ({manifest.rows} rows, {manifest.bytes / 1e6:.1f} MB) of teacher "
+        f"{card.source}")  # fmt: skip
+    if online and select is not None:
+        raise ConfigError("sample selection reads cached teacher statistics; it cannot run with --online")
+    stored = None if online else cache.stored("train")
+    for spec in cfg.distill.students:
+        check_student_fits(spec, cfg.distill.loss, cache, stored)
+    teacher_model = None
+    if online or any(spec.teacher_layers is not None for spec in cfg.distill.students):
+        search = (Path(cfg.teacher.output_root),) if cfg.teacher is not None else (TEACHER_ROOT,)
+        teacher_model = load_classifier(cache.teacher_dir(teacher, search=search))
+    if online:
+        train = cache.rows("train")
+        source = TokenSource(train.input_ids, train.labels, train.example_id, shard_rows=manifest.shard_rows)
+        say("distill: the teacher runs live on every batch (--online)")
+    else:
+        source = CacheSource(cache.cache, "train")
+    run_dir = _run_dir(cfg, resume, ranks, say)
+    test = cache.rows("test")
+    device = resolve_device(cfg.device, ranks)
+    epochs = {True: cfg.distill.epochs,
+              False: baseline_epochs(cfg, source, cache.tokenizer, select=select, ranks=ranks)}  # fmt: skip
+    if cfg.distill.baselines:
+        say(f"distill: students train {epochs[True]} epochs, baselines {epochs[False]} "
+            "(at least as many optimizer steps as their students)")  # fmt: skip
+
+    def evaluated(model, name, role, seed, directory, history, baseline=None) -> ModelResult:
+        result = evaluate(model.to(device), test.input_ids, test.labels,
+                          collate=Collator.for_model(cache.tokenizer, model.config))  # fmt: skip
+        say(f"{name} ({role}, seed {seed}): test accuracy {result.accuracy:.4f}")
+        best = max(history, key=lambda h: h.validation_accuracy) if history else None
+        return ModelResult(name=name, role=role, seed=seed, accuracy=result.accuracy, macro_f1=result.macro_f1,
+                           params=count_parameters(model), size_bytes=directory_bytes(directory),
+                           examples_per_s=result.examples_per_s, path=str(directory),
+                           steps=history[-1].steps if history else None, best_epoch=best.epoch if best else None,
+                           baseline=baseline)  # fmt: skip
+
+    results = [teacher_result(cache, teacher_model, test, device, seed=cfg.seed)] if ranks.is_main else []
+    live = None
+    if online:
+        live = LiveTeacher(teacher_model.to(device).eval(), tokenizer=cache.tokenizer,
+                           specs=manifest.tensors, heads=cache.meta.stored_heads)  # fmt: skip
+    for seed in cfg.distill.seeds:
+        for kd in (True, False) if cfg.distill.baselines else (True,):
+            name = f"seed{seed}-{'distilled' if kd else 'baselines'}"
+            record = run_dir / "passes" / f"{name}.json"
+            if record.exists():  # finished before the run was interrupted
+                results += [ModelResult(**r) for r in json.loads(record.read_text())]
+                continue
+            trained = train_pass(cfg, cache, source, run_dir, name, seed=seed, kd=kd, epochs=epochs[kd],
+                                 device=device, teacher_model=teacher_model, live=live, select=select,
+                                 ranks=ranks)  # fmt: skip
+            barrier(ranks)
+            if not ranks.is_main:  # rank 0 saves, evaluates and reports
+                continue
+            done = []
+            for spec, (student, history) in zip(cfg.distill.students, trained, strict=True):
+                model_name = spec.name if kd else f"{spec.name}-no-kd"
+                directory = run_dir / "models" / f"{model_name}-seed{seed}"
+                save_model(student, cache.tokenizer, directory)
+                baseline = f"{spec.name}-no-kd" if kd and cfg.distill.baselines else None
+                role = "student" if kd else "baseline"
+                done.append(evaluated(student, model_name, role, seed, directory, history, baseline))
+            record.parent.mkdir(exist_ok=True)
+            record.write_text(json.dumps([dataclasses.asdict(r) for r in done], indent=1))
+            for path in (run_dir / "checkpoints").glob(f"{name}*.pt"):
+                path.unlink()
+            results += done
+    barrier(ranks)
+    if ranks.is_main:
+        write_report(run_dir, results, config=dataclasses.asdict(cfg), cache_key=cache.key)
+    return RunResult(run_dir, results)
+
+
+def teacher_result(cache: TeacherCache, model: nn.Module | None, test, device: torch.device, *,
+                   seed: int) -> ModelResult:  # fmt: skip
+    """The teacher's row of the report, from the cache: its metrics on test from the cached logits,
+    its size and steps; its inference speed only when its weights are loaded anyway."""
+    card = cache.meta.teacher
+    speed = None
+    if model is not None:
+        collate = Collator.for_model(cache.tokenizer, model.config)
+        speed = evaluate(model.to(device), test.input_ids, test.labels, collate=collate).examples_per_s
+    metrics = card.metrics["test"]
+    return ModelResult(name="teacher", role="teacher", seed=seed, accuracy=metrics["accuracy"],
+                       macro_f1=metrics["macro_f1"], params=card.params, size_bytes=card.size_bytes,
+                       examples_per_s=speed, path=card.source, steps=card.steps)  # fmt: skip
+
+
+def student_stream(cfg: ExperimentConfig, source, tokenizer, *, seed: int, kd: bool,
+                   wanted: list[tuple[str, int]] = (), select: Select | None = None,
+                   ranks: Ranks = ALONE) -> StudentStream:  # fmt: skip
+    """The stream of one pass: every row for students (kd), labeled rows only for baselines.
+
+    Its batches carry every input any model of the tokenizer takes; each model picks its own.
+    """
+    return StudentStream(source, collate=Collator.for_tokenizer(tokenizer), batch_size=cfg.distill.batch_size,
+                         seed=seed, wanted=wanted, labeled_only=not kd, select=select,
+                         block_rows=cfg.distill.block_rows, buffer_rows=cfg.distill.buffer_rows, rank=ranks.rank,
+                         world=ranks.world)  # fmt: skip
+
+
+def baseline_epochs(cfg: ExperimentConfig, source, tokenizer, *, select: Select | None = None,
+                    ranks: Ranks = ALONE) -> int:  # fmt: skip
+    """Epochs for the baselines: ``distill.baseline_epochs``, or by default the fewest that give a
+    baseline at least as many optimizer steps as its student (it sees only the labeled rows, so
+    each of its epochs is shorter). A baseline keeps its best validation epoch, as a student does.
+    """
+    if cfg.distill.baseline_epochs is not None:
+        return cfg.distill.baseline_epochs
+    student_steps = cfg.distill.epochs * len(student_stream(cfg, source, tokenizer, seed=0, kd=True, select=select,
+                                                             ranks=ranks))  # fmt: skip
+    per_epoch = len(student_stream(cfg, source, tokenizer, seed=0, kd=False, select=select, ranks=ranks))
+    return max(cfg.distill.epochs, -(-student_steps // per_epoch)) if per_epoch else cfg.distill.epochs
+
+
+def require_batches(stream: StudentStream, pass_name: str) -> None:
+    """Refuse a pass in which some rank would take no optimizer step (its result would be an untrained model)."""
+    counts = stream.batches_per_rank()
+    empty = [rank for rank, n in enumerate(counts) if n == 0]
+    if empty:
+        where = f"rank {empty[0]} of {stream.world}" if stream.world > 1 else "this run"
+        what = "labeled rows" if stream.labeled_only else "rows"
+        raise ConfigError(
+            f"pass {pass_name}: {where} gets no batch: its shards ({len(stream.source)} in all, every "
+            f"{stream.world}-th per rank) hold no {what} to train on; use fewer ranks, smaller capture.shard_rows "
+            "or more labeled rows"
+        )
+
+
+def train_pass(cfg: ExperimentConfig, teacher: TeacherCache, source, run_dir: Path, name: str, *, seed: int,
+               kd: bool, epochs: int, device: torch.device, teacher_model: nn.Module | None = None,
+               live: LiveTeacher | None = None, select: Select | None = None,
+               ranks: Ranks = ALONE) -> list[tuple[nn.Module, list[EpochRecord]]]:  # fmt: skip
+    """Train every student (kd) or every baseline (not kd) of one seed on one stream of batches.
+
+    Under torchrun each rank streams its own part and DDP averages the gradients. Each
+    model takes the inputs its own kind takes (segment ids or not), in training,
+    validation and test alike.
+
+    Args:
+        teacher_model: the teacher, loaded when a student is cut from its layers.
+
+    Returns:
+        Per student: the model holding its best validation epoch's weights, and its epochs.
+
+    Raises:
+        ConfigError: some rank would get no batch.
+    """
+    students, objectives, collators = [], [], []
+    teacher_config, tokenizer = teacher.teacher_config, teacher.tokenizer
+    for spec in cfg.distill.students:
+        torch.manual_seed(seed)
+        terms = (spec.loss or cfg.distill.loss) if kd else BASELINE_LOSS
+        wants_attention = any(t.kind in ATTENTION_TERMS for t in terms)
+        student = build_student(spec, teacher, teacher_model, attention_maps=wants_attention).to(device)
+        pairs = layer_pairs(spec, student.config.num_hidden_layers, teacher_config.num_hidden_layers)
+        collate = Collator.for_model(tokenizer, student.config)
+        objective = Objective(student, terms, pairs, teacher_width=teacher_config.hidden_size, inputs=collate.inputs,
+                              attention_heads=teacher.meta.stored_heads)  # fmt: skip
+        students.append(student)
+        objectives.append(objective.to(device))
+        collators.append(collate)
+    wanted = sorted({w for objective in objectives for w in objective.wanted})
+    stream = student_stream(
+        cfg, source, tokenizer, seed=seed, kd=kd, select=select, ranks=ranks, wanted=wanted if live is None else []
+    )  # the live teacher adds them to each batch
+    require_batches(stream, name)
+    total = epochs * len(stream)
+    validation = teacher.rows("validation")
+    val_ids, val_labels = validation.input_ids, validation.labels
+
+    def learner(spec: StudentConfig, student: nn.Module, objective: Objective, collate: Collator) -> Learner:
+        step_loss = objective if ranks.world == 1 else DistributedDataParallel(objective)  # gradients averaged
+        return Learner(
+            name=spec.name if kd else f"{spec.name}-no-kd",
+            model=student,
+            trainable=[objective],
+            step_loss=lambda batch, step: step_loss(batch, progress=step / max(total - 1, 1)),
+            validate=lambda: classification_metrics(predict_logits(student, val_ids, collate=collate), val_labels),
+            lr=cfg.distill.learning_rate,
+            weight_decay=cfg.distill.weight_decay,
+            warmup_ratio=cfg.distill.warmup_ratio,
+            seed=seed,
+        )
+
+    def epoch_batches(epoch: int, start: int):
+        loader = stream.loader(epoch, start, workers=cfg.distill.loader_workers, pin_memory=device.type == "cuda")
+        return loader if live is None else (live.annotate(batch, wanted) for batch in loader)
+
+    learners = [learner(*args) for args in zip(cfg.distill.students, students, objectives, collators, strict=True)]
+    fit(
+        learners,
+        epochs=epochs,
+        steps_per_epoch=len(stream),
+        epoch_batches=epoch_batches,
+        desc=f"{name} ({len(students)} student{'s' if len(students) > 1 else ''})",
+        device=device,
+        checkpoint=Checkpoint(run_dir / "checkpoints" / f"{name}{f'.rank{ranks.rank}' if ranks.world > 1 else ''}.pt"),
+        checkpoint_steps=cfg.distill.checkpoint_steps,
+        log_dir=run_dir / "tensorboard" / name if ranks.is_main else None,
+        quiet=not ranks.is_main,
+    )
+    return [(merged(student), learner.history) for student, learner in zip(students, learners, strict=True)]
+
+
+def _run_dir(cfg: ExperimentConfig, resume: str | Path | None, ranks: Ranks, say) -> Path:
+    """The run's directory: made (or, resuming, checked) by rank 0, then shared with the other ranks."""
+    if ranks.is_main:
+        run_dir = _resume_dir(cfg, resume, say) if resume else _new_run_dir(cfg)
+        _point_latest(run_dir)
+    if ranks.world == 1:
+        return run_dir
+    import torch.distributed as dist
+
+    encoded = torch.zeros(4096, dtype=torch.uint8)  # the path's bytes, broadcast as a tensor
+    if ranks.is_main:
+        raw = str(run_dir).encode()
+        encoded[: len(raw)] = torch.tensor(list(raw), dtype=torch.uint8)
+    dist.broadcast(encoded, src=0)
+    return Path(bytes(encoded[encoded != 0].tolist()).decode())
+
+
+def _new_run_dir(cfg: ExperimentConfig) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    root = Path(cfg.distill.run_root)
+    root.mkdir(parents=True, exist_ok=True)
+    for attempt in range(100):
+        run_dir = root / f"{stamp}-{cfg.name}{f'-{attempt}' if attempt else ''}"
+        try:
+            run_dir.mkdir()
+        except FileExistsError:
+            continue
+        (run_dir / CONFIG_RECORD).write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+        return run_dir
+    raise ConfigError(f"cannot make a new run directory under {root}")
+
+
+def _resume_dir(cfg: ExperimentConfig, resume: str | Path, say) -> Path:
+    """The run directory to continue; refuses one that was started with another config."""
+    run_dir = Path(resume)
+    record = run_dir / CONFIG_RECORD
+    if not record.exists():
+        raise ConfigError(f"--resume {run_dir}: not a distill run directory (no {CONFIG_RECORD})")
+    if json.loads(record.read_text()) != json.loads(json.dumps(dataclasses.asdict(cfg))):
+        raise ConfigError(f"--resume {run_dir}: that run was started with another config; resume it with the same one")
+    say(f"distill: resuming run {run_dir}")
+    return run_dir.resolve()
+
+
+def _point_latest(run_dir: Path) -> None:
+    """Make <run_root>/latest a relative symlink to ``run_dir``, replaced atomically."""
+    link = run_dir.parent / "latest"
+    tmp = run_dir.parent / f".latest.tmp-{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(run_dir.name)
+    os.replace(tmp, link)

@@ -1,0 +1,135 @@
+"""What the student stage takes from a teacher cache, and nothing else: rows, tokenizer, teacher card.
+
+A colleague with only a cache's path or URL distills from it: the cache carries every
+split's rows, the tokenizer, the label names, the teacher's config and metrics, and
+(when bundled) the teacher's checkpoint, which only students cut from the teacher's
+layers and ``--online`` need.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from transformers import AutoConfig
+
+from cache_store import Cache, CacheNotFoundError, Location, named_cache, open_cache
+
+from ..config import ExperimentConfig
+from ..contract import TEACHER, TEACHER_RECORD, TOKENIZER, CacheMetadata, experiment_identity, teacher_fingerprint
+from ..errors import ConfigError
+from ..models import load_tokenizer, model_dir
+
+
+@dataclass(frozen=True)
+class SplitRows:
+    """One cached split's rows, in cache order."""
+
+    input_ids: list[np.ndarray]  # N arrays (L_i,)
+    labels: np.ndarray  # (N,)
+    example_id: np.ndarray  # (N,)
+
+
+class TeacherCache:
+    """A teacher cache as the student stage reads it.
+
+    Raises:
+        CacheNotFoundError, CacheFormatError: no cache there, or not a teacher cache of this version.
+    """
+
+    def __init__(self, location):
+        self.cache: Cache = open_cache(location)
+        self.meta = CacheMetadata.from_manifest(self.cache.manifest)
+        self.tokenizer = load_tokenizer(self.cache.attachment(TOKENIZER))
+        raw = dict(self.meta.teacher.config)
+        self.teacher_config = AutoConfig.for_model(raw.pop("model_type"), **raw)
+
+    @property
+    def key(self) -> str:
+        return self.cache.key
+
+    @property
+    def label_names(self) -> tuple[str, ...]:
+        return self.meta.label_names
+
+    def rows(self, split: str) -> SplitRows:
+        """Every row of ``split``, read and verified shard by shard."""
+        shards = [data.rows for data in self.cache.iter_shards(split)]
+        return SplitRows(
+            input_ids=[ids for rows in shards for ids in rows.input_ids],
+            labels=np.concatenate([rows.label for rows in shards]).astype(np.int64),
+            example_id=np.concatenate([rows.example_id for rows in shards]),
+        )
+
+    def stored(self, split: str = "train") -> dict[str, tuple[int, ...]]:
+        """The tensors the split's shards hold: name -> layers."""
+        held = set(self.cache.split(split).tensors)
+        return {spec.name: spec.layers for spec in self.cache.manifest.tensors if spec.name in held}
+
+    def teacher_dir(self, explicit: str | None = None, *, search: tuple[Path, ...] = ()) -> Path:
+        """A local directory holding the cache's teacher: ``explicit`` (checked against the cache),
+        the bundled checkpoint, or a directory under ``search`` whose record names its fingerprint.
+
+        Raises:
+            ConfigError: ``explicit`` is another teacher, or no copy of the teacher can be found.
+        """
+        card = self.meta.teacher
+        if explicit is not None:
+            directory = model_dir(explicit)
+            theirs = teacher_fingerprint(directory)
+            if theirs != card.fingerprint:
+                raise ConfigError(
+                    f"--teacher {explicit} is another teacher (fingerprint {theirs}) than the one cache {self.key} "
+                    f"was written by ({card.source}, fingerprint {card.fingerprint})"
+                )
+            return directory
+        if card.bundled:
+            return self.cache.attachment(TEACHER)
+        for root in search:
+            for record in sorted(Path(root).glob(f"*/{TEACHER_RECORD}")):
+                if json.loads(record.read_text()).get("fingerprint") == card.fingerprint:
+                    return record.parent
+        raise ConfigError(
+            f"cache {self.key} does not bundle its teacher ({card.source}, fingerprint {card.fingerprint}) and no "
+            f"local teacher under {[str(r) for r in search]} has that fingerprint; pass --teacher DIR, or capture "
+            "with capture.bundle_teacher: true"
+        )
+
+
+def locate_cache(cfg: ExperimentConfig) -> Location:
+    """The cache ``teacher-cache`` made for this experiment: the one it named after ``cfg.name``
+    under ``capture.cache_root``, checked against the config and the data files' sizes and times
+    (the data itself is not read).
+
+    Raises:
+        ConfigError: the config cannot name a cache, or names one made from other settings.
+    """
+    if cfg.data is None or cfg.teacher is None:
+        raise ConfigError(f"config {cfg.name!r} has no data: and teacher: sections to find its cache by; pass --cache")
+    location = named_cache(cfg.capture.cache_root, cfg.name)
+    if location is None:
+        raise CacheNotFoundError(
+            f"no teacher cache named {cfg.name!r} under {cfg.capture.cache_root}; run `kdcache teacher-cache "
+            "--config ...` first, or pass --cache"
+        )
+    recorded = CacheMetadata.from_manifest(open_cache(location).manifest).experiment
+    difference = _first_difference(recorded, json.loads(json.dumps(experiment_identity(cfg))))
+    if difference:
+        raise ConfigError(
+            f"the cache named {cfg.name!r} ({location}) was made from other settings ({difference}); run "
+            "`kdcache teacher-cache --config ...` again, or pass --cache to use it anyway"
+        )
+    return location
+
+
+def _first_difference(recorded, current, where: str = "") -> str | None:
+    """The first key whose values differ, as ``data.labeled_train_size: 2000 then, 1000 now``."""
+    if isinstance(recorded, dict) and isinstance(current, dict):
+        for key in sorted(set(recorded) | set(current)):
+            found = _first_difference(recorded.get(key), current.get(key), f"{where}.{key}" if where else key)
+            if found:
+                return found
+        return None
+    return None if recorded == current else f"{where}: {recorded!r} then, {current!r} now"
