@@ -94,7 +94,8 @@ def main() -> None:
     train = cache.rows("train")
     online = TokenSource(train.input_ids, train.labels, train.example_id, shard_rows=cache.cache.manifest.shard_rows)
     sources = {"cached": cached, "in memory": MemorySource(cached, wanted), "online": FirstShards(online, args.shards)}
-    live = LiveTeacher(teacher, tokenizer=tokenizer, specs=cache.cache.manifest.tensors, heads=cache.meta.stored_heads)
+    live = LiveTeacher(teacher, tokenizer=tokenizer, specs=cache.cache.manifest.tensors, heads=cache.meta.stored_heads,
+                       precision=cache.precision)  # fmt: skip
     rows = sum(cached.rows(k).label.size for k in range(len(cached)))
     steps = len(student_stream(cfg, cached, tokenizer, seed=0, kd=True))  # the same planned batches in every mode
     work = Path(tempfile.mkdtemp(prefix="kdcache-bench-distill-"))

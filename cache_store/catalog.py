@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from datetime import datetime
 
-from .errors import CacheBusyError, CacheCorruptError, CacheNotFoundError
+from .errors import CacheBusyError, CacheCorruptError, CacheFormatError, CacheNotFoundError
 from .manifest import MANIFEST_NAME, PLAIN_NAME, SHARD_ENTRY_NAME, ShardEntry
 from .reader import Cache, open_cache, verify_cache
 from .shard import file_problem, verify_shard
@@ -30,9 +30,11 @@ def describe(location: Location) -> CacheListing:
     """What is known about the cache directory at ``location``, complete or partial."""
     if location.exists(MANIFEST_NAME):
         manifest = Cache(location).manifest
+        teacher = manifest.metadata.get("teacher", "")
         return CacheListing(
             key=manifest.key, complete=True, rows=manifest.rows, bytes=manifest.bytes,
-            created=location.modified(MANIFEST_NAME), teacher=str(manifest.metadata.get("teacher", "")),
+            created=location.modified(MANIFEST_NAME),
+            teacher=str(teacher.get("source", "") if isinstance(teacher, dict) else teacher),
             dataset=str(manifest.metadata.get("dataset", "")), url=str(location),
         )  # fmt: skip
     entries = _committed_entries(location)
@@ -125,18 +127,33 @@ def push_cache(source, dest_root, **storage_options) -> tuple[Cache, bool]:
 NAMES_DIR = ".names"
 
 
-def name_cache(root, name: str, key: str, **storage_options) -> None:
-    """Record ``<root>/<key>`` as the cache called ``name`` (an experiment's name), replacing any earlier one."""
+def name_cache(root, name: str, key: str, *, record: dict | None = None, **storage_options) -> None:
+    """Record ``<root>/<key>`` as the cache called ``name`` (an experiment's name), replacing any earlier one.
+
+    Args:
+        record: JSON kept beside the key (what the caller needs to trust the name later).
+    """
     if not PLAIN_NAME.fullmatch(name):
         raise ValueError(f"cache name {name!r} is not a plain name")
-    Location(root, **storage_options).write_bytes(f"{NAMES_DIR}/{name}.json", json.dumps({"key": key}).encode())
+    payload = json.dumps({"key": key, "record": record or {}}, indent=1, sort_keys=True).encode()
+    Location(root, **storage_options).write_bytes(f"{NAMES_DIR}/{name}.json", payload)
 
 
-def named_cache(root, name: str, **storage_options) -> Location | None:
-    """The cache last recorded as ``name`` under ``root``, or None."""
+def named_cache(root, name: str, **storage_options) -> tuple[Location, dict] | None:
+    """The cache last recorded as ``name`` under ``root`` and the record kept with it, or None.
+
+    Raises:
+        CacheFormatError: the name's file is not one ``name_cache`` wrote.
+    """
     base = Location(root, **storage_options)
+    where = f"{base}/{NAMES_DIR}/{name}.json"
     try:
-        key = json.loads(base.read_bytes(f"{NAMES_DIR}/{name}.json"))["key"]
-    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        raw = json.loads(base.read_bytes(f"{NAMES_DIR}/{name}.json"))
+    except FileNotFoundError:
         return None
-    return base / key
+    except ValueError as e:
+        raise CacheFormatError(f"{where} is not valid JSON ({e})") from None
+    key = raw.get("key") if isinstance(raw, dict) else None
+    if not isinstance(key, str) or not PLAIN_NAME.fullmatch(key):
+        raise CacheFormatError(f"{where} names no plain cache key (got {key!r})")
+    return base / key, raw.get("record", {})

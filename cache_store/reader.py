@@ -95,13 +95,19 @@ class Cache:
             raise CacheCorruptError(f"attachment {name} of {self.location}: {'; '.join(problems)}")
         if self.location.is_local:
             return Path(self.location.path(name))
-        staging = local.with_name(f".{name}.tmp-{os.getpid()}")
-        shutil.rmtree(staging, ignore_errors=True)
+        staging = local.with_name(f".{name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
         for f, data in blobs.items():
             (staging / f).parent.mkdir(parents=True, exist_ok=True)
             (staging / f).write_bytes(data)
-        shutil.rmtree(local, ignore_errors=True)
-        os.replace(staging, local)
+        if local.is_dir():  # damaged, or another process (a torchrun rank) put a copy there meanwhile
+            if not _attachment_problems(files, {f: _read_or_none(Location(str(local)), f) for f in files}):
+                shutil.rmtree(staging)
+                return local
+            shutil.rmtree(local, ignore_errors=True)
+        try:
+            os.replace(staging, local)
+        except OSError:  # another process won the race; its copy is the same verified bytes
+            shutil.rmtree(staging, ignore_errors=True)
         return local
 
     def iter_shards(self, split: str, wanted: list[tuple[str, int]] = ()) -> Iterator[ShardData]:

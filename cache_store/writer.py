@@ -236,8 +236,10 @@ class CacheWriter:
     def _attach(self, name: str, folder: Path) -> dict[str, FileEntry]:
         """Store the files under ``folder`` as ``<name>/...``; their entries, by relative path."""
         entries = {}
-        for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
             relative = path.relative_to(folder).as_posix()
+            if any(part.startswith(".") for part in relative.split("/")):
+                continue  # hidden files and folders (.git, caches of tools) are not part of what is attached
             data = path.read_bytes()
             self.location.write_bytes(f"{name}/{relative}", data)
             entries[relative] = FileEntry(bytes=len(data), xxh3=checksum(data))
@@ -298,9 +300,10 @@ class BackgroundWriter:
         try:
             self.close()
         except BaseException as writer_error:
-            if error is None or writer_error is earlier:
-                if error is not None:
-                    writer_error.add_note(f"then the caller failed too: {error!r}")
+            if error is None or error is writer_error:  # the writer's error only (submit raised it)
+                raise
+            if writer_error is earlier:
+                writer_error.add_note(f"then the caller failed too: {error!r}")
                 raise writer_error from None
             error.add_note(f"the cache writer failed too: {writer_error!r}")
 

@@ -20,10 +20,10 @@ from .config import CaptureConfig, ExperimentConfig, load_dataset_spec, resolve_
 from .models import model_files
 
 SPLITS = ("train", "validation", "test")  # every teacher cache holds all three
+UNLABELED = -1  # the label of a training row without one: the teacher's logits teach it
 HIDDEN, ATTENTION = "hidden_states", "attentions"  # the ragged tensors, by layer
 TOKENIZER, TEACHER = "tokenizer", "teacher"  # attachments: the tokenizer's files, the teacher's checkpoint
 TEACHER_RECORD = "teacher.json"  # beside a fine-tuned teacher's weights: its key, fingerprint and epochs
-INPUTS = ("input_ids", "attention_mask", "token_type_ids")  # batch keys a model may take
 LABELS, TEACHER_LOGITS = "labels", "teacher_logits"  # batch keys of the targets
 
 
@@ -70,8 +70,9 @@ def capture_identity(capture: CaptureConfig) -> dict:
 
 def experiment_identity(cfg: ExperimentConfig) -> dict:
     """The config sections a cache was made from, and the size and modification time of each data
-    file (as Hugging Face datasets fingerprints local files): what a lookup of a cache by the
-    experiment's name compares, without reading the data."""
+    file (as Hugging Face datasets fingerprints local files): kept with the cache's name (not in
+    its manifest, which holds nothing that varies between machines), and compared when stage 2
+    finds the cache by the experiment's name, without reading the data."""
     spec = load_dataset_spec(cfg.data.dataset)
     files = {}
     for path in spec.paths():
@@ -94,7 +95,8 @@ def experiment_identity(cfg: ExperimentConfig) -> dict:
 class TeacherCard:
     """The teacher a cache was written by: enough to rate students against it without its weights."""
 
-    source: str  # where the config found it (a path, a Hub id, pkg://...)
+    source: str  # teacher.base_model as the config named it (a path, a Hub id, pkg://...)
+    key: str | None  # its teacher key when fine-tuned from ``source`` (None: ``source`` used as it is)
     fingerprint: str  # hash of its files (weights, config, tokenizer): which teacher this is
     config: dict  # its Hugging Face config (model type, depth, width, heads, labels)
     params: int
@@ -114,9 +116,8 @@ class CacheMetadata:
     data_fingerprint: str  # token ids, lengths, labels and example ids of every split
     tokenizer_fingerprint: str  # the vocabulary the token ids refer to
     dataset: str  # the dataset definition it was made from
-    data_report: dict[str, dict[str, int]]  # split -> rows dropped, by reason
-    experiment: dict  # experiment_identity of the config that made it
-    capture: dict  # the capture settings
+    data_report: dict[str, dict[str, int]]  # split (or "data set": before splitting) -> rows dropped, by reason
+    capture: dict  # the capture settings that decide its content (capture_identity)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -135,6 +136,12 @@ class CacheMetadata:
             return cls(**{**values, "teacher": TeacherCard(**raw["teacher"]), "label_names": tuple(raw["label_names"])})
         except TypeError as e:
             raise CacheFormatError(f"cache {manifest.key}: malformed teacher metadata ({e})") from None
+
+    @property
+    def teacher_name(self) -> str:
+        """The teacher as the report names it: ``pkg://.../model`` or ``32247e71 (fine-tuned pkg://.../model)``."""
+        card = self.teacher
+        return card.source if card.key is None else f"{card.key} (fine-tuned {card.source})"
 
     @property
     def stored_heads(self) -> tuple[int, ...] | None:

@@ -10,6 +10,7 @@ reported in one line (and in the cache's manifest), never dropped silently.
 
 from __future__ import annotations
 
+import glob
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,10 +19,9 @@ import datasets
 import numpy as np
 
 from .config import DataConfig, DatasetSpec, SplitSources, load_dataset_spec, resolve_location
+from .contract import SPLITS, UNLABELED
 from .errors import DataError
 
-UNLABELED = -1  # label of a training row whose label is hidden: the teacher's logits teach it
-SPLITS = ("train", "validation", "test")
 WHOLE = "data set"  # the source name of a data set given as one file (split at random)
 UNKNOWN_LABEL, EMPTY_TEXT, IN_TEST = "label not in label_names", "empty text", "text also in test"
 _COMPRESSED = {".bz2", ".gz", ".xz", ".zst", ".zip"}
@@ -138,7 +138,7 @@ def _split_dict(loaded: datasets.DatasetDict, spec: DatasetSpec) -> dict[str, da
 def _read_files(pattern: str, spec: DatasetSpec, *, labeled: bool = True) -> datasets.Dataset:
     """One table from a file or glob in the definition's format."""
     resolved = resolve_location(pattern)
-    files = sorted(Path(resolved).parent.glob(Path(resolved).name)) if any(c in resolved for c in "*?[") else []
+    files = sorted(glob.glob(resolved, recursive=True)) if any(c in resolved for c in "*?[") else []
     if not files and not Path(resolved).exists():
         raise DataError(f"data file {pattern} not found at {resolved}")
     fmt = spec.format or _format_from_name(Path(files[0] if files else resolved))
@@ -239,7 +239,7 @@ def split_sources(loaded: tuple[dict[str, TextData], dict], cfg: DataConfig, *, 
     as counts by the same fraction.
 
     Raises:
-        ConfigError: sizes that leave no training rows.
+        DataError: sizes that leave no training rows, or a split whose every row is also in test.
     """
     sources, dropped = loaded
     total = sum(len(d) for d in sources.values())

@@ -87,7 +87,7 @@ def write_report(run_dir: Path, results: list[ModelResult], *, config: dict, cac
         table.add_row(*row)
     console = Console()
     if not console.is_terminal:  # a log file or pipe: do not squeeze the table into 80 columns
-        console = Console(width=120)
+        console = Console(width=160)
     console.print(table)
     lines = ["| " + " | ".join(_COLUMNS) + " |", "|" + "---|" * len(_COLUMNS)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]

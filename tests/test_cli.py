@@ -58,6 +58,7 @@ def test_cache_commands_verify_list_describe_copy_and_remove(config_file, tmp_pa
     assert invoke("cache", "verify", path).exit_code == 0
     listing = invoke("cache", "ls", tmp_path / "caches")
     assert summary["key"] in listing.stdout and "complete" in listing.stdout
+    assert "fingerprint" not in listing.stdout and "{" not in listing.stdout  # the teacher's source, not its card
     info = json.loads(invoke("cache", "info", path).stdout)
     assert info["rows"] == 120 and info["splits"]["train"]["rows"] == 80 and info["splits"]["test"]["rows"] == 20
     assert info["splits"]["train"]["tensors"] and not info["splits"]["test"]["tensors"]

@@ -79,9 +79,9 @@ def _distill(cfg: ExperimentConfig, ranks: Ranks, location, *, online: bool, res
              select: Select | None, teacher: str | None) -> RunResult:  # fmt: skip
     say = tqdm.write if ranks.is_main else lambda message: None
     cache = TeacherCache(location)
-    manifest, card = cache.cache.manifest, cache.meta.teacher
+    manifest = cache.cache.manifest
     say(f"distill: reading cache {cache.key} ({manifest.rows} rows, {manifest.bytes / 1e6:.1f} MB) of teacher "
-        f"{card.source}")  # fmt: skip
+        f"{cache.meta.teacher_name}")  # fmt: skip
     if online and select is not None:
         raise ConfigError("sample selection reads cached teacher statistics; it cannot run with --online")
     stored = None if online else cache.stored("train")
@@ -100,11 +100,17 @@ def _distill(cfg: ExperimentConfig, ranks: Ranks, location, *, online: bool, res
     run_dir = _run_dir(cfg, resume, ranks, say)
     test = cache.rows("test")
     device = resolve_device(cfg.device, ranks)
-    epochs = {True: cfg.distill.epochs,
-              False: baseline_epochs(cfg, source, cache.tokenizer, select=select, ranks=ranks)}  # fmt: skip
+    kinds = (True, False) if cfg.distill.baselines else (True,)
+    batches = {}  # kind -> batches per epoch on each rank; a rank with none is refused before any training
+    for kd in kinds:
+        stream = student_stream(cfg, source, cache.tokenizer, seed=0, kd=kd, select=select, ranks=ranks)
+        require_batches(stream, "distilled" if kd else "baselines")
+        batches[kd] = len(stream)
+    epochs = {True: cfg.distill.epochs}
     if cfg.distill.baselines:
-        say(f"distill: students train {epochs[True]} epochs, baselines {epochs[False]} "
-            "(at least as many optimizer steps as their students)")  # fmt: skip
+        epochs[False] = baseline_epochs(cfg, student_steps=cfg.distill.epochs * batches[True], per_epoch=batches[False])
+        say(f"distill: students train {epochs[True]} epochs ({epochs[True] * batches[True]} steps), baselines "
+            f"{epochs[False]} ({epochs[False] * batches[False]} steps: at least as many as their students)")  # fmt: skip
 
     def evaluated(model, name, role, seed, directory, history, baseline=None) -> ModelResult:
         result = evaluate(model.to(device), test.input_ids, test.labels,
@@ -120,10 +126,10 @@ def _distill(cfg: ExperimentConfig, ranks: Ranks, location, *, online: bool, res
     results = [teacher_result(cache, teacher_model, test, device, seed=cfg.seed)] if ranks.is_main else []
     live = None
     if online:
-        live = LiveTeacher(teacher_model.to(device).eval(), tokenizer=cache.tokenizer,
-                           specs=manifest.tensors, heads=cache.meta.stored_heads)  # fmt: skip
+        live = LiveTeacher(teacher_model.to(device).eval(), tokenizer=cache.tokenizer, specs=manifest.tensors,
+                           heads=cache.meta.stored_heads, precision=cache.precision)  # fmt: skip
     for seed in cfg.distill.seeds:
-        for kd in (True, False) if cfg.distill.baselines else (True,):
+        for kd in kinds:
             name = f"seed{seed}-{'distilled' if kd else 'baselines'}"
             record = run_dir / "passes" / f"{name}.json"
             if record.exists():  # finished before the run was interrupted
@@ -166,7 +172,7 @@ def teacher_result(cache: TeacherCache, model: nn.Module | None, test, device: t
     metrics = card.metrics["test"]
     return ModelResult(name="teacher", role="teacher", seed=seed, accuracy=metrics["accuracy"],
                        macro_f1=metrics["macro_f1"], params=card.params, size_bytes=card.size_bytes,
-                       examples_per_s=speed, path=card.source, steps=card.steps)  # fmt: skip
+                       examples_per_s=speed, path=cache.meta.teacher_name, steps=card.steps)  # fmt: skip
 
 
 def student_stream(cfg: ExperimentConfig, source, tokenizer, *, seed: int, kd: bool,
@@ -182,18 +188,15 @@ def student_stream(cfg: ExperimentConfig, source, tokenizer, *, seed: int, kd: b
                          world=ranks.world)  # fmt: skip
 
 
-def baseline_epochs(cfg: ExperimentConfig, source, tokenizer, *, select: Select | None = None,
-                    ranks: Ranks = ALONE) -> int:  # fmt: skip
+def baseline_epochs(cfg: ExperimentConfig, *, student_steps: int, per_epoch: int) -> int:
     """Epochs for the baselines: ``distill.baseline_epochs``, or by default the fewest that give a
-    baseline at least as many optimizer steps as its student (it sees only the labeled rows, so
-    each of its epochs is shorter). A baseline keeps its best validation epoch, as a student does.
+    baseline at least its student's ``student_steps`` optimizer steps at ``per_epoch`` batches an
+    epoch (it sees only the labeled rows, so its epochs are shorter). A baseline keeps its best
+    validation epoch, as a student does.
     """
     if cfg.distill.baseline_epochs is not None:
         return cfg.distill.baseline_epochs
-    student_steps = cfg.distill.epochs * len(student_stream(cfg, source, tokenizer, seed=0, kd=True, select=select,
-                                                             ranks=ranks))  # fmt: skip
-    per_epoch = len(student_stream(cfg, source, tokenizer, seed=0, kd=False, select=select, ranks=ranks))
-    return max(cfg.distill.epochs, -(-student_steps // per_epoch)) if per_epoch else cfg.distill.epochs
+    return max(cfg.distill.epochs, -(-student_steps // per_epoch))
 
 
 def require_batches(stream: StudentStream, pass_name: str) -> None:
@@ -225,9 +228,6 @@ def train_pass(cfg: ExperimentConfig, teacher: TeacherCache, source, run_dir: Pa
 
     Returns:
         Per student: the model holding its best validation epoch's weights, and its epochs.
-
-    Raises:
-        ConfigError: some rank would get no batch.
     """
     students, objectives, collators = [], [], []
     teacher_config, tokenizer = teacher.teacher_config, teacher.tokenizer

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from transformers import AutoConfig
 
 from cache_store import Cache, CacheNotFoundError, Location, named_cache, open_cache
@@ -21,6 +22,7 @@ from ..config import ExperimentConfig
 from ..contract import TEACHER, TEACHER_RECORD, TOKENIZER, CacheMetadata, experiment_identity, teacher_fingerprint
 from ..errors import ConfigError
 from ..models import load_tokenizer, model_dir
+from ..runtime import PRECISIONS
 
 
 @dataclass(frozen=True)
@@ -63,39 +65,53 @@ class TeacherCache:
             example_id=np.concatenate([rows.example_id for rows in shards]),
         )
 
+    @property
+    def precision(self) -> torch.dtype:
+        """The autocast dtype the teacher's values were computed at (every shard records the same)."""
+        return PRECISIONS[self.cache.shards("train")[0].producer.get("precision", "float32")]
+
     def stored(self, split: str = "train") -> dict[str, tuple[int, ...]]:
         """The tensors the split's shards hold: name -> layers."""
         held = set(self.cache.split(split).tensors)
         return {spec.name: spec.layers for spec in self.cache.manifest.tensors if spec.name in held}
 
     def teacher_dir(self, explicit: str | None = None, *, search: tuple[Path, ...] = ()) -> Path:
-        """A local directory holding the cache's teacher: ``explicit`` (checked against the cache),
-        the bundled checkpoint, or a directory under ``search`` whose record names its fingerprint.
+        """A local directory holding the cache's teacher: ``explicit`` (checked against the cache's
+        fingerprint), the bundled checkpoint, a ready-made teacher where the capture found it, or a
+        fine-tuned one under ``search`` whose record names the fingerprint.
 
         Raises:
             ConfigError: ``explicit`` is another teacher, or no copy of the teacher can be found.
         """
         card = self.meta.teacher
         if explicit is not None:
-            directory = model_dir(explicit)
-            theirs = teacher_fingerprint(directory)
-            if theirs != card.fingerprint:
-                raise ConfigError(
-                    f"--teacher {explicit} is another teacher (fingerprint {theirs}) than the one cache {self.key} "
-                    f"was written by ({card.source}, fingerprint {card.fingerprint})"
-                )
-            return directory
+            return self._checked(model_dir(explicit), explicit)
         if card.bundled:
             return self.cache.attachment(TEACHER)
+        if card.key is None:  # used as it was: the same location may serve here
+            try:
+                return self._checked(model_dir(card.source), card.source)
+            except ConfigError:
+                pass
         for root in search:
             for record in sorted(Path(root).glob(f"*/{TEACHER_RECORD}")):
                 if json.loads(record.read_text()).get("fingerprint") == card.fingerprint:
                     return record.parent
         raise ConfigError(
-            f"cache {self.key} does not bundle its teacher ({card.source}, fingerprint {card.fingerprint}) and no "
-            f"local teacher under {[str(r) for r in search]} has that fingerprint; pass --teacher DIR, or capture "
-            "with capture.bundle_teacher: true"
+            f"cache {self.key} does not bundle its teacher ({self.meta.teacher_name}, fingerprint {card.fingerprint}) "
+            f"and no local teacher under {[str(r) for r in search]} has that fingerprint; pass --teacher DIR, or "
+            "capture with capture.bundle_teacher: true"
         )
+
+    def _checked(self, directory: Path, named: str) -> Path:
+        theirs = teacher_fingerprint(directory)
+        if theirs != self.meta.teacher.fingerprint:
+            raise ConfigError(
+                f"teacher {named} is another teacher (fingerprint {theirs}) than the one cache {self.key} was written "
+                f"by ({self.meta.teacher_name}, fingerprint {self.meta.teacher.fingerprint}); pass --teacher with a "
+                "copy of that one"
+            )
+        return directory
 
 
 def locate_cache(cfg: ExperimentConfig) -> Location:
@@ -108,13 +124,13 @@ def locate_cache(cfg: ExperimentConfig) -> Location:
     """
     if cfg.data is None or cfg.teacher is None:
         raise ConfigError(f"config {cfg.name!r} has no data: and teacher: sections to find its cache by; pass --cache")
-    location = named_cache(cfg.capture.cache_root, cfg.name)
-    if location is None:
+    found = named_cache(cfg.capture.cache_root, cfg.name)
+    if found is None:
         raise CacheNotFoundError(
             f"no teacher cache named {cfg.name!r} under {cfg.capture.cache_root}; run `kdcache teacher-cache "
             "--config ...` first, or pass --cache"
         )
-    recorded = CacheMetadata.from_manifest(open_cache(location).manifest).experiment
+    location, recorded = found
     difference = _first_difference(recorded, json.loads(json.dumps(experiment_identity(cfg))))
     if difference:
         raise ConfigError(

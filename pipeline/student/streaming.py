@@ -32,8 +32,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from cache_store import Cache, ShardData, ShardRows, TensorSpec
 from cache_store.shard import decode, encode
 
-from ..contract import ATTENTION, HIDDEN, LABELS, TEACHER_LOGITS, tensor_key
-from ..data import UNLABELED
+from ..contract import ATTENTION, HIDDEN, LABELS, TEACHER_LOGITS, UNLABELED, tensor_key
+from ..runtime import autocast
 from ..training import Batch, Collator, length_grouped_batches
 
 
@@ -211,12 +211,15 @@ def _pad_tensors(arrays: list[np.ndarray], longest: int, name: str) -> torch.Ten
 
 
 class LiveTeacher:
-    """The teacher in eval mode, adding to each batch exactly what its cache would hold: the
-    configured attention heads, values rounded to their storage dtype (or quantization), padding zeroed."""
+    """The teacher in eval mode, adding to each batch exactly what its cache holds: computed at the
+    cache's precision, the cached attention heads, values rounded to their storage dtype (or
+    quantization), padding zeroed."""
 
-    def __init__(self, model: nn.Module, *, tokenizer, specs: tuple[TensorSpec, ...], heads: tuple[int, ...] | None):
-        """``specs``: the tensors the cache stores; ``heads``: the teacher heads it keeps maps of (None: all)."""
-        self.model, self.device = model, next(model.parameters()).device
+    def __init__(self, model: nn.Module, *, tokenizer, specs: tuple[TensorSpec, ...], heads: tuple[int, ...] | None,
+                 precision: torch.dtype = torch.float32):  # fmt: skip
+        """``specs``: the tensors the cache stores; ``heads``: the teacher heads it keeps maps of (None: all);
+        ``precision``: the autocast dtype the cache's values were computed at."""
+        self.model, self.device, self.precision = model, next(model.parameters()).device, precision
         self.inputs = Collator.for_model(tokenizer, model.config).inputs
         self.specs = {spec.name: spec for spec in specs}
         self.heads = list(heads) if heads is not None else None
@@ -227,8 +230,9 @@ class LiveTeacher:
         needs_attention = any(name == ATTENTION for name, _ in wanted)
         if needs_attention and self.model.config._attn_implementation != "eager":
             self.model.set_attn_implementation("eager")
-        out = self.model(**{k: batch[k] for k in self.inputs}, output_hidden_states=True,
-                         output_attentions=needs_attention)  # fmt: skip
+        with autocast(self.device, self.precision):
+            out = self.model(**{k: batch[k] for k in self.inputs}, output_hidden_states=True,
+                             output_attentions=needs_attention)  # fmt: skip
         batch[TEACHER_LOGITS] = out.logits.float()
         for name, layer in wanted:
             if name == HIDDEN:

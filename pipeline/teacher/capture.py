@@ -9,7 +9,6 @@ the teacher's checkpoint.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import tempfile
 import time
@@ -91,7 +90,7 @@ def plan_cache(cfg: ExperimentConfig) -> CachePlan:
     """
     cfg.require("data", "teacher", stage="teacher-cache")
     splits = load_splits(cfg.data, seed=cfg.seed)
-    teacher_path, _ = require_teacher(cfg, splits)
+    teacher_path, teacher_key = require_teacher(cfg, splits)
     tokenizer = load_tokenizer(teacher_path)
     token_ids = {name: tokenize(tokenizer, splits[name], max_length=cfg.data.max_length) for name in SPLITS}
     data = Fingerprint("kdcache-data")
@@ -100,7 +99,9 @@ def plan_cache(cfg: ExperimentConfig) -> CachePlan:
         data.update_array(f"{name}/ids", np.concatenate(ids)).update_array(f"{name}/lengths", [len(x) for x in ids])
         data.update_array(f"{name}/labels", splits[name].labels)
         data.update_array(f"{name}/example_id", splits[name].example_id)
-    data_fp, teacher_fp = data.hexdigest(), teacher_fingerprint(teacher_path)
+    # a ready-made teacher's key is its files' fingerprint; a fine-tuned one's was taken when it was saved
+    teacher_fp = teacher_fingerprint(teacher_path) if cfg.teacher.fine_tune else teacher_key
+    data_fp = data.hexdigest()
     fp = Fingerprint("kdcache-cache").update_json("format_version", FORMAT_VERSION)
     fp.update_json("teacher", teacher_fp).update_json("data", data_fp)
     fp.update_json("capture", capture_identity(cfg.capture))
@@ -138,8 +139,14 @@ def _capture(cfg: ExperimentConfig, ranks: Ranks, *, num_shards: int, shard_inde
     say(plan.splits.summary())
     if plan.location.exists(MANIFEST_NAME):
         manifest = open_cache(plan.location).manifest
+        if bundled(cfg, plan) and TEACHER not in manifest.attachments:
+            raise ConfigError(
+                f"cache {plan.key} at {plan.location} exists without the teacher's checkpoint that this config "
+                "bundles; remove it (`kdcache cache rm`) to capture it again with the teacher, or set "
+                "capture.bundle_teacher: false"
+            )
         if ranks.is_main:
-            name_cache(cfg.capture.cache_root, cfg.name, plan.key)
+            name_cache(cfg.capture.cache_root, cfg.name, plan.key, record=experiment_identity(cfg))
         say(f"reused cache {plan.key} at {plan.location} ({manifest.rows} rows, {manifest.bytes / 1e6:.1f} MB)")
         return CaptureResult(plan.location, plan.key, manifest, reused=True)
     device = resolve_device(cfg.device, ranks)
@@ -220,25 +227,31 @@ def cache_metadata(cfg: ExperimentConfig, plan: CachePlan, model) -> CacheMetada
     """What the manifest says of the teacher, the data and the tokenizer (metrics come at the finish)."""
     record = plan.teacher_path / TEACHER_RECORD
     history = json.loads(record.read_text()).get("history", []) if record.exists() else []
-    size = directory_bytes(plan.teacher_path)
-    bundle = cfg.capture.bundle_teacher if cfg.capture.bundle_teacher is not None else size < BUNDLE_LIMIT
     card = TeacherCard(
-        source=str(plan.teacher_path), fingerprint=plan.teacher_fingerprint,
-        config=json.loads((plan.teacher_path / "config.json").read_text()), params=count_parameters(model),
-        size_bytes=size, bundled=bool(bundle), steps=history[-1].get("steps") if history else None, metrics={},
+        source=cfg.teacher.base_model, key=plan.teacher_path.name if cfg.teacher.fine_tune else None,
+        fingerprint=plan.teacher_fingerprint, config=json.loads((plan.teacher_path / "config.json").read_text()),
+        params=count_parameters(model), size_bytes=directory_bytes(plan.teacher_path), bundled=bundled(cfg, plan),
+        steps=history[-1].get("steps") if history else None, metrics={},
     )  # fmt: skip
     return CacheMetadata(
         teacher=card, label_names=plan.splits["train"].label_names, max_length=cfg.data.max_length,
         data_fingerprint=plan.data_fingerprint, tokenizer_fingerprint=plan.tokenizer_fingerprint,
-        dataset=cfg.data.dataset, data_report=plan.splits.dropped, experiment=experiment_identity(cfg),
-        capture={**dataclasses.asdict(cfg.capture), "cache_root": None},
+        dataset=cfg.data.dataset, data_report=plan.splits.dropped, capture=capture_identity(cfg.capture),
     )  # fmt: skip
+
+
+def bundled(cfg: ExperimentConfig, plan: CachePlan) -> bool:
+    """Whether the cache carries the teacher's checkpoint: ``capture.bundle_teacher``, or when under 1 GiB."""
+    if cfg.capture.bundle_teacher is not None:
+        return cfg.capture.bundle_teacher
+    return directory_bytes(plan.teacher_path) < BUNDLE_LIMIT
 
 
 def finish_cache(cfg: ExperimentConfig, plan: CachePlan, writer: CacheWriter) -> Manifest | None:
     """Once every shard is committed: the teacher's metrics on validation and test from the cached
     logits, the tokenizer (and, when bundled, the teacher) attached, the manifest, and the cache
-    named after the experiment (``<cache_root>/.names/<name>``). None while shards are missing."""
+    named after the experiment (``<cache_root>/.names/<name>.json``, with the experiment's identity).
+    None while shards are missing."""
     if writer.committed_count() < len(writer.tasks):
         return writer.finish()
     metrics = {}
@@ -251,7 +264,7 @@ def finish_cache(cfg: ExperimentConfig, plan: CachePlan, writer: CacheWriter) ->
         load_tokenizer(plan.teacher_path).save_pretrained(folder)
         attachments = {TOKENIZER: Path(folder)} | ({TEACHER: plan.teacher_path} if card["bundled"] else {})
         manifest = writer.finish(metadata={"teacher": card}, attachments=attachments)
-    name_cache(cfg.capture.cache_root, cfg.name, plan.key)
+    name_cache(cfg.capture.cache_root, cfg.name, plan.key, record=experiment_identity(cfg))
     return manifest
 
 

@@ -76,8 +76,9 @@ def check_teacher_labels(teacher: Path, label_names: tuple[str, ...]) -> None:
     """Refuse a ready-made classifier (``fine_tune: false``) whose classes are not the data set's.
 
     Its ``num_labels`` must equal the number of classes, and its ``id2label`` names must be
-    the data set's ``label_names`` in the same order; Hugging Face's placeholder names
-    (``LABEL_0``, ``LABEL_1``, ...) carry no order and are accepted.
+    the data set's ``label_names`` in the same order. Names that carry no order are compared
+    by position only: Hugging Face's placeholders (``LABEL_0``, ...) on the teacher's side,
+    class ids (``0``, ``1``, ...) on the data set's.
     """
     config = AutoConfig.from_pretrained(str(teacher))
     if config.num_labels != len(label_names):
@@ -86,7 +87,10 @@ def check_teacher_labels(teacher: Path, label_names: tuple[str, ...]) -> None:
             f"{len(label_names)} {list(label_names)}; fine-tune it (teacher.fine_tune: true) or pick a matching model"
         )
     names = [str(config.id2label[i]) for i in range(config.num_labels)]
-    if names != [f"LABEL_{i}" for i in range(config.num_labels)] and names != list(label_names):
+    positional = names == [f"LABEL_{i}" for i in range(len(names))] or list(label_names) == [
+        str(i) for i in range(len(names))
+    ]
+    if not positional and names != list(label_names):
         raise ConfigError(
             f"teacher {teacher} (fine_tune: false) orders its classes {names}, the data set {list(label_names)}; "
             "set label_names in the dataset definition to the teacher's order"

@@ -309,9 +309,13 @@ class CacheStoreContract:
 
         assert named_cache(root, "demo") is None
         name_cache(root, "demo", "k1")
-        name_cache(root, "demo", "k2")
-        assert named_cache(root, "demo").url.rstrip("/").endswith("/k2")
+        name_cache(root, "demo", "k2", record={"seed": 3})
+        location, record = named_cache(root, "demo")
+        assert location.url.rstrip("/").endswith("/k2") and record == {"seed": 3}
         assert list_caches(root) == []  # names are not caches
+        Location(root).write_bytes(".names/demo.json", b'{"key": "../elsewhere"}')
+        with pytest.raises(CacheFormatError, match=r"demo.json names no plain cache key \(got '../elsewhere'\)"):
+            named_cache(root, "demo")
 
     def test_missing_file_is_named(self, cache_url):
         fill(new_writer(cache_url))
@@ -508,3 +512,12 @@ def test_of_two_errors_the_first_is_raised_and_the_other_noted(tmp_path):
             background.submit(task, *shard_content(task))
             raise ValueError("the caller's own")
     assert raised.value.__notes__ == ["the cache writer failed too: OSError('disk full')"]
+
+    writer = _Failing(tmp_path / "c", key="k1", num_labels=LABELS, tensors=specs(), split_rows=SPLITS, shard_rows=5)
+    with pytest.raises(OSError, match="disk full") as raised:  # one error only: the writer's, raised by submit
+        with BackgroundWriter(writer) as background:
+            background.submit(task, *shard_content(task))
+            while background._error is None:
+                time.sleep(0.01)
+            background.submit(task, *shard_content(task))
+    assert not getattr(raised.value, "__notes__", None)

@@ -167,6 +167,10 @@ def test_globs_a_saved_dataset_dict_and_its_split_names(tmp_path):
                      ).to_csv(tmp_path / f"train-{part}.csv", index=False)  # fmt: skip
     spec = DatasetSpec(files=SplitSources(train=str(tmp_path / "train-*.csv")), label_names=("0", "1"))
     assert len(to_text_data(read_sources(spec), spec)[0]["train"]) == 30
+    (tmp_path / "a").mkdir()
+    (tmp_path / "train-0.csv").rename(tmp_path / "a" / "part.csv")
+    nested = DatasetSpec(files=SplitSources(train=str(tmp_path / "*" / "part.csv")), label_names=("0", "1"))
+    assert len(to_text_data(read_sources(nested), nested)[0]["train"]) == 10  # a glob in a folder's name too
     frame = lambda rows: datasets.Dataset.from_dict({"text": [t for t, _ in rows], "label": [y for _, y in rows]})  # noqa: E731
     datasets.DatasetDict({"train": frame(reviews(40)), "validation": frame(reviews(12, 200))}).save_to_disk(
         str(tmp_path / "dd")

@@ -69,7 +69,7 @@ def test_tensorboard_holds_every_loss_term_the_learning_rate_and_throughput(trai
 
 
 def test_students_from_a_config_with_frozen_layers_and_with_lora(trained):
-    run_capture(trained)
+    captured = run_capture(trained)
     built = StudentConfig(name="built", architecture=StudentArchitecture(layers=2, hidden_size=16, heads=2),
                           freeze_layers=1)  # fmt: skip
     lora = StudentConfig(name="lora", teacher_layers=(2, 4), lora=LoraConfig(r=4, alpha=8))
@@ -79,7 +79,7 @@ def test_students_from_a_config_with_frozen_layers_and_with_lora(trained):
     assert small.config.hidden_size == 16 and small.config.num_hidden_layers == 2
     merged = AutoModelForSequenceClassification.from_pretrained(paths["lora"])  # adapters merged: a plain model
     assert not any("lora" in name for name in merged.state_dict())
-    cut = AutoModelForSequenceClassification.from_pretrained(str(result.models[0].path))
+    cut = AutoModelForSequenceClassification.from_pretrained(str(open_cache(captured.location).attachment("teacher")))
     assert not torch.equal(merged.bert.encoder.layer[0].attention.self.query.weight,
                            cut.bert.encoder.layer[1].attention.self.query.weight)  # fmt: skip
 

@@ -151,9 +151,19 @@ def test_cut_students_come_from_the_caches_own_teacher(config, captured, tmp_pat
         plan_cache(config).teacher_path / "model.safetensors"
     ).read_bytes()
     students_only = dataclasses.replace(config, data=None, teacher=None)
-    with pytest.raises(ConfigError, match=r"--teacher .*tiny-teacher\w* is another teacher \(fingerprint \w+\) than the "
-                       r"one cache \w+ was written by \(.*teachers/\w+, fingerprint \w+\)"):  # fmt: skip
+    with pytest.raises(ConfigError, match=r"teacher .*tiny-teacher\w* is another teacher \(fingerprint \w+\) than the "
+                       r"one cache \w+ was written by \(\w+ \(fine-tuned .*tiny-teacher\w*\), fingerprint \w+\)"):  # fmt: skip
         run_distill(students_only, cache_location=str(captured.location), teacher=str(config.teacher.base_model))
+    unbundled = dataclasses.replace(config, capture=dataclasses.replace(config.capture, bundle_teacher=False,
+                                                                         cache_root=str(tmp_path / "lean")))  # fmt: skip
+    lean = run_capture(unbundled)
+    assert "teacher" not in open_cache(lean.location).manifest.attachments
+    result = run_distill(dataclasses.replace(config, distill=dataclasses.replace(config.distill, baselines=False)),
+                         cache_location=str(lean.location))  # fmt: skip
+    assert result.models[1].name == "tiny-l2"  # its teacher found under teacher.output_root by its fingerprint
+    bundling = dataclasses.replace(unbundled, capture=dataclasses.replace(unbundled.capture, bundle_teacher=True))
+    with pytest.raises(ConfigError, match="exists without the teacher's checkpoint that this config bundles"):
+        run_capture(bundling)
 
 
 def test_distill_refuses_a_student_with_another_tokenizer(config, captured, tmp_path):
@@ -221,6 +231,7 @@ def test_cache_rows_and_values_do_not_depend_on_the_batch_settings(config, tmp_p
                                       cache_root=str(tmp_path / name))  # fmt: skip
         caches.append(open_cache(run_capture(dataclasses.replace(config, capture=capture)).location))
     assert len({c.key for c in caches}) == 1  # batching is not part of what a cache is
+    assert len({json.dumps(c.manifest.metadata, sort_keys=True) for c in caches}) == 1  # nor of what it says
     wanted = [("hidden_states", k) for k in (0, 2, 4)] + [("attentions", k) for k in (2, 4)]
     first, *others = caches
     for split in ("train", "validation", "test"):
@@ -276,6 +287,7 @@ def test_a_ready_made_teacher_must_have_the_data_sets_classes_in_its_order(confi
     model = load_classifier(path)
     model.config.id2label, model.config.label2id = {0: "pos", 1: "neg"}, {"pos": 0, "neg": 1}
     model.save_pretrained(str(path))
+    check_teacher_labels(path, ("0", "1"))  # class ids carry no names: compared by position
     with pytest.raises(ConfigError, match=r"orders its classes \['pos', 'neg'\], the data set \['neg', 'pos'\]"):
         run_teacher_train(dataclasses.replace(config, teacher=dataclasses.replace(config.teacher, base_model=str(path),
                                                                                   fine_tune=False)))  # fmt: skip
