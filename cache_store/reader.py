@@ -7,11 +7,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-import dask
-import dask.array as da
-import dask.dataframe as dd
 import numpy as np
-import pandas as pd
 
 from .errors import CacheCorruptError, CacheFormatError, CacheNotFoundError
 from .manifest import MANIFEST_NAME, FileEntry, Manifest, ShardEntry, SplitEntry
@@ -114,15 +110,19 @@ class Cache:
         for entry in self.shards(split):
             yield self.read_shard(entry, wanted)
 
-    def rows(self, split: str) -> dd.DataFrame:
+    def rows(self, split: str):
         """The split's rows as a dask DataFrame, one partition per shard.
 
         Columns: example_id, length, label, logit_0 .. logit_{C-1}, input_ids (lists).
         """
+        import dask.dataframe as dd  # here, not at the top: training never needs dask (0.5 s to import)
+
         meta = _rows_frame_meta(self.manifest.num_labels)
         return dd.from_map(self._rows_frame, list(self.shards(split)), meta=meta, enforce_metadata=False)
 
-    def _rows_frame(self, entry: ShardEntry) -> pd.DataFrame:
+    def _rows_frame(self, entry: ShardEntry):
+        import pandas as pd
+
         rows = self.read_shard(entry).rows
         frame = pd.DataFrame({"example_id": rows.example_id, "length": rows.lengths, "label": rows.label})
         for c in range(rows.logits.shape[1]):
@@ -131,11 +131,14 @@ class Cache:
         frame.index = pd.RangeIndex(entry.row_start, entry.row_end)
         return frame
 
-    def tensor(self, split: str, name: str, layer: int) -> da.Array:
+    def tensor(self, split: str, name: str, layer: int):
         """One stored tensor of one layer as a dask array chunked by shard.
 
         Hidden states are ``(total_tokens, width)``; use ``rows(split).length`` for offsets.
         """
+        import dask
+        import dask.array as da
+
         spec = self._check_layer(name, layer)
         path = f"{TENSORS_DIR}/{spec.array_path(layer)}"
         dtype = decode(np.zeros(0, spec.stored_dtype), spec).dtype
@@ -144,7 +147,9 @@ class Cache:
         return da.concatenate(parts, axis=0)
 
 
-def _rows_frame_meta(num_labels: int) -> pd.DataFrame:
+def _rows_frame_meta(num_labels: int):
+    import pandas as pd
+
     columns = {"example_id": np.int64, "length": np.int32, "label": np.int32}
     columns |= {f"logit_{c}": np.float32 for c in range(num_labels)}
     meta = pd.DataFrame({name: pd.Series(dtype=dtype) for name, dtype in columns.items()})
