@@ -5,7 +5,9 @@ The same real data goes through both: the packaged MiniLM teacher's hidden state
 The memmap holds the same ragged bytes with no format, no checksum and no compression:
 it is the limit. Padded storage (every example at max_length) is reported for size.
 After one warm-up of each, the six modes run in turn for ``--rounds`` rounds (see
-rounds.py); ratios are the median over rounds of the per-round ratio, with their spread.
+rounds.py), each read mode reading everything ``--passes`` times a round (a single pass
+of the memmap takes a few tens of milliseconds: too short to time alone); ratios are the
+median over rounds of the per-round ratio, with their spread.
 
     python bench/store.py [--examples 4000] [--rounds 7] [--json]
 """
@@ -67,6 +69,7 @@ def main() -> None:
     parser.add_argument("--shard-rows", type=int, default=1024)
     parser.add_argument("--codec", default="zstd", choices=["zstd", "none"])
     parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds of the six modes")
+    parser.add_argument("--passes", type=int, default=5, help="reads of the whole data per read mode and round")
     parser.add_argument("--json", action="store_true", help="end with one JSON line of the ratios")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
@@ -93,7 +96,7 @@ def main() -> None:
 
         def memmap_read(block_order):
             def run():
-                for b in block_order:
+                for b in [b for _ in range(args.passes) for b in block_order]:
                     start, end = blocks[b]
                     for k in LAYERS:
                         np.array(maps[k][offsets[start] : offsets[end]])
@@ -126,7 +129,7 @@ def main() -> None:
             def run():
                 cache = open_cache(location)
                 shards = cache.shards("train")
-                for b in block_order:
+                for b in [b for _ in range(args.passes) for b in block_order]:
                     cache.read_shard(shards[b], wanted)
 
             return run
@@ -145,7 +148,8 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     mb = payload / 1e6
     padded = args.examples * MAX_LENGTH * WIDTH * 2 * len(LAYERS)
-    rates = {name: mb / float(np.median(times)) for name, times in seconds.items()}
+    passes = {name: args.passes if "read" in name else 1 for name in seconds}
+    rates = {name: mb * passes[name] / float(np.median(times)) for name, times in seconds.items()}
     result = {
         "examples": args.examples,
         "tokens": tokens,
