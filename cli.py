@@ -181,15 +181,17 @@ def cache_ls(root: str = typer.Argument("caches", help="cache root directory or 
 
 @cache_app.command("info")
 def cache_info(path: str = typer.Argument(..., help="cache directory or URL")) -> None:
-    """Print a cache's manifest summary as JSON: splits, tensors, size, metadata."""
+    """Print a cache's manifest summary as JSON: task, splits, tensors, size, metadata."""
     from cache_store import open_cache
+    from pipeline.tasks import DEFAULT_TASK
 
     try:
         manifest = open_cache(path).manifest
     except CacheError as e:
         raise _fail(e) from None
     info = {
-        "key": manifest.key, "format_version": manifest.format_version, "rows": manifest.rows,
+        "key": manifest.key, "task": manifest.metadata.get("task", DEFAULT_TASK),
+        "format_version": manifest.format_version, "rows": manifest.rows,
         "bytes": manifest.bytes, "num_labels": manifest.num_labels,
         "splits": {n: {"rows": s.rows, "tokens": s.tokens, "shards": len(s.shards), "bytes": s.bytes,
                        "tensors": list(s.tensors)}

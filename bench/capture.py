@@ -39,8 +39,9 @@ from cache_store import Location
 from pipeline.config import load_config
 from pipeline.contract import SPLITS
 from pipeline.data import tokenize
-from pipeline.models import load_classifier, load_tokenizer
+from pipeline.models import load_tokenizer
 from pipeline.runtime import autocast, resolve_device, resolve_precision
+from pipeline.tasks import SEQUENCE_CLASSIFICATION
 from pipeline.teacher.capture import TeacherForward, fill_cache, plan_cache
 from pipeline.training import Collator, to_device, token_budget_batches
 
@@ -137,7 +138,7 @@ def main() -> None:
         plan = plan_cache(cfg)
         device = resolve_device(cfg.device)
         precision = resolve_precision(cfg.capture.precision, device)
-        model = load_classifier(plan.teacher_path).to(device).eval()
+        model = SEQUENCE_CLASSIFICATION.load_model(plan.teacher_path).to(device).eval()
         tokenizer = load_tokenizer(plan.teacher_path)
         forward = TeacherForward(model, Collator.for_model(tokenizer, model.config), cfg.capture, device=device,
                                  precision=precision)  # fmt: skip

@@ -31,11 +31,11 @@ import numpy as np
 from rounds import interleaved, ratio, spread
 
 from pipeline.config import load_config
-from pipeline.models import load_classifier
 from pipeline.runtime import resolve_device
 from pipeline.student.distill import TEACHER_ROOT, student_stream, train_pass
 from pipeline.student.inputs import TeacherCache, locate_cache
 from pipeline.student.streaming import CacheSource, LiveTeacher, TokenSource
+from pipeline.tasks import SEQUENCE_CLASSIFICATION
 from pipeline.training import Collator, evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,7 +87,7 @@ def main() -> None:
     cache = TeacherCache(locate_cache(cfg))
     device = resolve_device(cfg.device)
     tokenizer = cache.tokenizer
-    teacher = load_classifier(cache.teacher_dir(search=(TEACHER_ROOT,))).to(device).eval()
+    teacher = SEQUENCE_CLASSIFICATION.load_model(cache.teacher_dir(search=(TEACHER_ROOT,))).to(device).eval()
     test = cache.rows("test")
     cached = FirstShards(CacheSource(cache.cache, "train"), args.shards)
     wanted = [("hidden_states", t) for t in student.teacher_layers]
@@ -120,8 +120,8 @@ def main() -> None:
         figures = {"train_rows": rows, "steps": steps, "rounds": args.rounds}
         for mode in sources:
             ((model, _),) = trained[mode]
-            accuracy = evaluate(model, test.input_ids, test.labels,
-                                collate=Collator.for_model(tokenizer, model.config)).accuracy  # fmt: skip
+            accuracy = evaluate(model, test.input_ids, test.labels, metrics=cache.task.metrics,
+                                collate=Collator.for_model(tokenizer, model.config)).metrics["accuracy"]  # fmt: skip
             key = mode.replace("in memory", "memory")
             figures[f"{key}_seconds"] = round(float(np.median(seconds[mode])), 2)
             figures[f"{key}_steps_per_s"] = round(steps / figures[f"{key}_seconds"], 3)

@@ -20,6 +20,7 @@ import yaml
 from cache_store.manifest import DTYPES, QUANTIZATIONS
 
 from .errors import ConfigError
+from .tasks import TASKS
 
 PACKAGE_SCHEME = "pkg://"
 
@@ -286,12 +287,16 @@ class ExperimentConfig:
     (and ``capture``); the student stage only ``distill``, when it is given the cache."""
 
     name: str | None = None  # names runs and the cache; None: the config file's name
+    task: str | None = None  # sequence-classification (None: it, or in distill the cache's task)
     data: DataConfig | None = None
     teacher: TeacherConfig | None = None
     distill: DistillConfig | None = None
     capture: CaptureConfig = field(default_factory=CaptureConfig)
     seed: int = 0  # the data split and the teacher's fine-tuning
     device: str = "auto"  # auto (CUDA when there is one, else CPU), cpu, cuda or cuda:N
+
+    def __post_init__(self):
+        _check(self.task is None or self.task in TASKS, f"unknown task {self.task!r}; choose from {sorted(TASKS)}")
 
     def require(self, *sections: str, stage: str) -> None:
         """Refuse a config that lacks a section ``stage`` needs."""

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from torch import nn
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoTokenizer
 
 from .config import resolve_location
 from .errors import ConfigError
@@ -48,13 +48,6 @@ def load_tokenizer(directory: Path):
     return AutoTokenizer.from_pretrained(str(directory))
 
 
-def load_classifier(directory: Path, *, num_labels: int | None = None, attention_maps: bool = False) -> nn.Module:
-    """Load a sequence classifier; eager attention only when attention maps are wanted (sdpa returns none)."""
-    extra = {"num_labels": num_labels} if num_labels is not None else {}
-    attn = "eager" if attention_maps else "sdpa"
-    return AutoModelForSequenceClassification.from_pretrained(str(directory), attn_implementation=attn, **extra)
-
-
 def encoder_layers(model: nn.Module) -> nn.ModuleList:
     """The model's stack of transformer blocks (the ModuleList as long as num_hidden_layers)."""
     depth = model.config.num_hidden_layers
@@ -65,7 +58,7 @@ def encoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 def cut_student(teacher: nn.Module, layers: tuple[int, ...]) -> nn.Module:
-    """A student made of the teacher's embeddings, the chosen layers (1..N) and its classifier.
+    """A student made of the teacher's embeddings, the chosen layers (1..N) and its task head.
 
     Raises:
         ConfigError: a layer number outside 1..N.
@@ -97,6 +90,6 @@ def directory_bytes(directory: Path) -> int:
 
 
 def save_model(model: nn.Module, tokenizer, directory: Path) -> None:
-    """save_pretrained model and tokenizer, so AutoModelForSequenceClassification.from_pretrained loads it."""
+    """save_pretrained model and tokenizer, so its task's auto class loads it with from_pretrained."""
     model.save_pretrained(str(directory))
     tokenizer.save_pretrained(str(directory))

@@ -11,6 +11,8 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from .tasks import Task
+
 
 @dataclass(frozen=True)
 class ModelResult:
@@ -19,55 +21,57 @@ class ModelResult:
     name: str
     role: str  # teacher, student or baseline
     seed: int
-    accuracy: float
-    macro_f1: float
+    metrics: dict[str, float]  # the task's metrics on the test split
     params: int
     size_bytes: int
     examples_per_s: float | None  # inference at batch 32 on the run's device (None: the teacher's weights not loaded)
     path: str
     steps: int | None = None  # optimizer steps taken over all its epochs (None: a ready-made teacher)
-    best_epoch: int | None = None  # the epoch whose weights were kept (best validation accuracy)
+    best_epoch: int | None = None  # the epoch whose weights were kept (best validation primary metric)
     baseline: str | None = None  # for a student: the name of its no-KD baseline
 
 
-def summarize(results: list[ModelResult]) -> list[dict]:
-    """One entry per model name: metrics averaged over seeds, with their spread."""
-    teacher_accuracy = next(r.accuracy for r in results if r.role == "teacher")
+def summarize(results: list[ModelResult], task: Task) -> list[dict]:
+    """One entry per model name: each metric averaged over seeds, with its spread (standard deviation)."""
+    primary = task.primary_metric
+    teacher_score = next(r.metrics[primary] for r in results if r.role == "teacher")
     summary = []
     for name in dict.fromkeys(r.name for r in results):
         runs = [r for r in results if r.name == name]
-        accuracy = [r.accuracy for r in runs]
+        values = {metric: [r.metrics[metric] for r in runs] for metric in task.metric_labels}
         summary.append({
             "name": name,
             "role": runs[0].role,
             "seeds": [r.seed for r in runs],
-            "accuracy": float(np.mean(accuracy)),
-            "accuracy_std": float(np.std(accuracy)),
-            "macro_f1": float(np.mean([r.macro_f1 for r in runs])),
+            "metrics": {metric: float(np.mean(v)) for metric, v in values.items()},
+            "metrics_std": {metric: float(np.std(v)) for metric, v in values.items()},
             "steps": runs[0].steps,
             "best_epochs": [r.best_epoch for r in runs],
             "params": runs[0].params,
             "size_bytes": runs[0].size_bytes,
             "examples_per_s": None if runs[0].examples_per_s is None else float(np.mean([r.examples_per_s for r in runs])),
-            "pct_of_teacher": 100 * float(np.mean(accuracy)) / teacher_accuracy,
+            "pct_of_teacher": 100 * float(np.mean(values[primary])) / teacher_score if teacher_score else None,
             "baseline": runs[0].baseline,
             "paths": [r.path for r in runs],
         })  # fmt: skip
     return summary
 
 
-_COLUMNS = ("model", "role", "accuracy", "macro-F1", "% of teacher", "steps", "best epoch", "params", "size",
+def _columns(task: Task) -> tuple[str, ...]:
+    return ("model", "role", *task.metric_labels.values(), "% of teacher", "steps", "best epoch", "params", "size",
             "examples/s")  # fmt: skip
 
 
-def _row(entry: dict) -> tuple[str, ...]:
-    spread = f" ± {entry['accuracy_std']:.4f}" if len(entry["seeds"]) > 1 else ""
+def _row(entry: dict, task: Task) -> tuple[str, ...]:
+    metrics = []
+    for i, metric in enumerate(task.metric_labels):
+        spread = f" ± {entry['metrics_std'][metric]:.4f}" if i == 0 and len(entry["seeds"]) > 1 else ""
+        metrics.append(f"{entry['metrics'][metric]:.4f}{spread}")
     return (
         entry["name"],
         entry["role"],
-        f"{entry['accuracy']:.4f}{spread}",
-        f"{entry['macro_f1']:.4f}",
-        f"{entry['pct_of_teacher']:.1f}%",
+        *metrics,
+        "-" if entry["pct_of_teacher"] is None else f"{entry['pct_of_teacher']:.1f}%",
         "-" if entry["steps"] is None else f"{entry['steps']:,}",
         ",".join("-" if e is None else str(e) for e in entry["best_epochs"]),
         f"{entry['params'] / 1e6:.1f}M",
@@ -76,12 +80,12 @@ def _row(entry: dict) -> tuple[str, ...]:
     )
 
 
-def write_report(run_dir: Path, results: list[ModelResult], *, config: dict, cache_key: str) -> list[dict]:
-    """Print the table and write report.md and report.json into ``run_dir``."""
-    summary = summarize(results)
-    rows = [_row(entry) for entry in summary]
+def write_report(run_dir: Path, results: list[ModelResult], *, task: Task, config: dict, cache_key: str) -> list[dict]:
+    """Print the table and write report.md, report.json and report.png into ``run_dir``."""
+    summary = summarize(results, task)
+    columns, rows = _columns(task), [_row(entry, task) for entry in summary]
     table = Table(title=f"kdcache run {run_dir.name} (test split)")
-    for column in _COLUMNS:
+    for column in columns:
         table.add_column(column, justify="left" if column in ("model", "role") else "right")
     for row in rows:
         table.add_row(*row)
@@ -89,47 +93,52 @@ def write_report(run_dir: Path, results: list[ModelResult], *, config: dict, cac
     if not console.is_terminal:  # a log file or pipe: do not squeeze the table into 80 columns
         console = Console(width=160)
     console.print(table)
-    lines = ["| " + " | ".join(_COLUMNS) + " |", "|" + "---|" * len(_COLUMNS)]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     seeds = sorted({r.seed for r in results if r.role != "teacher"})
+    primary = task.metric_labels[task.primary_metric]
     note = (
-        f"Accuracy is the mean over seeds {seeds} (± standard deviation); steps are optimizer steps over all epochs, "
-        "and the best epoch's weights (by validation accuracy) are the ones tested, one per seed; throughput is "
-        "inference at batch 32 on this run's device (the teacher's only when its weights were loaded). The "
-        "teacher's accuracy is that of its cached logits."
+        f"{task.name}: each metric is the mean over seeds {seeds} ({primary} ± standard deviation); % of teacher is "
+        f"of {primary}; steps are optimizer steps over all epochs, and the best epoch's weights (by validation "
+        f"{primary}) are the ones tested, one per seed; throughput is inference at batch 32 on this run's device "
+        "(the teacher's only when its weights were loaded). The teacher's metrics are those of its cached outputs."
     )
     (run_dir / "report.md").write_text(f"# kdcache run {run_dir.name}\n\n{note}\n\n" + "\n".join(lines) + "\n")
     report = {
+        "task": task.name,
+        "primary_metric": task.primary_metric,
         "cache_key": cache_key,
         "models": summary,
         "runs": [dataclasses.asdict(r) for r in results],
         "config": config,
     }
     (run_dir / "report.json").write_text(json.dumps(report, indent=1))
-    plot_summary(summary, run_dir / "report.png", title=f"kdcache run {run_dir.name}")
+    plot_summary(summary, task, run_dir / "report.png", title=f"kdcache run {run_dir.name}")
     return summary
 
 
 _COLORS = {"teacher": "#444444", "student": "#1f77b4", "baseline": "#ff7f0e"}
 
 
-def plot_summary(summary: list[dict], path: Path, *, title: str) -> None:
-    """Test accuracy against CPU throughput, one point per model (error bars: std over seeds)."""
+def plot_summary(summary: list[dict], task: Task, path: Path, *, title: str) -> None:
+    """The primary test metric against throughput, one point per model (error bars: std over seeds)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display needed
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    primary = task.primary_metric
     for entry in (e for e in summary if e["examples_per_s"] is not None):
-        ax.errorbar(entry["examples_per_s"], 100 * entry["accuracy"], yerr=100 * entry["accuracy_std"], fmt="o",
+        score = 100 * entry["metrics"][primary]
+        ax.errorbar(entry["examples_per_s"], score, yerr=100 * entry["metrics_std"][primary], fmt="o",
                     color=_COLORS[entry["role"]], capsize=3)  # fmt: skip
-        ax.annotate(f"{entry['name']} ({entry['params'] / 1e6:.1f}M)", (entry["examples_per_s"], 100 * entry["accuracy"]),
+        ax.annotate(f"{entry['name']} ({entry['params'] / 1e6:.1f}M)", (entry["examples_per_s"], score),
                     textcoords="offset points", xytext=(6, 4), fontsize=8)  # fmt: skip
     for role, color in _COLORS.items():
         ax.scatter([], [], color=color, label=role)
     ax.set_xlabel("inference on the run's device, examples/s (batch 32)")
-    ax.set_ylabel("test accuracy, %")
+    ax.set_ylabel(f"test {task.metric_labels[primary]}, %")
     ax.set_title(title, fontsize=10)
     ax.legend(loc="lower left", fontsize=8)
     ax.grid(alpha=0.3)

@@ -119,33 +119,24 @@ def predict_logits(model: nn.Module, ids: list[np.ndarray], *, collate: Collator
     return out
 
 
-def classification_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """Accuracy and macro-F1 of argmax predictions against integer labels."""
-    predictions = logits.argmax(-1)
-    f1s = []
-    for c in range(logits.shape[-1]):
-        tp = np.sum((predictions == c) & (labels == c))
-        predicted, actual = np.sum(predictions == c), np.sum(labels == c)
-        f1s.append(0.0 if predicted + actual == 0 else 2 * tp / (predicted + actual))
-    return {"accuracy": float(np.mean(predictions == labels)), "macro_f1": float(np.mean(f1s))}
-
-
 @dataclass(frozen=True)
 class Evaluation:
-    accuracy: float
-    macro_f1: float
+    metrics: dict[str, float]  # the task's metrics
     examples_per_s: float
 
 
+Metrics = Callable[[np.ndarray, np.ndarray], dict[str, float]]  # (outputs, labels) -> the task's metrics
+
+
 def evaluate(
-    model: nn.Module, ids: list[np.ndarray], labels: np.ndarray, *, collate: Collator, batch_size: int = 32
-) -> Evaluation:
-    """Accuracy, macro-F1 and inference throughput (examples/s at ``batch_size``)."""
+    model: nn.Module, ids: list[np.ndarray], labels: np.ndarray, *, metrics: Metrics, collate: Collator,
+    batch_size: int = 32,
+) -> Evaluation:  # fmt: skip
+    """The task's metrics (``metrics``, e.g. ``Task.metrics``) and inference throughput (examples/s at ``batch_size``)."""
     start = time.perf_counter()
     logits = predict_logits(model, ids, collate=collate, batch_size=batch_size)
     elapsed = time.perf_counter() - start
-    metrics = classification_metrics(logits, labels)
-    return Evaluation(metrics["accuracy"], metrics["macro_f1"], len(ids) / elapsed)
+    return Evaluation(metrics(logits, labels), len(ids) / elapsed)
 
 
 def make_optimizer(modules: list[nn.Module], *, lr: float, weight_decay: float, total_steps: int, warmup_ratio: float):
@@ -167,8 +158,7 @@ class EpochRecord:
     epoch: int
     steps: int  # optimizer steps taken from the start of training to the end of this epoch
     train_loss: float
-    validation_accuracy: float
-    validation_macro_f1: float
+    validation: dict[str, float]  # the task's metrics on the validation split
 
 
 class Checkpoint:
@@ -237,10 +227,11 @@ class Learner:
     model: nn.Module  # what ``validate`` evaluates; left holding its best epoch's weights
     trainable: list[nn.Module]  # modules whose parameters the optimizer updates (model, projections)
     step_loss: StepLoss  # (batch on the device, global step) -> (loss, each term's value)
-    validate: Callable[[], dict[str, float]]  # metrics on the validation split; the best "accuracy" is kept
+    validate: Callable[[], dict[str, float]]  # metrics on the validation split; the best ``primary_metric`` is kept
     lr: float
     weight_decay: float
     warmup_ratio: float
+    primary_metric: str  # the validation metric whose best epoch is kept (the task's)
     seed: int = 0  # seeds this learner's random state
     history: list[EpochRecord] = dataclasses.field(default_factory=list)
 
@@ -256,7 +247,7 @@ class _LearnerState:
         )  # fmt: skip
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == torch.float16)
         self.rng = seeded_rng_state(learner.seed)
-        self.best_state, self.best_accuracy, self.losses = None, -1.0, []
+        self.best_state, self.best_score, self.losses = None, -float("inf"), []
 
     def step(self, batch: Batch, global_step: int, device: torch.device, precision: torch.dtype) -> dict[str, float]:
         _set_rng_state(self.rng)
@@ -273,10 +264,9 @@ class _LearnerState:
 
     def end_epoch(self, epoch: int, steps: int) -> dict[str, float]:
         metrics = self.learner.validate()
-        record = EpochRecord(epoch + 1, steps, float(np.mean(self.losses)), metrics["accuracy"], metrics["macro_f1"])
-        self.learner.history.append(record)
-        if metrics["accuracy"] > self.best_accuracy:
-            self.best_accuracy = metrics["accuracy"]
+        self.learner.history.append(EpochRecord(epoch + 1, steps, float(np.mean(self.losses)), metrics))
+        if metrics[self.learner.primary_metric] > self.best_score:
+            self.best_score = metrics[self.learner.primary_metric]
             self.best_state = {k: v.detach().cpu().clone() for k, v in self.learner.model.state_dict().items()}
         self.losses = []
         return metrics
@@ -286,7 +276,7 @@ class _LearnerState:
             "trainable": [m.state_dict() for m in self.learner.trainable], "optimizer": self.optimizer.state_dict(),
             "schedule": self.schedule.state_dict(), "scaler": self.scaler.state_dict(), "rng": self.rng,
             "history": [dataclasses.asdict(h) for h in self.learner.history], "best_state": self.best_state,
-            "best_accuracy": self.best_accuracy, "losses": self.losses,
+            "best_score": self.best_score, "losses": self.losses,
         }  # fmt: skip
 
     def load_state_dict(self, saved: dict) -> None:
@@ -295,7 +285,7 @@ class _LearnerState:
         self.optimizer.load_state_dict(saved["optimizer"])
         self.schedule.load_state_dict(saved["schedule"])
         self.scaler.load_state_dict(saved["scaler"])
-        self.rng, self.best_state, self.best_accuracy = saved["rng"], saved["best_state"], saved["best_accuracy"]
+        self.rng, self.best_state, self.best_score = saved["rng"], saved["best_state"], saved["best_score"]
         self.learner.history[:] = [EpochRecord(**record) for record in saved["history"]]
         self.losses = list(saved["losses"])
 
@@ -334,8 +324,14 @@ def fit(
     say = _silent if quiet else tqdm.write
     saved = checkpoint.load() if checkpoint else None
     if saved is not None:
-        for state in states:
-            state.load_state_dict(saved["learners"][state.learner.name])
+        try:
+            for state in states:
+                state.load_state_dict(saved["learners"][state.learner.name])
+        except (KeyError, TypeError) as e:
+            raise CheckpointError(
+                f"checkpoint {checkpoint.path} holds another run's state or another kdcache version's ({e!r}); "
+                "delete it to start over"
+            ) from None
         first_epoch, first_step = saved["epoch"], saved["step"]
         say(f"{desc}: resuming from {checkpoint.path} at epoch {first_epoch + 1}, step {first_step}")
     writers = _tensorboard(log_dir, learners)
@@ -372,8 +368,9 @@ def fit(
             record = state.learner.history[-1]
             for name, value in metrics.items():
                 writer.add_scalar(f"validation/{name}", value, (epoch + 1) * steps_per_epoch)
+            primary = state.learner.primary_metric
             say(f"{state.learner.name} epoch {epoch + 1}: loss {record.train_loss:.4f}, "
-                f"validation accuracy {record.validation_accuracy:.4f}")  # fmt: skip
+                f"validation {primary} {record.validation[primary]:.4f}")  # fmt: skip
         if checkpoint and epoch + 1 < epochs:
             save(epoch + 1, 0)
     for writer in writers:

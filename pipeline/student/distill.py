@@ -28,10 +28,10 @@ from cache_store import Location
 
 from ..config import ExperimentConfig, StudentConfig
 from ..errors import ConfigError
-from ..models import count_parameters, directory_bytes, load_classifier, save_model
+from ..models import count_parameters, directory_bytes, save_model
 from ..report import ModelResult, write_report
 from ..runtime import ALONE, Ranks, barrier, process_group, resolve_device
-from ..training import Checkpoint, Collator, EpochRecord, Learner, classification_metrics, evaluate, fit, predict_logits
+from ..training import Checkpoint, Collator, EpochRecord, Learner, evaluate, fit, predict_logits
 from .inputs import TeacherCache, locate_cache
 from .losses import ATTENTION_TERMS
 from .objective import BASELINE_LOSS, Objective, layer_pairs
@@ -79,7 +79,11 @@ def _distill(cfg: ExperimentConfig, ranks: Ranks, location, *, online: bool, res
              select: Select | None, teacher: str | None) -> RunResult:  # fmt: skip
     say = tqdm.write if ranks.is_main else lambda message: None
     cache = TeacherCache(location)
-    manifest = cache.cache.manifest
+    if cfg.task is not None and cfg.task != cache.meta.task:
+        raise ConfigError(
+            f"config {cfg.name!r} is for {cfg.task}, but cache {cache.key} holds a {cache.meta.task} teacher"
+        )
+    task, manifest = cache.task, cache.cache.manifest
     say(f"distill: reading cache {cache.key} ({manifest.rows} rows, {manifest.bytes / 1e6:.1f} MB) of teacher "
         f"{cache.meta.teacher_name}")  # fmt: skip
     if online and select is not None:
@@ -90,7 +94,7 @@ def _distill(cfg: ExperimentConfig, ranks: Ranks, location, *, online: bool, res
     teacher_model = None
     if online or any(spec.teacher_layers is not None for spec in cfg.distill.students):
         search = (Path(cfg.teacher.output_root),) if cfg.teacher is not None else (TEACHER_ROOT,)
-        teacher_model = load_classifier(cache.teacher_dir(teacher, search=search))
+        teacher_model = task.load_model(cache.teacher_dir(teacher, search=search))
     if online:
         train = cache.rows("train")
         source = TokenSource(train.input_ids, train.labels, train.example_id, shard_rows=manifest.shard_rows)
@@ -113,11 +117,11 @@ def _distill(cfg: ExperimentConfig, ranks: Ranks, location, *, online: bool, res
             f"{epochs[False]} ({epochs[False] * batches[False]} steps: at least as many as their students)")  # fmt: skip
 
     def evaluated(model, name, role, seed, directory, history, baseline=None) -> ModelResult:
-        result = evaluate(model.to(device), test.input_ids, test.labels,
+        result = evaluate(model.to(device), test.input_ids, test.labels, metrics=task.metrics,
                           collate=Collator.for_model(cache.tokenizer, model.config))  # fmt: skip
-        say(f"{name} ({role}, seed {seed}): test accuracy {result.accuracy:.4f}")
-        best = max(history, key=lambda h: h.validation_accuracy) if history else None
-        return ModelResult(name=name, role=role, seed=seed, accuracy=result.accuracy, macro_f1=result.macro_f1,
+        say(f"{name} ({role}, seed {seed}): test {task.primary_metric} {result.metrics[task.primary_metric]:.4f}")
+        best = max(history, key=lambda h: h.validation[task.primary_metric]) if history else None
+        return ModelResult(name=name, role=role, seed=seed, metrics=result.metrics,
                            params=count_parameters(model), size_bytes=directory_bytes(directory),
                            examples_per_s=result.examples_per_s, path=str(directory),
                            steps=history[-1].steps if history else None, best_epoch=best.epoch if best else None,
@@ -157,7 +161,7 @@ def _distill(cfg: ExperimentConfig, ranks: Ranks, location, *, online: bool, res
     barrier(ranks)
     if ranks.is_main:  # the teacher's row last: timing its inference does not delay the first training step
         results.insert(0, teacher_result(cache, teacher_model, test, device, seed=cfg.seed))
-        write_report(run_dir, results, config=dataclasses.asdict(cfg), cache_key=cache.key)
+        write_report(run_dir, results, task=task, config=dataclasses.asdict(cfg), cache_key=cache.key)
     return RunResult(run_dir, results)
 
 
@@ -169,10 +173,10 @@ def teacher_result(cache: TeacherCache, model: nn.Module | None, test, device: t
     speed = None
     if model is not None:
         collate = Collator.for_model(cache.tokenizer, model.config)
-        speed = evaluate(model.to(device), test.input_ids, test.labels, collate=collate).examples_per_s
-    metrics = card.metrics["test"]
-    return ModelResult(name="teacher", role="teacher", seed=seed, accuracy=metrics["accuracy"],
-                       macro_f1=metrics["macro_f1"], params=card.params, size_bytes=card.size_bytes,
+        speed = evaluate(model.to(device), test.input_ids, test.labels, metrics=cache.task.metrics,
+                         collate=collate).examples_per_s  # fmt: skip
+    return ModelResult(name="teacher", role="teacher", seed=seed, metrics=card.metrics["test"],
+                       params=card.params, size_bytes=card.size_bytes,
                        examples_per_s=speed, path=cache.meta.teacher_name, steps=card.steps)  # fmt: skip
 
 
@@ -260,11 +264,12 @@ def train_pass(cfg: ExperimentConfig, teacher: TeacherCache, source, run_dir: Pa
             model=student,
             trainable=[objective],
             step_loss=lambda batch, step: step_loss(batch, progress=step / max(total - 1, 1)),
-            validate=lambda: classification_metrics(predict_logits(student, val_ids, collate=collate), val_labels),
+            validate=lambda: teacher.task.metrics(predict_logits(student, val_ids, collate=collate), val_labels),
             lr=cfg.distill.learning_rate,
             weight_decay=cfg.distill.weight_decay,
             warmup_ratio=cfg.distill.warmup_ratio,
             seed=seed,
+            primary_metric=teacher.task.primary_metric,
         )
 
     def epoch_batches(epoch: int, start: int):

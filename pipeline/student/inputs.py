@@ -16,13 +16,14 @@ import numpy as np
 import torch
 from transformers import AutoConfig
 
-from cache_store import Cache, CacheNotFoundError, Location, named_cache, open_cache
+from cache_store import Cache, CacheFormatError, CacheNotFoundError, Location, named_cache, open_cache
 
 from ..config import ExperimentConfig
 from ..contract import TEACHER, TEACHER_RECORD, TOKENIZER, CacheMetadata, experiment_identity, teacher_fingerprint
 from ..errors import ConfigError
 from ..models import load_tokenizer, model_dir
 from ..runtime import PRECISIONS
+from ..tasks import TASKS, Task
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,11 @@ class TeacherCache:
     def __init__(self, location):
         self.cache: Cache = open_cache(location)
         self.meta = CacheMetadata.from_manifest(self.cache.manifest)
+        if self.meta.task not in TASKS:
+            raise CacheFormatError(
+                f"cache {self.cache.key} was captured for task {self.meta.task!r}; this kdcache knows {sorted(TASKS)}"
+            )
+        self.task: Task = TASKS[self.meta.task]
         self.tokenizer = load_tokenizer(self.cache.attachment(TOKENIZER))
         raw = dict(self.meta.teacher.config)
         self.teacher_config = AutoConfig.for_model(raw.pop("model_type"), **raw)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from torch import nn
-from transformers import AutoConfig, AutoModelForSequenceClassification
+from transformers import AutoConfig
 
 from ..config import LossTerm, StudentConfig
 from ..contract import ATTENTION, HIDDEN, tokenizer_fingerprint
 from ..errors import ConfigError
-from ..models import cut_student, encoder_layers, load_classifier, load_tokenizer, model_dir
+from ..models import cut_student, encoder_layers, load_tokenizer, model_dir
 from .inputs import TeacherCache
 from .losses import ATTENTION_TERMS, HIDDEN_TERMS
 from .objective import layer_pairs
@@ -23,7 +23,7 @@ def build_student(spec: StudentConfig, teacher: TeacherCache, teacher_model: nn.
     if spec.teacher_layers is not None:
         student = cut_student(teacher_model, spec.teacher_layers)
     elif spec.pretrained is not None:
-        student = load_classifier(model_dir(spec.pretrained), num_labels=len(names))
+        student = teacher.task.load_model(model_dir(spec.pretrained), num_labels=len(names))
     else:
         arch = spec.architecture
         config = teacher.teacher_config.to_dict() | {
@@ -31,8 +31,7 @@ def build_student(spec: StudentConfig, teacher: TeacherCache, teacher_model: nn.
             "intermediate_size": arch.intermediate_size or 4 * arch.hidden_size, "num_labels": len(names),
         }  # fmt: skip
         model_type = config.pop("model_type")
-        student = AutoModelForSequenceClassification.from_config(AutoConfig.for_model(model_type, **config),
-                                                                 attn_implementation="sdpa")  # fmt: skip
+        student = teacher.task.model_from_config(AutoConfig.for_model(model_type, **config))
     student.config.id2label = dict(enumerate(names))
     student.config.label2id = {name: i for i, name in enumerate(names)}
     student.set_attn_implementation("eager" if attention_maps else "sdpa")  # sdpa returns no attention maps
@@ -41,17 +40,17 @@ def build_student(spec: StudentConfig, teacher: TeacherCache, teacher_model: nn.
     for layer in encoder_layers(student)[: spec.freeze_layers]:
         layer.requires_grad_(False)
     if spec.lora is not None:
-        student = _with_lora(student, spec)
+        student = _with_lora(student, spec, teacher.task.peft_task)
     return student
 
 
-def _with_lora(student: nn.Module, spec: StudentConfig) -> nn.Module:
+def _with_lora(student: nn.Module, spec: StudentConfig, task_type: str) -> nn.Module:
     try:
         from peft import LoraConfig, TaskType, get_peft_model
     except ImportError:
         raise ConfigError(f"student {spec.name!r} asks for LoRA: install peft (pip install 'kdcache[lora]')") from None
     lora = spec.lora
-    config = LoraConfig(task_type=TaskType.SEQ_CLS, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+    config = LoraConfig(task_type=TaskType[task_type], r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                         target_modules=list(lora.target_modules))  # fmt: skip
     return get_peft_model(student, config)
 

@@ -51,10 +51,10 @@ from ..contract import (
 )
 from ..data import Splits, load_splits, tokenize
 from ..errors import ConfigError
-from ..models import count_parameters, directory_bytes, load_classifier, load_tokenizer
+from ..models import count_parameters, directory_bytes, load_tokenizer
 from ..runtime import ALONE, Ranks, autocast, barrier, process_group, resolve_device, resolve_precision
-from ..training import Collator, classification_metrics, to_device, token_budget_batches
-from .train import require_teacher
+from ..training import Collator, to_device, token_budget_batches
+from .train import require_teacher, teacher_task
 
 BUNDLE_LIMIT = 1 << 30  # bundle_teacher: null bundles a teacher whose files are under 1 GiB
 
@@ -150,7 +150,8 @@ def _capture(cfg: ExperimentConfig, ranks: Ranks, *, num_shards: int, shard_inde
         say(f"reused cache {plan.key} at {plan.location} ({manifest.rows} rows, {manifest.bytes / 1e6:.1f} MB)")
         return CaptureResult(plan.location, plan.key, manifest, reused=True)
     device = resolve_device(cfg.device, ranks)
-    model = load_classifier(plan.teacher_path, attention_maps=bool(cfg.capture.attention_layers)).to(device).eval()
+    model = teacher_task(cfg).load_model(plan.teacher_path, attention_maps=bool(cfg.capture.attention_layers))
+    model = model.to(device).eval()
     return fill_cache(cfg, plan, model, ranks=ranks, num_shards=num_shards, shard_index=shard_index)
 
 
@@ -237,6 +238,7 @@ def cache_metadata(cfg: ExperimentConfig, plan: CachePlan, model) -> CacheMetada
         teacher=card, label_names=plan.splits["train"].label_names, max_length=cfg.data.max_length,
         data_fingerprint=plan.data_fingerprint, tokenizer_fingerprint=plan.tokenizer_fingerprint,
         dataset=cfg.data.dataset, data_report=plan.splits.dropped, capture=capture_identity(cfg.capture),
+        task=teacher_task(cfg).name,
     )  # fmt: skip
 
 
@@ -258,7 +260,7 @@ def finish_cache(cfg: ExperimentConfig, plan: CachePlan, writer: CacheWriter) ->
     for split in ("validation", "test"):
         rows = writer.committed_rows(split)
         logits, labels = np.concatenate([r.logits for r in rows]), np.concatenate([r.label for r in rows])
-        metrics[split] = classification_metrics(logits, labels)
+        metrics[split] = teacher_task(cfg).metrics(logits, labels)
     card = {**writer.metadata["teacher"], "metrics": metrics}
     with tempfile.TemporaryDirectory() as folder:
         load_tokenizer(plan.teacher_path).save_pretrained(folder)
@@ -291,7 +293,8 @@ def estimate_capture(cfg: ExperimentConfig, *, sample_rows: int = 256) -> Captur
     """
     plan = plan_cache(cfg)
     device = resolve_device(cfg.device)
-    model = load_classifier(plan.teacher_path, attention_maps=bool(cfg.capture.attention_layers)).to(device).eval()
+    model = teacher_task(cfg).load_model(plan.teacher_path, attention_maps=bool(cfg.capture.attention_layers))
+    model = model.to(device).eval()
     forward = TeacherForward(model, Collator.for_model(load_tokenizer(plan.teacher_path), model.config), cfg.capture,
                              device=device, precision=resolve_precision(cfg.capture.precision, device))  # fmt: skip
     specs = tensor_specs(cfg, model.config)

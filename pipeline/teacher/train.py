@@ -20,17 +20,10 @@ from ..config import ExperimentConfig
 from ..contract import TEACHER_RECORD, files_fingerprint
 from ..data import UNLABELED, Splits, TextData, load_splits, tokenize
 from ..errors import ConfigError
-from ..models import load_classifier, load_tokenizer, model_dir, model_files, save_model
+from ..models import load_tokenizer, model_dir, model_files, save_model
 from ..runtime import resolve_device, resolve_precision
-from ..training import (
-    Checkpoint,
-    Collator,
-    Learner,
-    classification_metrics,
-    fit,
-    length_grouped_batches,
-    predict_logits,
-)
+from ..tasks import DEFAULT_TASK, Task, task_named
+from ..training import Checkpoint, Collator, Learner, fit, length_grouped_batches, predict_logits
 
 TRAINING_VERSION = 2  # part of the key: bumped when the same inputs would train other weights (2: per-learner RNG)
 
@@ -40,6 +33,11 @@ class TeacherResult:
     path: Path
     key: str
     reused: bool
+
+
+def teacher_task(cfg: ExperimentConfig) -> Task:
+    """The task the teacher is trained and captured for: the config's, else sequence classification."""
+    return task_named(cfg.task or DEFAULT_TASK)
 
 
 def labeled_train(splits: Splits) -> TextData:
@@ -127,7 +125,8 @@ def run_teacher_train(cfg: ExperimentConfig) -> TeacherResult:
     val_ids = tokenize(tokenizer, splits["validation"], max_length=cfg.data.max_length)
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    model = load_classifier(base, num_labels=len(train.label_names)).to(device)
+    task = teacher_task(cfg)
+    model = task.load_model(base, num_labels=len(train.label_names)).to(device)
     model.config.id2label = dict(enumerate(train.label_names))
     model.config.label2id = {name: i for i, name in enumerate(train.label_names)}
     collate = Collator.for_model(tokenizer, model.config)
@@ -148,13 +147,12 @@ def run_teacher_train(cfg: ExperimentConfig) -> TeacherResult:
         model=model,
         trainable=[model],
         step_loss=lambda batch, step: (model(**batch).loss, {}),
-        validate=lambda: classification_metrics(
-            predict_logits(model, val_ids, collate=collate), splits["validation"].labels
-        ),
+        validate=lambda: task.metrics(predict_logits(model, val_ids, collate=collate), splits["validation"].labels),
         lr=cfg.teacher.learning_rate,
         weight_decay=cfg.teacher.weight_decay,
         warmup_ratio=cfg.teacher.warmup_ratio,
         seed=cfg.seed,
+        primary_metric=task.primary_metric,
     )
     fit(
         [learner],
@@ -176,8 +174,8 @@ def run_teacher_train(cfg: ExperimentConfig) -> TeacherResult:
         "history": [dataclasses.asdict(h) for h in history],
     })  # fmt: skip
     checkpoint.remove()
-    best = max(h.validation_accuracy for h in history)
-    print(f"trained teacher {key} at {path} (validation accuracy {best:.4f})")
+    best = max(h.validation[task.primary_metric] for h in history)
+    print(f"trained teacher {key} at {path} (validation {task.primary_metric} {best:.4f})")
     return TeacherResult(path, key, reused=False)
 
 

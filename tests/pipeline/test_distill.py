@@ -14,6 +14,7 @@ from cache_store import open_cache
 from pipeline.config import ConfigError, LoraConfig, StudentArchitecture, StudentConfig
 from pipeline.student.distill import run_distill
 from pipeline.student.streaming import CacheSource
+from pipeline.tasks import SEQUENCE_CLASSIFICATION
 from pipeline.teacher import run_teacher_train
 from pipeline.teacher.capture import run_capture
 from pipeline.training import Collator
@@ -95,7 +96,7 @@ def test_the_cache_in_float32_gives_the_live_teachers_losses_step_by_step(traine
     a, b = scalars(cached.run_dir, "seed0-distilled", "tiny-l2"), scalars(online.run_dir, "seed0-distilled", "tiny-l2")
     for term in ("loss/total", "loss/kl", "loss/ce", "loss/hidden_mse", "loss/attention_kl"):
         np.testing.assert_allclose(a[term], b[term], rtol=1e-4, atol=1e-6)
-    assert cached.models[1].accuracy == online.models[1].accuracy
+    assert cached.models[1].metrics == online.models[1].metrics
 
 
 def test_attention_terms_compare_the_students_heads_that_the_cache_holds(trained):
@@ -162,7 +163,7 @@ def test_a_pass_in_which_a_rank_gets_no_batch_is_refused(trained):
 def test_students_of_different_kinds_each_get_their_own_inputs(config_file, pairs_dataset, tmp_path):
     """A BERT student takes segment ids; one without segment embeddings must not (it would index past them)."""
     from pipeline.config import load_config
-    from pipeline.models import load_classifier, load_tokenizer, save_model
+    from pipeline.models import load_tokenizer, save_model
     from pipeline.training import predict_logits
 
     cfg = load_config(config_file, [f"data.dataset={pairs_dataset}"])
@@ -171,7 +172,7 @@ def test_students_of_different_kinds_each_get_their_own_inputs(config_file, pair
     from pipeline.teacher.capture import plan_cache
 
     plan = plan_cache(cfg)
-    teacher = load_classifier(plan.teacher_path)
+    teacher = SEQUENCE_CLASSIFICATION.load_model(plan.teacher_path)
     flat_config = teacher.config.to_dict() | {"type_vocab_size": 1, "num_hidden_layers": 2}
     from transformers import BertConfig, BertForSequenceClassification
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,8 +13,8 @@ from transformers import AutoModelForSequenceClassification
 
 from cache_store import CacheFormatError, CacheNotFoundError, open_cache
 from pipeline.config import ConfigError
-from pipeline.models import load_classifier
 from pipeline.student.distill import run_distill
+from pipeline.tasks import SEQUENCE_CLASSIFICATION
 from pipeline.teacher import run_teacher_train
 from pipeline.teacher.capture import plan_cache, run_capture
 from pipeline.training import Collator
@@ -38,7 +39,7 @@ def captured(config):
 
 def test_cache_holds_exactly_what_the_live_teacher_computes(config, captured):
     plan = plan_cache(config)
-    teacher = load_classifier(plan.teacher_path, attention_maps=True).eval()
+    teacher = SEQUENCE_CLASSIFICATION.load_model(plan.teacher_path, attention_maps=True).eval()
     cache = open_cache(captured.location)
     wanted = [("hidden_states", k) for k in (0, 2, 4)] + [("attentions", k) for k in (2, 4)]
     data = cache.read_shard(cache.shards("train")[0], wanted)
@@ -82,6 +83,22 @@ def test_distill_refuses_a_config_without_a_cache(config):
         run_distill(config)
 
 
+def test_a_cache_names_its_task_and_one_of_an_unknown_task_is_refused(config, captured):
+    from cache_store import CacheFormatError
+    from pipeline.student.inputs import TeacherCache
+
+    assert captured.manifest.metadata["task"] == "sequence-classification"
+    manifest = Path(str(captured.location)) / "manifest.json"
+    raw = json.loads(manifest.read_text())
+    del raw["metadata"]["task"]  # written before tasks had names: all were sequence classification
+    manifest.write_text(json.dumps(raw))
+    assert TeacherCache(captured.location).task.name == "sequence-classification"
+    raw["metadata"]["task"] = "image-segmentation"
+    manifest.write_text(json.dumps(raw))
+    with pytest.raises(CacheFormatError, match=r"captured for task 'image-segmentation'; this kdcache knows \["):
+        run_distill(config)
+
+
 def test_distill_refuses_a_mapping_to_layers_not_in_the_cache(config, captured):
     student = dataclasses.replace(config.distill.students[0], layer_map=((1, 1), (2, 3)))
     bad = dataclasses.replace(config, distill=dataclasses.replace(config.distill, students=(student,)))
@@ -92,11 +109,13 @@ def test_distill_refuses_a_mapping_to_layers_not_in_the_cache(config, captured):
 def test_distill_trains_students_and_baselines_and_writes_the_report(config, captured, tmp_path):
     result = run_distill(config)
     report = json.loads((result.run_dir / "report.json").read_text())
+    assert (report["task"], report["primary_metric"]) == ("sequence-classification", "accuracy")
     models = {m["name"]: m for m in report["models"]}
     assert {m["role"] for m in models.values()} == {"teacher", "student", "baseline"}
     assert models["tiny-l2"]["baseline"] == "tiny-l2-no-kd"
     for entry in models.values():
-        assert 0 <= entry["accuracy"] <= 1 and 0 <= entry["macro_f1"] <= 1
+        assert set(entry["metrics"]) == {"accuracy", "macro_f1"}
+        assert all(0 <= value <= 1 for value in entry["metrics"].values())
         assert entry["params"] > 0 and entry["size_bytes"] > 0 and entry["examples_per_s"] > 0
     assert models["tiny-l2"]["params"] < models["teacher"]["params"]
     assert "| tiny-l2 | student |" in (result.run_dir / "report.md").read_text()
@@ -170,7 +189,7 @@ def test_distill_refuses_a_student_with_another_tokenizer(config, captured, tmp_
     from transformers import BertTokenizer
 
     student_dir = tmp_path / "other-student"
-    load_classifier(plan_cache(config).teacher_path).save_pretrained(str(student_dir))
+    SEQUENCE_CLASSIFICATION.load_model(plan_cache(config).teacher_path).save_pretrained(str(student_dir))
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "great", "film", "dull", "boring"]
     BertTokenizer(vocab={w: i for i, w in enumerate(words)}).save_pretrained(str(student_dir))
     student = dataclasses.replace(config.distill.students[0], teacher_layers=None, pretrained=str(student_dir))
@@ -184,7 +203,11 @@ def test_distill_from_a_pretrained_student_with_the_same_tokenizer(config, captu
 
     plan = plan_cache(config)
     student_dir = tmp_path / "pretrained-student"
-    save_model(cut_student(load_classifier(plan.teacher_path), (1, 3)), load_tokenizer(plan.teacher_path), student_dir)
+    save_model(
+        cut_student(SEQUENCE_CLASSIFICATION.load_model(plan.teacher_path), (1, 3)),
+        load_tokenizer(plan.teacher_path),
+        student_dir,
+    )
     student = dataclasses.replace(config.distill.students[0], teacher_layers=None, pretrained=str(student_dir),
                                   layer_map=((1, 2), (2, 4)))  # fmt: skip
     cfg = dataclasses.replace(config, distill=dataclasses.replace(config.distill, students=(student,), baselines=False))
@@ -280,11 +303,12 @@ def test_a_ready_made_teacher_must_have_the_data_sets_classes_in_its_order(confi
 
     names = ("neg", "pos")
     path = tmp_path / "ready"
-    load_classifier(config.teacher.base_model).save_pretrained(str(path))  # LABEL_0, LABEL_1: no order to check
+    teacher = SEQUENCE_CLASSIFICATION.load_model(config.teacher.base_model)
+    teacher.save_pretrained(str(path))  # LABEL_0, LABEL_1: no order to check
     check_teacher_labels(path, names)
     with pytest.raises(ConfigError, match=r"has 2 classes, the data set 3 \['a', 'b', 'c'\]"):
         check_teacher_labels(path, ("a", "b", "c"))
-    model = load_classifier(path)
+    model = SEQUENCE_CLASSIFICATION.load_model(path)
     model.config.id2label, model.config.label2id = {0: "pos", 1: "neg"}, {"pos": 0, "neg": 1}
     model.save_pretrained(str(path))
     check_teacher_labels(path, ("0", "1"))  # class ids carry no names: compared by position

@@ -1,0 +1,33 @@
+"""Tasks: what a teacher emits per example, the student's head, the metric.
+
+Each task is one module defining a ``Task``; the stages ask it for the model class to
+load or build, and for the metrics of a model's outputs against the labels. A cache
+records the task it was captured for (``CacheMetadata.task``), and distill refuses a
+student config of another task.
+
+Nothing heavy is imported here: the config names tasks without loading transformers.
+"""
+
+from __future__ import annotations
+
+from ..errors import ConfigError
+from .base import Task
+from .sequence_classification import SequenceClassification
+
+SEQUENCE_CLASSIFICATION = SequenceClassification()
+TASKS: dict[str, Task] = {task.name: task for task in (SEQUENCE_CLASSIFICATION,)}
+DEFAULT_TASK = SEQUENCE_CLASSIFICATION.name  # a config that names none, and caches written before tasks were named
+
+
+def task_named(name: str) -> Task:
+    """The task called ``name``.
+
+    Raises:
+        ConfigError: no such task.
+    """
+    if name not in TASKS:
+        raise ConfigError(f"unknown task {name!r}; choose from {sorted(TASKS)}")
+    return TASKS[name]
+
+
+__all__ = ["DEFAULT_TASK", "SEQUENCE_CLASSIFICATION", "TASKS", "Task", "task_named"]
