@@ -1,4 +1,10 @@
-"""Token classification (NER): tags per word; entity-level precision, recall and F1.
+"""Token classification (NER): tags per word, learned per token; entity-level precision, recall and F1.
+
+A word's tag goes on its first sub-token; the other sub-tokens and the special tokens
+carry ``IGNORED``, which neither the cross-entropy nor the metric reads (the teacher's
+logits for them are still there for a KL term). A word's predicted tag is its first
+sub-token's; a word that truncation cut off, or that became no token, is predicted ``O``,
+so the metric runs over every word of the data, as the data set's own scorer would.
 
 Entities are read from tag sequences by the CoNLL-2000 ``conlleval`` chunk rules, which
 seqeval's default mode follows, for BIO (IOB2) and BIOES tags: an entity starts at a
@@ -16,6 +22,44 @@ import numpy as np
 
 OUTSIDE = "O"
 PREFIXES = ("B", "I", "E", "S")  # begin, inside, end, single (BIO uses B and I)
+IGNORED = -100  # the label of a token that no loss and no metric reads
+
+
+def align_tags(tokenizer, words: Sequence[Sequence[str]], tags: Sequence[np.ndarray | None], *,
+               max_length: int) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:  # fmt: skip
+    """Token ids of each sentence, each token's label and each word's first token.
+
+    Args:
+        words: each sentence's words; tags: each sentence's tag ids per word (None: unlabeled,
+            every token IGNORED).
+
+    Returns:
+        ids (L_i,) int32; labels (L_i,) int64: the word's tag on its first sub-token, else IGNORED;
+        word_starts (W_i,) int64: each word's first token, -1 where it has none (cut off, or no token).
+    """
+    encoded = tokenizer([list(w) for w in words], is_split_into_words=True, truncation=True, max_length=max_length,
+                        return_attention_mask=False, return_token_type_ids=False)  # fmt: skip
+    ids, labels, starts = [], [], []
+    for i, sentence in enumerate(words):
+        word_of = encoded.word_ids(i)
+        first = np.full(len(sentence), -1, dtype=np.int64)
+        label = np.full(len(word_of), IGNORED, dtype=np.int64)
+        previous = None
+        for position, word in enumerate(word_of):
+            if word is not None and word != previous:
+                first[word] = position
+                if tags[i] is not None:
+                    label[position] = tags[i][word]
+            previous = word
+        ids.append(np.asarray(encoded["input_ids"][i], dtype=np.int32))
+        labels.append(label)
+        starts.append(first)
+    return ids, labels, starts
+
+
+def word_tags(token_predictions: np.ndarray, word_starts: np.ndarray, outside: int) -> np.ndarray:
+    """Each word's predicted tag id: its first token's, or ``outside`` for a word without a token."""
+    return np.where(word_starts >= 0, token_predictions[np.maximum(word_starts, 0)], outside)
 
 
 def check_tag_names(names: Sequence[str]) -> str | None:
