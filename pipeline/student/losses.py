@@ -23,6 +23,24 @@ def logit_kl(student: torch.Tensor, teacher: torch.Tensor, *, temperature: float
     return F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="batchmean") * temperature**2
 
 
+def span_kl(student: torch.Tensor, teacher: torch.Tensor, context: torch.Tensor, *, temperature: float) -> torch.Tensor:
+    """KL(teacher/T || student/T) * T^2 of the answer's start and of its end distribution over each
+    row's context tokens (extractive QA), averaged over the two and over the rows with context.
+
+    Args:
+        student, teacher: start and end logits (B, T, 2); context: (B, T), True at the context's tokens.
+    """
+    context = context.bool().unsqueeze(-1)  # (B, T, 1)
+    floor = torch.finfo(student.dtype).min / 2  # masked out: no probability, no NaN
+    log_s = F.log_softmax((student / temperature).masked_fill(~context, floor), dim=1)
+    log_t = F.log_softmax((teacher / temperature).masked_fill(~context, floor), dim=1)
+    per_row = (log_t.exp() * (log_t - log_s)).masked_fill(~context, 0.0).sum(1)  # (B, 2)
+    rows = context.squeeze(-1).any(1)  # a window without context tokens teaches nothing
+    if not rows.any():
+        return student.sum() * 0.0
+    return per_row[rows].mean() * temperature**2
+
+
 def logit_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """Mean squared error between raw logits (B, C), averaged over rows and classes."""
     return F.mse_loss(student, teacher)

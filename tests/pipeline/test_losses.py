@@ -15,6 +15,7 @@ from pipeline.student.losses import (
     hidden_mse,
     logit_kl,
     logit_mse,
+    span_kl,
 )
 
 
@@ -26,6 +27,25 @@ def test_logit_kl_is_zero_for_equal_logits_and_matches_the_definition():
     p_t = F.softmax(t / T, -1)
     expected = (p_t * (p_t.log() - F.log_softmax(s / T, -1))).sum(-1).mean() * T**2
     torch.testing.assert_close(logit_kl(s, t, temperature=T), expected)
+
+
+def test_span_kl_compares_start_and_end_distributions_over_the_context_only():
+    torch.manual_seed(5)
+    s, t = torch.randn(3, 6, 2), torch.randn(3, 6, 2)
+    context = torch.tensor([[0, 0, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    T = 2.0
+    expected = []
+    for row in (0, 1):  # row 2 has no context token: it teaches nothing
+        for end in (0, 1):
+            p_t = F.softmax(t[row, context[row], end] / T, -1)
+            log_s = F.log_softmax(s[row, context[row], end] / T, -1)
+            expected.append((p_t * (p_t.log() - log_s)).sum())
+    torch.testing.assert_close(span_kl(s, t, context, temperature=T), torch.stack(expected).mean() * T**2)
+    changed = s.clone()
+    changed[~context] = 100.0  # logits outside the context change nothing
+    torch.testing.assert_close(span_kl(changed, t, context, temperature=T), span_kl(s, t, context, temperature=T))
+    assert span_kl(t, t, context, temperature=T).abs() < 1e-6
+    assert span_kl(s, t, torch.zeros(3, 6, dtype=torch.bool), temperature=T) == 0
 
 
 def test_hard_label_ce_ignores_unlabeled_rows():
