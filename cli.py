@@ -192,7 +192,7 @@ def cache_info(path: str = typer.Argument(..., help="cache directory or URL")) -
     info = {
         "key": manifest.key, "task": manifest.metadata.get("task", DEFAULT_TASK),
         "format_version": manifest.format_version, "rows": manifest.rows,
-        "bytes": manifest.bytes, "num_labels": manifest.num_labels,
+        "bytes": manifest.bytes, "columns": [dataclasses.asdict(c) for c in manifest.columns],
         "splits": {n: {"rows": s.rows, "tokens": s.tokens, "shards": len(s.shards), "bytes": s.bytes,
                        "tensors": list(s.tensors)}
                    for n, s in manifest.splits.items()},

@@ -96,7 +96,7 @@ def main() -> None:
     sources = {"cached": cached, "in memory": MemorySource(cached, wanted), "online": FirstShards(online, args.shards)}
     live = LiveTeacher(teacher, tokenizer=tokenizer, specs=cache.cache.manifest.tensors, heads=cache.meta.stored_heads,
                        precision=cache.precision)  # fmt: skip
-    rows = sum(cached.rows(k).label.size for k in range(len(cached)))
+    rows = sum(len(cached.rows(k)) for k in range(len(cached)))
     steps = len(student_stream(cfg, cached, tokenizer, seed=0, kd=True))  # the same planned batches in every mode
     work = Path(tempfile.mkdtemp(prefix="kdcache-bench-distill-"))
     trained = {}

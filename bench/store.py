@@ -24,6 +24,7 @@ import numpy as np
 from rounds import interleaved, ratio, spread, timed
 
 from cache_store import CacheWriter, ShardRows, TensorSpec, open_cache
+from pipeline.tasks import LABEL, LOGITS, SEQUENCE_CLASSIFICATION
 
 ROOT = Path(__file__).resolve().parents[1]
 SST2 = ROOT.parent / "shared" / "data" / "sst2" / "dev.tsv"
@@ -109,15 +110,14 @@ def main() -> None:
 
         def cache_write():
             shutil.rmtree(location, ignore_errors=True)
-            writer = CacheWriter(location, key="bench", num_labels=2, tensors=[spec],
+            writer = CacheWriter(location, key="bench", columns=SEQUENCE_CLASSIFICATION.columns(2), tensors=[spec],
                                  split_rows={"train": args.examples}, shard_rows=args.shard_rows)  # fmt: skip
             for task in writer.pending():
                 start, end = task.row_start, task.row_end
                 rows = ShardRows(
                     example_id=np.arange(start, end),
                     input_ids=[np.zeros(n, np.int32) for n in lengths[start:end]],
-                    label=np.zeros(end - start, np.int64),
-                    logits=np.zeros((end - start, 2), np.float32),
+                    columns={LABEL: np.zeros(end - start, np.int32), LOGITS: np.zeros((end - start, 2), np.float32)},
                 )
                 tensors = {("hidden_states", k): [examples[i][k] for i in range(start, end)] for k in LAYERS}
                 writer.write_shard(task, rows, tensors)

@@ -24,11 +24,14 @@ import numpy as np
 from .errors import CacheFormatError
 
 FORMAT_NAME = "kdcache"
-FORMAT_VERSION = 2  # 2: test split, per-split tensors, attachments, per-shard producer
+FORMAT_VERSION = 3  # 2: test split, per-split tensors, attachments, per-shard producer; 3: declared row columns
 MANIFEST_NAME = "manifest.json"
 SHARD_ENTRY_NAME = "shard.json"
 TOKENS = "L"  # the placeholder for an example's token count in a tensor's shape
 DTYPES = ("float16", "float32", "bfloat16")
+COLUMN_DTYPES = ("int32", "int64", "float16", "float32")
+ANY = "*"  # the placeholder for a column axis of any length (per example)
+CORE_COLUMNS = ("example_id", "input_ids", "length")  # every rows.arrow has them, before the declared ones
 QUANTIZATIONS = (None, "sqrt-uint8")
 PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # a cache key or name: one path segment
 
@@ -96,6 +99,40 @@ class TensorSpec:
 
 
 @dataclass(frozen=True)
+class ColumnSpec:
+    """A per-example column of ``rows.arrow`` beside example_id, input_ids and length.
+
+    ``shape`` is the shape of one example's value: ``()`` a scalar (a class label), ``(C,)``
+    a fixed vector (class logits), or a shape whose first axis varies per example: ``"L"``,
+    one entry per token (per-token logits ``("L", C)``), or ``"*"``, any length (one entry
+    per word, say). Only the first axis may vary.
+    """
+
+    name: str
+    dtype: str
+    shape: tuple[int | str, ...] = ()
+
+    def __post_init__(self):
+        if not PLAIN_NAME.fullmatch(self.name) or self.name in CORE_COLUMNS:
+            raise ValueError(f"column name {self.name!r} must be a plain name other than {list(CORE_COLUMNS)}")
+        if self.dtype not in COLUMN_DTYPES:
+            raise ValueError(f"column {self.name!r} dtype must be one of {COLUMN_DTYPES}; got {self.dtype!r}")
+        fixed = self.shape[1:] if self.ragged else self.shape
+        if not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in fixed):
+            raise ValueError(f"column {self.name!r} shape {self.shape}: only its first axis may be 'L' or '*'")
+
+    @property
+    def ragged(self) -> bool:
+        """Whether each example's value has its own length (its first axis is ``"L"`` or ``"*"``)."""
+        return bool(self.shape) and self.shape[0] in (TOKENS, ANY)
+
+    @property
+    def tail(self) -> tuple[int, ...]:
+        """The fixed dimensions of one entry: after the varying axis, or the whole shape."""
+        return tuple(int(d) for d in (self.shape[1:] if self.ragged else self.shape))
+
+
+@dataclass(frozen=True)
 class FileEntry:
     bytes: int
     xxh3: str  # xxh3-128 of the file's bytes, hex
@@ -155,7 +192,7 @@ class SplitEntry:
 @dataclass(frozen=True)
 class Manifest:
     key: str
-    num_labels: int
+    columns: tuple[ColumnSpec, ...]  # the per-example columns of rows.arrow beside the core ones
     shard_rows: int
     tensors: tuple[TensorSpec, ...]
     splits: dict[str, SplitEntry]
@@ -171,6 +208,12 @@ class Manifest:
     @property
     def rows(self) -> int:
         return sum(split.rows for split in self.splits.values())
+
+    def column(self, name: str) -> ColumnSpec:
+        for spec in self.columns:
+            if spec.name == name:
+                return spec
+        raise CacheFormatError(f"cache {self.key} has no column {name!r}; it has {[c.name for c in self.columns]}")
 
     def tensor(self, name: str) -> TensorSpec:
         for spec in self.tensors:
@@ -200,7 +243,7 @@ class Manifest:
         try:
             return cls(
                 key=key,
-                num_labels=raw["num_labels"],
+                columns=tuple(ColumnSpec(**{**c, "shape": tuple(c["shape"])}) for c in raw["columns"]),
                 shard_rows=raw["shard_rows"],
                 tensors=tuple(
                     TensorSpec(**{**t, "layers": tuple(t["layers"]), "example_shape": tuple(t["example_shape"])})

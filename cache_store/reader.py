@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import CacheCorruptError, CacheFormatError, CacheNotFoundError
-from .manifest import MANIFEST_NAME, FileEntry, Manifest, ShardEntry, SplitEntry
+from .manifest import MANIFEST_NAME, ColumnSpec, FileEntry, Manifest, ShardEntry, SplitEntry
 from .shard import TENSORS_DIR, ShardData, decode, file_problem, read_shard, verify_shard
 from .storage import Location
 
@@ -58,7 +58,7 @@ class Cache:
         """
         for name, layer in wanted:
             self._check_layer(name, layer)
-        return read_shard(self.location, entry, self._specs, list(wanted))
+        return read_shard(self.location, entry, self._specs, list(wanted), self.manifest.columns)
 
     def _check_layer(self, name: str, layer: int):
         spec = self.manifest.tensor(name)
@@ -113,23 +113,39 @@ class Cache:
     def rows(self, split: str):
         """The split's rows as a dask DataFrame, one partition per shard.
 
-        Columns: example_id, length, label, logit_0 .. logit_{C-1}, input_ids (lists).
+        Columns: example_id, length, then each declared column (a scalar as itself, a vector
+        ``logits`` of C values as ``logits_0`` .. ``logits_{C-1}``, a ragged or matrix one as lists),
+        and input_ids (lists).
         """
+        import dask
         import dask.dataframe as dd  # here, not at the top: training never needs dask (0.5 s to import)
 
-        meta = _rows_frame_meta(self.manifest.num_labels)
-        return dd.from_map(self._rows_frame, list(self.shards(split)), meta=meta, enforce_metadata=False)
+        meta = self._rows_frame_meta()
+        with dask.config.set({"dataframe.convert-string": False}):  # lists stay lists, not their text
+            return dd.from_map(self._rows_frame, list(self.shards(split)), meta=meta, enforce_metadata=False)
 
     def _rows_frame(self, entry: ShardEntry):
         import pandas as pd
 
         rows = self.read_shard(entry).rows
-        frame = pd.DataFrame({"example_id": rows.example_id, "length": rows.lengths, "label": rows.label})
-        for c in range(rows.logits.shape[1]):
-            frame[f"logit_{c}"] = rows.logits[:, c]
+        frame = pd.DataFrame({"example_id": rows.example_id, "length": rows.lengths})
+        for spec in self.manifest.columns:
+            for name, values in _frame_columns(spec, rows[spec.name]):
+                frame[name] = values
         frame["input_ids"] = [ids.tolist() for ids in rows.input_ids]
         frame.index = pd.RangeIndex(entry.row_start, entry.row_end)
         return frame
+
+    def _rows_frame_meta(self):
+        import pandas as pd
+
+        meta = pd.DataFrame({"example_id": pd.Series(dtype=np.int64), "length": pd.Series(dtype=np.int32)})
+        for spec in self.manifest.columns:
+            for name, _ in _frame_columns(spec, np.zeros((0, *spec.tail), spec.dtype)):
+                flat = not spec.ragged and len(spec.tail) <= 1
+                meta[name] = pd.Series(dtype=spec.dtype if flat else object)
+        meta["input_ids"] = pd.Series(dtype=object)
+        return meta
 
     def tensor(self, split: str, name: str, layer: int):
         """One stored tensor of one layer as a dask array chunked by shard.
@@ -147,14 +163,14 @@ class Cache:
         return da.concatenate(parts, axis=0)
 
 
-def _rows_frame_meta(num_labels: int):
-    import pandas as pd
-
-    columns = {"example_id": np.int64, "length": np.int32, "label": np.int32}
-    columns |= {f"logit_{c}": np.float32 for c in range(num_labels)}
-    meta = pd.DataFrame({name: pd.Series(dtype=dtype) for name, dtype in columns.items()})
-    meta["input_ids"] = pd.Series(dtype=object)
-    return meta
+def _frame_columns(spec: ColumnSpec, values) -> list[tuple[str, object]]:
+    """A declared column as DataFrame columns: a scalar as itself, a vector split into one column
+    per entry, anything else as one column of lists."""
+    if spec.ragged or len(spec.tail) > 1:
+        return [(spec.name, [np.asarray(v).tolist() for v in values])]
+    if not spec.tail:
+        return [(spec.name, values)]
+    return [(f"{spec.name}_{c}", values[:, c]) for c in range(spec.tail[0])]
 
 
 def attachment_home() -> Path:

@@ -2,8 +2,9 @@
 
 A shard directory holds
 
-    rows.arrow        example_id int64, input_ids list<int32>, length int32,
-                      label int32 (-1: unlabeled), logits fixed_size_list<float32>
+    rows.arrow        example_id int64, input_ids list<int32>, length int32, then the
+                      cache's declared columns (a teacher cache of sequence classification:
+                      label int32, logits fixed_size_list<float32>[C])
     tensors.zarr/     one array per (tensor, layer), e.g. hidden_states/layer_03,
                       each example's values stored back to back with no padding
     shard.json        the shard's entry (rows, files, checksums, shapes), written last
@@ -25,7 +26,7 @@ from zarr.core.buffer import cpu
 from zarr.storage import MemoryStore
 
 from .errors import CacheCorruptError, CacheFormatError
-from .manifest import SHARD_ENTRY_NAME, FileEntry, ShardEntry, TensorSpec
+from .manifest import SHARD_ENTRY_NAME, TOKENS, ColumnSpec, FileEntry, ShardEntry, TensorSpec
 from .storage import Location
 
 ROWS_FILE = "rows.arrow"
@@ -34,17 +35,22 @@ _CHUNK_BYTES = 4 << 20
 _CODECS = {"zstd": lambda: [zarr.codecs.ZstdCodec(level=1)], "none": lambda: None}
 
 
+Column = np.ndarray | list[np.ndarray]  # (N, *shape), or N arrays (n_i, *tail) for a ragged column
+
+
 @dataclass
 class ShardRows:
     """The per-example columns of one shard, in row order."""
 
     example_id: np.ndarray  # (N,) int64: the example's index in its data set
     input_ids: list[np.ndarray]  # N arrays (L_i,), no padding
-    label: np.ndarray  # (N,) int, -1 for an unlabeled example
-    logits: np.ndarray  # (N, C) float32
+    columns: dict[str, Column]  # the cache's declared columns (ColumnSpec), by name
 
     def __len__(self) -> int:
         return len(self.example_id)
+
+    def __getitem__(self, name: str) -> Column:
+        return self.columns[name]
 
     @property
     def lengths(self) -> np.ndarray:
@@ -100,16 +106,36 @@ def decode(stored: np.ndarray, spec: TensorSpec) -> np.ndarray:
     return stored
 
 
-def rows_schema(num_labels: int) -> pa.Schema:
-    return pa.schema(
-        [
-            ("example_id", pa.int64()),
-            ("input_ids", pa.list_(pa.int32())),
-            ("length", pa.int32()),
-            ("label", pa.int32()),
-            ("logits", pa.list_(pa.float32(), num_labels)),
-        ]
-    )
+def arrow_type(spec: ColumnSpec) -> pa.DataType:
+    """The Arrow type of a column: scalar, fixed_size_list for fixed axes, list for the varying one."""
+    value = pa.from_numpy_dtype(np.dtype(spec.dtype))
+    for size in reversed(spec.tail):
+        value = pa.list_(value, size)
+    return pa.list_(value) if spec.ragged else value
+
+
+def rows_schema(columns: tuple[ColumnSpec, ...]) -> pa.Schema:
+    core = [("example_id", pa.int64()), ("input_ids", pa.list_(pa.int32())), ("length", pa.int32())]
+    return pa.schema(core + [(spec.name, arrow_type(spec)) for spec in columns])
+
+
+def check_rows(rows: ShardRows, columns: tuple[ColumnSpec, ...]) -> None:
+    """Raise ValueError unless ``rows`` holds exactly the declared columns, each of its declared shape."""
+    if set(rows.columns) != {spec.name for spec in columns}:
+        raise ValueError(f"row columns {sorted(rows.columns)} differ from the cache's {[c.name for c in columns]}")
+    n, lengths = len(rows), rows.lengths
+    for spec in columns:
+        value = rows[spec.name]
+        if not spec.ragged:
+            if np.shape(value) != (n, *spec.tail):
+                raise ValueError(f"column {spec.name} must be {(n, *spec.tail)}; got {np.shape(value)}")
+            continue
+        if len(value) != n:
+            raise ValueError(f"column {spec.name} needs {n} rows; got {len(value)}")
+        for i, v in enumerate(value):
+            first = int(lengths[i]) if spec.shape[0] == TOKENS else np.shape(v)[0] if np.ndim(v) else -1
+            if np.shape(v) != (first, *spec.tail):
+                raise ValueError(f"column {spec.name} row {i} must be {(first, *spec.tail)}; got {np.shape(v)}")
 
 
 def build_shard(
@@ -118,7 +144,7 @@ def build_shard(
     tensors: dict[tuple[str, int], list[np.ndarray]],
     specs: dict[str, TensorSpec],
     *,
-    num_labels: int,
+    columns: tuple[ColumnSpec, ...],
     relative_path: str,
     row_start: int,
     producer: dict | None = None,
@@ -129,7 +155,7 @@ def build_shard(
     and never read back. ``producer`` records how the values were computed (the writer's
     settings that must agree across the shards of one cache).
     """
-    files = {ROWS_FILE: _rows_bytes(rows, num_labels)}
+    files = {ROWS_FILE: _rows_bytes(rows, columns)}
     encoded, arrays = {}, {}  # the Zarr store's keys and buffers
     group = zarr.open_group(MemoryStore(encoded), mode="w")
     for (name, layer), per_example in sorted(tensors.items()):
@@ -151,22 +177,45 @@ def build_shard(
     return entry
 
 
-def _rows_bytes(rows: ShardRows, num_labels: int) -> bytes:
-    flat_logits = np.ascontiguousarray(rows.logits, dtype=np.float32).reshape(-1)
-    table = pa.table(
-        {
-            "example_id": pa.array(rows.example_id, pa.int64()),
-            "input_ids": pa.array([np.asarray(ids, np.int32) for ids in rows.input_ids], pa.list_(pa.int32())),
-            "length": pa.array(rows.lengths, pa.int32()),
-            "label": pa.array(rows.label, pa.int32()),
-            "logits": pa.FixedSizeListArray.from_arrays(pa.array(flat_logits), num_labels),
-        },
-        schema=rows_schema(num_labels),
-    )
+def _rows_bytes(rows: ShardRows, columns: tuple[ColumnSpec, ...]) -> bytes:
+    arrays = {
+        "example_id": pa.array(rows.example_id, pa.int64()),
+        "input_ids": pa.array([np.asarray(ids, np.int32) for ids in rows.input_ids], pa.list_(pa.int32())),
+        "length": pa.array(rows.lengths, pa.int32()),
+    }
+    for spec in columns:
+        arrays[spec.name] = _column_array(rows[spec.name], spec)
+    table = pa.table(arrays, schema=rows_schema(columns))
     sink = pa.BufferOutputStream()
     with pa.ipc.new_file(sink, table.schema) as writer:
         writer.write_table(table)
     return sink.getvalue().to_pybytes()
+
+
+def _column_array(value: Column, spec: ColumnSpec) -> pa.Array:
+    """A column as Arrow: the values flat, wrapped in fixed-size lists for the fixed axes, a list for the ragged one."""
+    parts = value if spec.ragged else [value]
+    flat = np.concatenate([np.asarray(v, spec.dtype).reshape(-1) for v in parts]) if len(parts) else np.zeros(0)
+    array = pa.array(flat.astype(spec.dtype, copy=False))
+    for size in reversed(spec.tail):
+        array = pa.FixedSizeListArray.from_arrays(array, size)
+    if spec.ragged:
+        counts = [np.shape(v)[0] for v in value]
+        array = pa.ListArray.from_arrays(pa.array(np.concatenate([[0], np.cumsum(counts)]), pa.int32()), array)
+    return array
+
+
+def _column_values(array: pa.Array, spec: ColumnSpec) -> Column:
+    """Undo ``_column_array``: (N, *tail), or N arrays (n_i, *tail)."""
+    offsets = None
+    if spec.ragged:
+        offsets, array = array.offsets.to_numpy(), array.values
+    for _ in spec.tail:
+        array = array.values
+    flat = array.to_numpy(zero_copy_only=False).reshape(-1, *spec.tail)
+    if offsets is None:
+        return flat
+    return [flat[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]
 
 
 def _write_tensor(group: zarr.Group, spec: TensorSpec, layer: int, per_example: list[np.ndarray]) -> tuple[int, ...]:
@@ -186,12 +235,15 @@ def _write_tensor(group: zarr.Group, spec: TensorSpec, layer: int, per_example: 
 
 
 def read_shard(
-    location: Location, entry: ShardEntry, specs: dict[str, TensorSpec], wanted: list[tuple[str, int]]
-) -> ShardData:
-    """Read, verify and decode a shard's rows and the ``wanted`` (tensor, layer) arrays.
+    location: Location, entry: ShardEntry, specs: dict[str, TensorSpec], wanted: list[tuple[str, int]],
+    columns: tuple[ColumnSpec, ...],
+) -> ShardData:  # fmt: skip
+    """Read, verify and decode a shard's rows (the core and the declared ``columns``) and the
+    ``wanted`` (tensor, layer) arrays.
 
     Raises:
         CacheCorruptError: a file is missing or does not match its recorded size and checksum.
+        CacheFormatError: the rows do not have the declared columns.
     """
     missing = [
         f"{name}/{layer}"
@@ -209,14 +261,14 @@ def read_shard(
     table = pa.ipc.open_file(pa.BufferReader(blobs[ROWS_FILE])).read_all()
     if table.num_rows != entry.rows:
         raise CacheFormatError(f"shard {entry.path}: {table.num_rows} rows, its entry says {entry.rows}")
+    if table.schema != rows_schema(columns):
+        raise CacheFormatError(f"shard {entry.path}: rows have columns {table.schema}, the manifest declares {columns}")
     ids = table.column("input_ids").combine_chunks()
     flat_ids, id_offsets = ids.values.to_numpy(), ids.offsets.to_numpy()
-    logits = table.column("logits").combine_chunks()
     rows = ShardRows(
         example_id=table.column("example_id").to_numpy(),
         input_ids=[flat_ids[id_offsets[i] : id_offsets[i + 1]] for i in range(table.num_rows)],
-        label=table.column("label").to_numpy(),
-        logits=logits.values.to_numpy().reshape(-1, logits.type.list_size),
+        columns={spec.name: _column_values(table.column(spec.name).combine_chunks(), spec) for spec in columns},
     )
     prefix = f"{TENSORS_DIR}/"
     store = MemoryStore(

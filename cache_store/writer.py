@@ -21,8 +21,17 @@ from pathlib import Path
 import numpy as np
 
 from .errors import CacheCorruptError, CacheError, CacheFormatError
-from .manifest import MANIFEST_NAME, SHARD_ENTRY_NAME, FileEntry, Manifest, ShardEntry, SplitEntry, TensorSpec
-from .shard import ShardRows, build_shard, checksum, read_shard
+from .manifest import (
+    MANIFEST_NAME,
+    SHARD_ENTRY_NAME,
+    ColumnSpec,
+    FileEntry,
+    Manifest,
+    ShardEntry,
+    SplitEntry,
+    TensorSpec,
+)
+from .shard import ShardRows, build_shard, check_rows, checksum, read_shard
 from .storage import Location
 
 WRITERS_DIR = ".writers"
@@ -50,7 +59,8 @@ class CacheWriter:
     Args:
         location: the cache's directory (local path, URL or Location), by convention ``<root>/<key>``.
         key: the content key the caller computed for this cache.
-        num_labels: width of the stored logits.
+        columns: the per-example columns of rows.arrow beside example_id, input_ids and length
+            (labels, logits: what the caller stores per example).
         tensors: the ragged tensors each example carries (hidden states, attention maps).
         split_rows: rows per split, in the order they are written.
         tensor_splits: the splits whose shards hold the tensors (None: all); the others hold rows only.
@@ -64,7 +74,7 @@ class CacheWriter:
         CacheError: the location already holds a complete cache.
     """
 
-    def __init__(self, location, *, key: str, num_labels: int, tensors: list[TensorSpec],
+    def __init__(self, location, *, key: str, columns: list[ColumnSpec], tensors: list[TensorSpec],
                  split_rows: dict[str, int], tensor_splits: tuple[str, ...] | None = None, shard_rows: int = 1024,
                  metadata: dict | None = None, producer: dict | None = None):  # fmt: skip
         self.location = location if isinstance(location, Location) else Location(location)
@@ -72,7 +82,7 @@ class CacheWriter:
             raise CacheError(f"{self.location} already holds a complete cache; refusing to overwrite it")
         if shard_rows <= 0:
             raise ValueError(f"shard_rows must be > 0; got {shard_rows!r}")
-        self.key, self.num_labels, self.shard_rows = key, num_labels, shard_rows
+        self.key, self.columns, self.shard_rows = key, tuple(columns), shard_rows
         self.specs = {spec.name: spec for spec in tensors}
         self.tensor_splits = tuple(split_rows) if tensor_splits is None else tuple(tensor_splits)
         self.metadata, self.producer = metadata or {}, dict(producer or {})
@@ -154,10 +164,9 @@ class CacheWriter:
             raise ValueError(f"shard tensors {sorted(tensors)} differ from the cache's spec {sorted(expected)}")
         if len(rows) != task.row_end - task.row_start:
             raise ValueError(f"shard {task.path} needs {task.row_end - task.row_start} rows; got {len(rows)}")
-        if rows.logits.shape != (len(rows), self.num_labels):
-            raise ValueError(f"logits must be ({len(rows)}, {self.num_labels}); got {rows.logits.shape}")
+        check_rows(rows, self.columns)
         staging = self.location.staging_dir(task.path.replace("/", "-"))
-        entry = build_shard(staging, rows, tensors, specs, num_labels=self.num_labels,
+        entry = build_shard(staging, rows, tensors, specs, columns=self.columns,
                             relative_path=task.path, row_start=task.row_start, producer=self.producer)  # fmt: skip
         committed = self.location.commit_dir(staging, task.path, last=SHARD_ENTRY_NAME)
         self._beat()
@@ -173,7 +182,7 @@ class CacheWriter:
         for task in (t for t in self.tasks if t.split == split):
             where = f"{self.location}/{task.path}/{SHARD_ENTRY_NAME}"
             entry = ShardEntry.from_raw(json.loads(self.location.read_bytes(f"{task.path}/{SHARD_ENTRY_NAME}")), where)
-            out.append(read_shard(self.location, entry, {}, []).rows)
+            out.append(read_shard(self.location, entry, {}, [], self.columns).rows)
         return out
 
     def committed_count(self) -> int:
@@ -213,7 +222,7 @@ class CacheWriter:
             )
         manifest = Manifest(
             key=self.key,
-            num_labels=self.num_labels,
+            columns=self.columns,
             shard_rows=self.shard_rows,
             tensors=tuple(self.specs.values()),
             splits={

@@ -23,7 +23,7 @@ from ..contract import TEACHER, TEACHER_RECORD, TOKENIZER, CacheMetadata, experi
 from ..errors import ConfigError
 from ..models import load_tokenizer, model_dir
 from ..runtime import PRECISIONS
-from ..tasks import TASKS, Task
+from ..tasks import LABEL, TASKS, Task
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ class TeacherCache:
         shards = [data.rows for data in self.cache.iter_shards(split)]
         return SplitRows(
             input_ids=[ids for rows in shards for ids in rows.input_ids],
-            labels=np.concatenate([rows.label for rows in shards]).astype(np.int64),
+            labels=np.concatenate([rows[LABEL] for rows in shards]).astype(np.int64),
             example_id=np.concatenate([rows.example_id for rows in shards]),
         )
 

@@ -34,6 +34,7 @@ from cache_store.shard import decode, encode
 
 from ..contract import ATTENTION, HIDDEN, LABELS, TEACHER_LOGITS, UNLABELED, tensor_key
 from ..runtime import autocast
+from ..tasks import LABEL, LOGITS
 from ..training import Batch, Collator, length_grouped_batches
 
 
@@ -89,7 +90,7 @@ class TokenSource:
     def rows(self, shard: int) -> ShardRows:
         part = slice(shard * self.shard_rows, (shard + 1) * self.shard_rows)
         ids = self.ids[part]
-        return ShardRows(self.example_id[part], ids, self.labels[part], np.zeros((len(ids), 0), np.float32))
+        return ShardRows(self.example_id[part], ids, {LABEL: self.labels[part]})  # no logits: the teacher runs live
 
     def read(self, shard: int, wanted: list[tuple[str, int]]) -> ShardData:
         return ShardData(rows=self.rows(shard), tensors={}, offsets={}, specs={})
@@ -116,9 +117,9 @@ class StudentStream(IterableDataset):
             rows = source.rows(shard)
             keep = np.ones(len(rows), bool)
             if labeled_only:
-                keep &= rows.label != UNLABELED
+                keep &= rows[LABEL] != UNLABELED
             if select is not None:
-                keep &= np.asarray(select(TeacherStats.from_logits(rows.logits, rows.label)), bool)
+                keep &= np.asarray(select(TeacherStats.from_logits(rows[LOGITS], rows[LABEL])), bool)
             self.selected.append(np.flatnonzero(keep))
             self.lengths.append(rows.lengths)
         self._epoch, self._start = 0, 0
@@ -180,10 +181,10 @@ class StudentStream(IterableDataset):
     def _collate(self, data: ShardData, rows: np.ndarray) -> Batch:
         batch = {
             **self.collate([data.rows.input_ids[i] for i in rows]),  # input_ids, attention_mask: (B, T)
-            LABELS: torch.from_numpy(data.rows.label[rows].astype(np.int64)),  # (B,)
+            LABELS: torch.from_numpy(data.rows[LABEL][rows].astype(np.int64)),  # (B,)
         }
-        if data.rows.logits.shape[1]:
-            batch[TEACHER_LOGITS] = torch.from_numpy(data.rows.logits[rows])  # (B, C)
+        if LOGITS in data.rows.columns:
+            batch[TEACHER_LOGITS] = torch.from_numpy(data.rows[LOGITS][rows])  # (B, C)
         for name, layer in self.wanted:
             arrays = [data.example_tensor(name, layer, i) for i in rows]
             batch[tensor_key(name, layer)] = _pad_tensors(arrays, batch["input_ids"].shape[1], name)

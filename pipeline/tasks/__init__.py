@@ -11,7 +11,7 @@ Nothing heavy is imported here: the config names tasks without loading transform
 from __future__ import annotations
 
 from ..errors import ConfigError
-from .base import Task
+from .base import LABEL, LOGITS, Task
 from .sequence_classification import SequenceClassification
 
 SEQUENCE_CLASSIFICATION = SequenceClassification()
@@ -30,4 +30,4 @@ def task_named(name: str) -> Task:
     return TASKS[name]
 
 
-__all__ = ["DEFAULT_TASK", "SEQUENCE_CLASSIFICATION", "TASKS", "Task", "task_named"]
+__all__ = ["DEFAULT_TASK", "LABEL", "LOGITS", "SEQUENCE_CLASSIFICATION", "TASKS", "Task", "task_named"]

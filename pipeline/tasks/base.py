@@ -11,6 +11,10 @@ import numpy as np
 if TYPE_CHECKING:
     from torch import nn
 
+    from cache_store import ColumnSpec
+
+LABEL, LOGITS = "label", "logits"  # the row columns every task stores: the example's label(s), the teacher's logits
+
 
 class Task(ABC):
     """One task shape: its model class, its metrics and which of them ranks models.
@@ -41,6 +45,10 @@ class Task(ABC):
     def model_from_config(self, config) -> nn.Module:
         """A randomly initialized model of this task from a transformers config."""
         return self.auto_model().from_config(config, attn_implementation="sdpa")
+
+    @abstractmethod
+    def columns(self, num_labels: int) -> tuple[ColumnSpec, ...]:
+        """What a teacher cache of this task stores per example beside its token ids (labels, the teacher's outputs)."""
 
     @abstractmethod
     def metrics(self, logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:

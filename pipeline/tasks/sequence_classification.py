@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import Task
+from cache_store.manifest import ColumnSpec
+
+from .base import LABEL, LOGITS, Task
 
 
 class SequenceClassification(Task):
@@ -17,6 +19,10 @@ class SequenceClassification(Task):
         from transformers import AutoModelForSequenceClassification
 
         return AutoModelForSequenceClassification
+
+    def columns(self, num_labels: int) -> tuple[ColumnSpec, ...]:
+        """The class id (UNLABELED for transfer text) and the teacher's class logits."""
+        return ColumnSpec(LABEL, "int32"), ColumnSpec(LOGITS, "float32", (num_labels,))
 
     def metrics(self, logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
         """Accuracy and macro-F1 of argmax predictions (logits (N, C)) against integer labels (N,)."""

@@ -53,6 +53,7 @@ from ..data import Splits, load_splits, tokenize
 from ..errors import ConfigError
 from ..models import count_parameters, directory_bytes, load_tokenizer
 from ..runtime import ALONE, Ranks, autocast, barrier, process_group, resolve_device, resolve_precision
+from ..tasks import LABEL, LOGITS
 from ..training import Collator, to_device, token_budget_batches
 from .train import require_teacher, teacher_task
 
@@ -166,7 +167,7 @@ def fill_cache(cfg: ExperimentConfig, plan: CachePlan, model, *, ranks: Ranks = 
     writer = CacheWriter(
         plan.location,
         key=plan.key,
-        num_labels=model.config.num_labels,
+        columns=teacher_task(cfg).columns(model.config.num_labels),
         tensors=tensor_specs(cfg, model.config),
         split_rows={name: len(plan.token_ids[name]) for name in SPLITS},
         tensor_splits=capture.tensor_splits,
@@ -200,7 +201,8 @@ def fill_cache(cfg: ExperimentConfig, plan: CachePlan, model, *, ranks: Ranks = 
             ids, data = plan.token_ids[task.split][rows], plan.splits[task.split]
             if not writer.is_committed(task):  # a writer running beside this one may have done it meanwhile
                 logits, tensors = forward(ids, tensors=task.split in capture.tensor_splits)
-                bg.submit(task, ShardRows(data.example_id[rows], ids, data.labels[rows], logits), tensors)
+                columns = {LABEL: data.labels[rows].astype(np.int32), LOGITS: logits}
+                bg.submit(task, ShardRows(data.example_id[rows], ids, columns), tensors)
             tokens += sum(map(len, ids))
             elapsed = max(bar.format_dict["elapsed"], 1e-3)
             bar.update(len(ids))
@@ -259,7 +261,7 @@ def finish_cache(cfg: ExperimentConfig, plan: CachePlan, writer: CacheWriter) ->
     metrics = {}
     for split in ("validation", "test"):
         rows = writer.committed_rows(split)
-        logits, labels = np.concatenate([r.logits for r in rows]), np.concatenate([r.label for r in rows])
+        logits, labels = np.concatenate([r[LOGITS] for r in rows]), np.concatenate([r[LABEL] for r in rows])
         metrics[split] = teacher_task(cfg).metrics(logits, labels)
     card = {**writer.metadata["teacher"], "metrics": metrics}
     with tempfile.TemporaryDirectory() as folder:
@@ -306,9 +308,10 @@ def estimate_capture(cfg: ExperimentConfig, *, sample_rows: int = 256) -> Captur
     start = time.perf_counter()
     logits, tensors = forward(sample)
     with tempfile.TemporaryDirectory() as staging:
-        rows = ShardRows(index.astype(np.int64), sample, np.zeros(len(sample), np.int64), logits)
-        build_shard(Path(staging), rows, tensors, {s.name: s for s in specs}, num_labels=model.config.num_labels,
-                    relative_path="estimate", row_start=0)  # fmt: skip
+        task = teacher_task(cfg)
+        rows = ShardRows(index.astype(np.int64), sample, {LABEL: np.zeros(len(sample), np.int32), LOGITS: logits})
+        build_shard(Path(staging), rows, tensors, {s.name: s for s in specs}, relative_path="estimate", row_start=0,
+                    columns=task.columns(model.config.num_labels))  # fmt: skip
         seconds = time.perf_counter() - start
         files = {str(p.relative_to(staging)): p.stat().st_size for p in Path(staging).rglob("*") if p.is_file()}
     scaled = {"rows": sum(b for n, b in files.items() if not n.startswith("tensors.zarr/")) * len(ids) / len(sample)}

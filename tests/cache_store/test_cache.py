@@ -21,6 +21,7 @@ from cache_store import (
     CacheFormatError,
     CacheNotFoundError,
     CacheWriter,
+    ColumnSpec,
     Location,
     ShardRows,
     TensorSpec,
@@ -35,15 +36,43 @@ HEADS, WIDTH, LABELS = 3, 8, 4
 SPLITS = {"train": 12, "validation": 5}
 
 
+COLUMNS = (  # a scalar, a vector, one entry per token, and one of any length per example
+    ColumnSpec("label", "int32"),
+    ColumnSpec("logits", "float32", (LABELS,)),
+    ColumnSpec("token_logits", "float16", ("L", 2)),
+    ColumnSpec("word_starts", "int64", ("*",)),
+)
+
+
 def make_rows(seed: int, start: int, n: int) -> ShardRows:
     rng = np.random.default_rng(seed)
     lengths = rng.integers(1, 9, size=n)
     return ShardRows(
         example_id=np.arange(start, start + n, dtype=np.int64),
         input_ids=[rng.integers(0, 1000, size=k).astype(np.int32) for k in lengths],
-        label=rng.integers(-1, LABELS, size=n),
-        logits=rng.standard_normal((n, LABELS)).astype(np.float32),
+        columns={
+            "label": rng.integers(-1, LABELS, size=n).astype(np.int32),
+            "logits": rng.standard_normal((n, LABELS)).astype(np.float32),
+            "token_logits": [rng.standard_normal((k, 2)).astype(np.float16) for k in lengths],
+            "word_starts": [rng.integers(-1, 9, size=rng.integers(0, 5)) for _ in lengths],
+        },
     )
+
+
+def assert_same_rows(got: ShardRows, want: ShardRows) -> None:
+    np.testing.assert_array_equal(got.example_id, want.example_id)
+    for a, b in zip(got.input_ids, want.input_ids, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert set(got.columns) == set(want.columns)
+    for name, value in want.columns.items():
+        if isinstance(value, list):
+            assert len(got[name]) == len(value)
+            for a, b in zip(got[name], value, strict=True):
+                assert a.dtype == b.dtype
+                np.testing.assert_array_equal(a, b)
+        else:
+            assert got[name].dtype == value.dtype
+            np.testing.assert_array_equal(got[name], value)
 
 
 def make_tensors(seed: int, rows: ShardRows) -> dict:
@@ -64,7 +93,7 @@ def specs(hidden_dtype="float16", attention_dtype="float16", codec="zstd", quant
 
 
 def new_writer(location, producer=None, **spec_options) -> CacheWriter:
-    return CacheWriter(location, key="k1", num_labels=LABELS, tensors=specs(**spec_options), split_rows=SPLITS,
+    return CacheWriter(location, key="k1", columns=COLUMNS, tensors=specs(**spec_options), split_rows=SPLITS,
                        shard_rows=5, metadata={"teacher": "t", "dataset": "d"},
                        producer=producer or {"precision": "float32"})  # fmt: skip
 
@@ -131,11 +160,8 @@ class CacheStoreContract:
                 "T", (), {"split": split, "index": index, "row_start": entry.row_start, "row_end": entry.row_end}
             )
             rows, tensors = shard_content(task)
-            np.testing.assert_array_equal(data.rows.example_id, rows.example_id)
-            np.testing.assert_array_equal(data.rows.label, rows.label)
-            np.testing.assert_array_equal(data.rows.logits, rows.logits)
-            for i, ids in enumerate(rows.input_ids):
-                np.testing.assert_array_equal(data.rows.input_ids[i], ids)
+            assert_same_rows(data.rows, rows)
+            for i in range(len(rows)):
                 for key in wanted:
                     got, expected = data.example_tensor(*key, i), tensors[key][i]
                     assert got.shape == expected.shape
@@ -291,7 +317,7 @@ class CacheStoreContract:
             cache.attachment("teacher")
 
     def test_splits_without_tensors_hold_rows_only(self, cache_url):
-        writer = CacheWriter(cache_url, key="k1", num_labels=LABELS, tensors=specs(), split_rows=SPLITS, shard_rows=5,
+        writer = CacheWriter(cache_url, key="k1", columns=COLUMNS, tensors=specs(), split_rows=SPLITS, shard_rows=5,
                              tensor_splits=("train",))  # fmt: skip
         for task in writer.pending():
             rows, tensors = shard_content(task)
@@ -300,7 +326,7 @@ class CacheStoreContract:
         assert manifest.splits["train"].tensors == ("hidden", "attn") and manifest.splits["validation"].tensors == ()
         cache = open_cache(cache_url)
         entry = cache.shards("validation")[0]
-        assert not entry.arrays and cache.read_shard(entry).rows.label.shape == (5,)
+        assert not entry.arrays and cache.read_shard(entry).rows["label"].shape == (5,)
         with pytest.raises(CacheFormatError, match="shard validation/shard-00000 holds no hidden/1 .*rows only"):
             cache.read_shard(entry, [("hidden", 1)])
 
@@ -332,8 +358,13 @@ class CacheStoreContract:
         assert rows.npartitions == 3
         frame = rows.compute()
         assert frame.example_id.tolist() == list(range(12))
-        expected = np.concatenate([d.rows.logits for d in cache.iter_shards("train")])
-        np.testing.assert_array_equal(frame[[f"logit_{c}" for c in range(LABELS)]].to_numpy(), expected)
+        shards = list(cache.iter_shards("train"))
+        expected = np.concatenate([d.rows["logits"] for d in shards])
+        np.testing.assert_array_equal(frame[[f"logits_{c}" for c in range(LABELS)]].to_numpy(), expected)
+        np.testing.assert_array_equal(frame.label, np.concatenate([d.rows["label"] for d in shards]))
+        assert frame.word_starts.tolist() == [w.tolist() for d in shards for w in d.rows["word_starts"]]
+        assert frame.token_logits.tolist() == [t.tolist() for d in shards for t in d.rows["token_logits"]]
+        assert frame.input_ids.tolist() == [ids.tolist() for d in shards for ids in d.rows.input_ids]
         hidden = cache.tensor("train", "hidden", 3)
         assert hidden.numblocks == (3, 1) and hidden.shape == (frame.length.sum(), WIDTH)
         stored = np.concatenate([d.tensors[("hidden", 3)] for d in cache.iter_shards("train", [("hidden", 3)])])
@@ -394,11 +425,38 @@ def test_reader_refuses_paths_that_leave_the_cache(tmp_path, bad_path):
         open_cache(tmp_path / "c")
 
 
+def test_rows_must_have_the_declared_columns_and_shapes(tmp_path):
+    writer = new_writer(tmp_path / "c")
+    task = writer.pending()[0]
+    rows, tensors = shard_content(task)
+    for name, bad, message in [
+        ("token_logits", [t[:-1] for t in rows["token_logits"]], r"column token_logits row 0 must be \(\d+, 2\)"),
+        ("logits", rows["logits"][:, :2], r"column logits must be \(5, 4\); got \(5, 2\)"),
+        ("word_starts", rows["word_starts"][:4], "column word_starts needs 5 rows; got 4"),
+    ]:
+        broken = ShardRows(rows.example_id, rows.input_ids, {**rows.columns, name: bad})
+        with pytest.raises(ValueError, match=message):
+            writer.write_shard(task, broken, tensors)
+    missing = ShardRows(rows.example_id, rows.input_ids, {k: v for k, v in rows.columns.items() if k != "label"})
+    with pytest.raises(ValueError, match=r"row columns \['logits', 'token_logits', 'word_starts'\] differ"):
+        writer.write_shard(task, missing, tensors)
+    with pytest.raises(ValueError, match="only its first axis may be 'L' or '\\*'"):
+        ColumnSpec("bad", "float32", (2, "L"))
+
+
+def test_a_shard_whose_rows_differ_from_the_declared_columns_is_refused(tmp_path):
+    fill(new_writer(tmp_path / "c"))
+    _edit_manifest(tmp_path / "c", lambda raw: raw["columns"][1].__setitem__("shape", [5]))
+    cache = open_cache(tmp_path / "c")
+    with pytest.raises(CacheFormatError, match="shard train/shard-00000: rows have columns"):
+        cache.read_shard(cache.shards("train")[0])
+
+
 def test_reader_names_both_versions_when_it_cannot_read_one(tmp_path):
     fill(new_writer(tmp_path / "c"))
-    for old in (1, 99):  # version 1: caches from before the self-contained format
+    for old in (2, 99):  # version 2: caches from before row columns were declared
         _edit_manifest(tmp_path / "c", lambda raw, v=old: raw.__setitem__("format_version", v))
-        with pytest.raises(CacheFormatError, match=f"version {old} .* reads version 2; capture the cache again"):
+        with pytest.raises(CacheFormatError, match=f"version {old} .* reads version 3; capture the cache again"):
             open_cache(tmp_path / "c")
 
 
@@ -495,7 +553,7 @@ class _Failing(CacheWriter):
 def test_of_two_errors_the_first_is_raised_and_the_other_noted(tmp_path):
     from cache_store import BackgroundWriter
 
-    writer = _Failing(tmp_path / "a", key="k1", num_labels=LABELS, tensors=specs(), split_rows=SPLITS, shard_rows=5)
+    writer = _Failing(tmp_path / "a", key="k1", columns=COLUMNS, tensors=specs(), split_rows=SPLITS, shard_rows=5)
     task = writer.pending()[0]
     with pytest.raises(OSError, match="disk full") as raised:  # the writer failed first, then the caller
         with BackgroundWriter(writer) as background:
@@ -505,7 +563,7 @@ def test_of_two_errors_the_first_is_raised_and_the_other_noted(tmp_path):
             raise ValueError("the caller's own")
     assert raised.value.__notes__ == ['then the caller failed too: ValueError("the caller\'s own")']
 
-    writer = _Failing(tmp_path / "b", key="k1", num_labels=LABELS, tensors=specs(), split_rows=SPLITS, shard_rows=5)
+    writer = _Failing(tmp_path / "b", key="k1", columns=COLUMNS, tensors=specs(), split_rows=SPLITS, shard_rows=5)
     writer.delay = 0.3
     with pytest.raises(ValueError, match="the caller's own") as raised:  # the caller failed first
         with BackgroundWriter(writer) as background:
@@ -513,7 +571,7 @@ def test_of_two_errors_the_first_is_raised_and_the_other_noted(tmp_path):
             raise ValueError("the caller's own")
     assert raised.value.__notes__ == ["the cache writer failed too: OSError('disk full')"]
 
-    writer = _Failing(tmp_path / "c", key="k1", num_labels=LABELS, tensors=specs(), split_rows=SPLITS, shard_rows=5)
+    writer = _Failing(tmp_path / "c", key="k1", columns=COLUMNS, tensors=specs(), split_rows=SPLITS, shard_rows=5)
     with pytest.raises(OSError, match="disk full") as raised:  # one error only: the writer's, raised by submit
         with BackgroundWriter(writer) as background:
             background.submit(task, *shard_content(task))

@@ -49,7 +49,7 @@ def test_cache_holds_exactly_what_the_live_teacher_computes(config, captured):
             inputs = Collator(pad_id=0)([plan.token_ids["train"][i]])
             out = teacher(**inputs, output_hidden_states=True, output_attentions=True)
             np.testing.assert_array_equal(data.rows.input_ids[i], plan.token_ids["train"][i])
-            np.testing.assert_allclose(data.rows.logits[i], out.logits[0].numpy(), atol=1e-5)
+            np.testing.assert_allclose(data.rows["logits"][i], out.logits[0].numpy(), atol=1e-5)
             for k in (0, 2, 4):  # stored as float16
                 np.testing.assert_allclose(
                     data.example_tensor("hidden_states", k, i), out.hidden_states[k][0], atol=2e-2, rtol=1e-2
@@ -59,7 +59,7 @@ def test_cache_holds_exactly_what_the_live_teacher_computes(config, captured):
     train = plan.splits["train"]
     assert cache.split("train").rows == len(train)
     assert sum(s.rows for s in cache.shards("train")) == len(train)
-    np.testing.assert_array_equal(np.concatenate([d.rows.label for d in cache.iter_shards("train")]), train.labels)
+    np.testing.assert_array_equal(np.concatenate([d.rows["label"] for d in cache.iter_shards("train")]), train.labels)
 
 
 def test_capture_reuses_its_cache_and_any_input_change_gives_a_new_key(config, captured, capsys):
@@ -263,9 +263,9 @@ def test_cache_rows_and_values_do_not_depend_on_the_batch_settings(config, tmp_p
         for other in others:
             for want, got in zip(expected, [other.read_shard(e, wanted) for e in other.shards(split)], strict=True):
                 np.testing.assert_array_equal(got.rows.example_id, want.rows.example_id)
-                np.testing.assert_array_equal(got.rows.label, want.rows.label)
+                np.testing.assert_array_equal(got.rows["label"], want.rows["label"])
                 assert [x.tolist() for x in got.rows.input_ids] == [x.tolist() for x in want.rows.input_ids]
-                np.testing.assert_allclose(got.rows.logits, want.rows.logits, atol=1e-5)
+                np.testing.assert_allclose(got.rows["logits"], want.rows["logits"], atol=1e-5)
                 for key in wanted:  # float16 storage: equal up to its rounding
                     np.testing.assert_allclose(got.tensors[key], want.tensors[key], atol=1e-4, rtol=2e-3)
 

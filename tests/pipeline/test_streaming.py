@@ -68,14 +68,14 @@ def test_ranks_get_disjoint_equal_length_parts(source):
 
 def test_selection_and_labeled_only_choose_the_streamed_rows(source):
     rows = [source.rows(k) for k in range(len(source))]
-    stats = [TeacherStats.from_logits(r.logits, r.label) for r in rows]
+    stats = [TeacherStats.from_logits(r["logits"], r["label"]) for r in rows]
     threshold = float(np.median(np.concatenate([s.confidence for s in stats])))
     chosen = stream(source, select=lambda s: s.confidence > threshold).plan(0)
     expected = {(k, i) for k, s in enumerate(stats) for i in np.flatnonzero(s.confidence > threshold)}
     assert {(shard, int(i)) for shard, r in chosen for i in r} == expected
     labeled = stream(source, labeled_only=True).plan(0)
-    assert all(rows[shard].label[i] >= 0 for shard, r in labeled for i in r)
-    np.testing.assert_allclose(stats[0].margin, np.abs(np.diff(softmax(rows[0].logits), axis=1))[:, 0], atol=1e-6)
+    assert all(rows[shard]["label"][i] >= 0 for shard, r in labeled for i in r)
+    np.testing.assert_allclose(stats[0].margin, np.abs(np.diff(softmax(rows[0]["logits"]), axis=1))[:, 0], atol=1e-6)
 
 
 def softmax(z):
