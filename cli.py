@@ -183,14 +183,13 @@ def cache_ls(root: str = typer.Argument("caches", help="cache root directory or 
 def cache_info(path: str = typer.Argument(..., help="cache directory or URL")) -> None:
     """Print a cache's manifest summary as JSON: task, splits, tensors, size, metadata."""
     from cache_store import open_cache
-    from pipeline.tasks import DEFAULT_TASK
 
     try:
         manifest = open_cache(path).manifest
     except CacheError as e:
         raise _fail(e) from None
     info = {
-        "key": manifest.key, "task": manifest.metadata.get("task", DEFAULT_TASK),
+        "key": manifest.key, "task": manifest.metadata.get("task"),
         "format_version": manifest.format_version, "rows": manifest.rows,
         "bytes": manifest.bytes, "columns": [dataclasses.asdict(c) for c in manifest.columns],
         "splits": {n: {"rows": s.rows, "tokens": s.tokens, "shards": len(s.shards), "bytes": s.bytes,

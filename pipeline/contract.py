@@ -18,7 +18,6 @@ from cache_store import CacheFormatError, Fingerprint, Manifest
 
 from .config import CaptureConfig, ExperimentConfig, load_dataset_spec, resolve_location
 from .models import model_files
-from .tasks import DEFAULT_TASK
 
 SPLITS = ("train", "validation", "test")  # every teacher cache holds all three
 UNLABELED = -1  # the label of a training row without one: the teacher's logits teach it
@@ -119,7 +118,7 @@ class CacheMetadata:
     dataset: str  # the dataset definition it was made from
     data_report: dict[str, dict[str, int]]  # split (or "data set": before splitting) -> rows dropped, by reason
     capture: dict  # the capture settings that decide its content (capture_identity)
-    task: str = DEFAULT_TASK  # what the teacher emits per example (caches of before tasks had names: the default)
+    task: str  # the task the teacher was captured for: what it emits per example (pipeline.tasks)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -128,14 +127,13 @@ class CacheMetadata:
     def from_manifest(cls, manifest: Manifest) -> CacheMetadata:
         """Raises CacheFormatError when the manifest is not a teacher cache's."""
         raw = manifest.metadata
-        required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING]
-        missing = [name for name in required if name not in raw]
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in raw]
         if missing or not isinstance(raw.get("teacher"), dict):
             raise CacheFormatError(
                 f"cache {manifest.key} is not a kdcache teacher cache (no {missing} in its metadata)"
             )
         try:
-            values = {f.name: raw[f.name] for f in dataclasses.fields(cls) if f.name in raw}
+            values = {f.name: raw[f.name] for f in dataclasses.fields(cls)}
             return cls(**{**values, "teacher": TeacherCard(**raw["teacher"]), "label_names": tuple(raw["label_names"])})
         except TypeError as e:
             raise CacheFormatError(f"cache {manifest.key}: malformed teacher metadata ({e})") from None

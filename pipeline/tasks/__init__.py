@@ -1,9 +1,9 @@
 """Tasks: what a teacher emits per example, the student's head, the metric.
 
 Each task is one module defining a ``Task``; the stages ask it for the model class to
-load or build, and for the metrics of a model's outputs against the labels. A cache
-records the task it was captured for (``CacheMetadata.task``), and distill refuses a
-student config of another task.
+load or build, the columns a cache of it stores per example, and the metrics of a
+model's outputs against the labels. A cache records the task it was captured for
+(``CacheMetadata.task``), and distill refuses a student config of another task.
 
 Nothing heavy is imported here: the config names tasks without loading transformers.
 """
@@ -16,7 +16,7 @@ from .sequence_classification import SequenceClassification
 
 SEQUENCE_CLASSIFICATION = SequenceClassification()
 TASKS: dict[str, Task] = {task.name: task for task in (SEQUENCE_CLASSIFICATION,)}
-DEFAULT_TASK = SEQUENCE_CLASSIFICATION.name  # a config that names none, and caches written before tasks were named
+DEFAULT_TASK = SEQUENCE_CLASSIFICATION.name  # the teacher stage's task when the config names none
 
 
 def task_named(name: str) -> Task:

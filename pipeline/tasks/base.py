@@ -17,7 +17,7 @@ LABEL, LOGITS = "label", "logits"  # the row columns every task stores: the exam
 
 
 class Task(ABC):
-    """One task shape: its model class, its metrics and which of them ranks models.
+    """One task shape: its model class, what a cache of it stores per example, its metrics and which ranks models.
 
     Attributes:
         name: as configs and manifests spell it (``sequence-classification``).
