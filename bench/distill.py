@@ -35,7 +35,6 @@ from pipeline.runtime import resolve_device
 from pipeline.student.distill import TEACHER_ROOT, student_stream, train_pass
 from pipeline.student.inputs import TeacherCache, locate_cache
 from pipeline.student.streaming import CacheSource, LiveTeacher, TokenSource
-from pipeline.tasks import SEQUENCE_CLASSIFICATION
 from pipeline.training import Collator, evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,7 +86,7 @@ def main() -> None:
     cache = TeacherCache(locate_cache(cfg))
     device = resolve_device(cfg.device)
     tokenizer = cache.tokenizer
-    teacher = SEQUENCE_CLASSIFICATION.load_model(cache.teacher_dir(search=(TEACHER_ROOT,))).to(device).eval()
+    teacher = cache.task.load_model(cache.teacher_dir(search=(TEACHER_ROOT,))).to(device).eval()
     test = cache.rows("test")
     cached = FirstShards(CacheSource(cache.cache, "train"), args.shards)
     wanted = [("hidden_states", t) for t in student.teacher_layers]
