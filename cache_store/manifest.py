@@ -209,12 +209,6 @@ class Manifest:
     def rows(self) -> int:
         return sum(split.rows for split in self.splits.values())
 
-    def column(self, name: str) -> ColumnSpec:
-        for spec in self.columns:
-            if spec.name == name:
-                return spec
-        raise CacheFormatError(f"cache {self.key} has no column {name!r}; it has {[c.name for c in self.columns]}")
-
     def tensor(self, name: str) -> TensorSpec:
         for spec in self.tensors:
             if spec.name == name:
