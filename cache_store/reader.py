@@ -82,9 +82,8 @@ class Cache:
             )
         files = self.manifest.attachments[name]
         local = attachment_home() / self.key / name
-        if not self.location.is_local and local.is_dir():
-            if not _attachment_problems(files, {f: _read_or_none(Location(str(local)), f) for f in files}):
-                return local  # downloaded and verified before
+        if not self.location.is_local and _sound_copy(local, files):
+            return local  # downloaded and verified before
         blobs = {f: _read_or_none(self.location, f"{name}/{f}") for f in files}
         problems = _attachment_problems(files, blobs)
         if problems:
@@ -95,11 +94,10 @@ class Cache:
         for f, data in blobs.items():
             (staging / f).parent.mkdir(parents=True, exist_ok=True)
             (staging / f).write_bytes(data)
-        if local.is_dir():  # damaged, or another process (a torchrun rank) put a copy there meanwhile
-            if not _attachment_problems(files, {f: _read_or_none(Location(str(local)), f) for f in files}):
-                shutil.rmtree(staging)
-                return local
-            shutil.rmtree(local, ignore_errors=True)
+        if _sound_copy(local, files):  # another process (a torchrun rank) put a copy there meanwhile
+            shutil.rmtree(staging)
+            return local
+        shutil.rmtree(local, ignore_errors=True)  # damaged, if there at all
         try:
             os.replace(staging, local)
         except OSError:  # another process won the race; its copy is the same verified bytes
@@ -211,6 +209,13 @@ def verify_cache(location, **storage_options) -> dict[str, list[str]]:
         if problems:
             bad[name] = problems
     return bad
+
+
+def _sound_copy(folder: Path, files: dict[str, FileEntry]) -> bool:
+    """Whether a local folder holds every one of ``files``, each matching its entry."""
+    return folder.is_dir() and not _attachment_problems(
+        files, {f: _read_or_none(Location(str(folder)), f) for f in files}
+    )
 
 
 def _read_or_none(location: Location, relative: str) -> bytes | None:

@@ -121,27 +121,28 @@ class CacheWriter:
             raise ValueError(f"shard_index must be in [0, {num_shards}); got {shard_index!r}")
         todo = []
         for task in self.tasks[shard_index::num_shards]:
-            problem = self.shard_problem(task) if self.is_committed(task) else "not committed"
-            if problem is not None and problem != "not committed":
+            if not self.is_committed(task):
+                todo.append(task)
+                continue
+            _, problem = self.committed_entry(task)
+            if problem is not None:
                 self.damaged.append(f"{task.path}: {problem}")
                 self.location.remove(task.path)
-            if problem is not None:
                 todo.append(task)
         return todo
 
-    def shard_problem(self, task: ShardTask) -> str | None:
-        """Why the committed shard of ``task`` cannot be trusted, or None when it can.
+    def committed_entry(self, task: ShardTask) -> tuple[ShardEntry | None, str | None]:
+        """The committed shard's entry, and why the shard cannot be trusted (None when it can).
 
         Raises:
             CacheFormatError: the shard was computed by another producer than this writer.
         """
-        where = f"{self.location}/{task.path}/{SHARD_ENTRY_NAME}"
         try:
-            entry = ShardEntry.from_raw(json.loads(self.location.read_bytes(f"{task.path}/{SHARD_ENTRY_NAME}")), where)
+            entry = self._read_entry(task)
         except (ValueError, CacheFormatError, FileNotFoundError) as e:
-            return f"{SHARD_ENTRY_NAME} is unreadable ({e})"
+            return None, f"{SHARD_ENTRY_NAME} is unreadable ({e})"
         if (entry.path, entry.row_start, entry.row_end) != (task.path, task.row_start, task.row_end):
-            return f"{SHARD_ENTRY_NAME} describes {entry.path} rows {entry.row_start}..{entry.row_end}"
+            return entry, f"{SHARD_ENTRY_NAME} describes {entry.path} rows {entry.row_start}..{entry.row_end}"
         if entry.producer != self.producer:
             raise CacheFormatError(
                 f"cache {self.key}: shard {task.path} was computed with {_settings(entry.producer)}, this run "
@@ -151,8 +152,12 @@ class CacheWriter:
         sizes = self.location.file_sizes(task.path)
         for name, recorded in entry.files.items():
             if sizes.get(name) != recorded.bytes:
-                return f"{name} has {sizes.get(name, 'no')} bytes, its entry says {recorded.bytes}"
-        return None
+                return entry, f"{name} has {sizes.get(name, 'no')} bytes, its entry says {recorded.bytes}"
+        return entry, None
+
+    def _read_entry(self, task: ShardTask) -> ShardEntry:
+        raw = json.loads(self.location.read_bytes(f"{task.path}/{SHARD_ENTRY_NAME}"))
+        return ShardEntry.from_raw(raw, f"{self.location}/{task.path}/{SHARD_ENTRY_NAME}")
 
     def write_shard(
         self, task: ShardTask, rows: ShardRows, tensors: dict[tuple[str, int], list[np.ndarray]]
@@ -178,12 +183,8 @@ class CacheWriter:
 
     def committed_rows(self, split: str) -> list[ShardRows]:
         """The rows of every shard of ``split``, read back and verified (all must be committed)."""
-        out = []
-        for task in (t for t in self.tasks if t.split == split):
-            where = f"{self.location}/{task.path}/{SHARD_ENTRY_NAME}"
-            entry = ShardEntry.from_raw(json.loads(self.location.read_bytes(f"{task.path}/{SHARD_ENTRY_NAME}")), where)
-            out.append(read_shard(self.location, entry, {}, [], self.columns).rows)
-        return out
+        tasks = [t for t in self.tasks if t.split == split]
+        return [read_shard(self.location, self._read_entry(task), {}, [], self.columns).rows for task in tasks]
 
     def committed_count(self) -> int:
         return sum(self.is_committed(task) for task in self.tasks)
@@ -207,19 +208,16 @@ class CacheWriter:
         if self.committed_count() < len(self.tasks):
             self.close()
             return None
-        damaged = [f"{task.path}: {problem}" for task in self.tasks if (problem := self.shard_problem(task))]
+        checked = [(task, *self.committed_entry(task)) for task in self.tasks]
+        damaged = [f"{task.path}: {problem}" for task, _, problem in checked if problem]
         if damaged:
             self.close()
             raise CacheCorruptError(
                 f"cache {self.key} at {self.location}: damaged shards {damaged}; run the capture again to recompute them"
             )
-        entries = self.location.read_many([f"{task.path}/{SHARD_ENTRY_NAME}" for task in self.tasks])
         splits: dict[str, list[ShardEntry]] = {}
-        for task in self.tasks:
-            where = f"{self.location}/{task.path}/{SHARD_ENTRY_NAME}"
-            splits.setdefault(task.split, []).append(
-                ShardEntry.from_raw(json.loads(entries[f"{task.path}/{SHARD_ENTRY_NAME}"]), where)
-            )
+        for task, entry, _ in checked:
+            splits.setdefault(task.split, []).append(entry)
         manifest = Manifest(
             key=self.key,
             columns=self.columns,

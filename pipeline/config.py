@@ -80,16 +80,21 @@ class DatasetSpec:
             self.splits is None or self.files is None, "splits names the splits of a path or hub data set, not files"
         )
 
+    @property
+    def source(self) -> str:
+        """The definition's data as error messages name it: its path, its hub name, or its split files."""
+        return self.path or self.hub or "files"
+
     def paths(self) -> list[str]:
         """Every local data file the definition names (globs expanded, pkg:// resolved)."""
         patterns = [self.path] if self.path else []
         if self.files is not None:
             patterns += [p for p in dataclasses.astuple(self.files) if p]
-        found = []
-        for pattern in [*patterns, *self.unlabeled]:
-            resolved = resolve_location(pattern)
-            found += sorted(glob.glob(resolved)) or [resolved]
-        return found
+        return [
+            f
+            for pattern in [*patterns, *self.unlabeled]
+            for f in matching_files(pattern) or [resolve_location(pattern)]
+        ]
 
 
 @dataclass(frozen=True)
@@ -401,6 +406,15 @@ def _convert(hint, value, where: str):
             f"{where}: expected {hint.__name__}, got {value!r}",
         )
     return value
+
+
+def matching_files(pattern: str) -> list[str]:
+    """The files a data location names: a glob's matches (``**`` recursive), sorted, or the file itself;
+    none when nothing is there."""
+    resolved = resolve_location(pattern)
+    if any(c in resolved for c in "*?["):
+        return sorted(glob.glob(resolved, recursive=True))
+    return [resolved] if Path(resolved).exists() else []
 
 
 def resolve_location(location: str) -> str:

@@ -10,7 +10,6 @@ reported in one line (and in the cache's manifest), never dropped silently.
 
 from __future__ import annotations
 
-import glob
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 
-from .config import DataConfig, DatasetSpec, SplitSources, load_dataset_spec, resolve_location
+from .config import DataConfig, DatasetSpec, SplitSources, load_dataset_spec, matching_files, resolve_location
 from .contract import SPLITS, UNLABELED
 from .errors import DataError
 
@@ -109,7 +108,7 @@ def read_sources(spec: DatasetSpec) -> dict[str, datasets.Dataset]:
         parts = [_read_files(pattern, spec, labeled=False) for pattern in spec.unlabeled]
         tables["unlabeled"] = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     if WHOLE not in tables and "train" not in tables:
-        raise DataError(f"{spec.path or spec.hub or 'files'}: no train split among {sorted(tables)}")
+        raise DataError(f"{spec.source}: no train split among {sorted(tables)}")
     return tables
 
 
@@ -131,17 +130,16 @@ def _split_dict(loaded: datasets.DatasetDict, spec: DatasetSpec) -> dict[str, da
     wanted = _sources(spec.splits) if spec.splits is not None else {n: n for n in SPLITS if n in loaded}
     missing = [theirs for theirs in wanted.values() if theirs not in loaded]
     if missing:
-        raise DataError(f"{spec.path or spec.hub}: no split {missing}; it has {sorted(loaded)}")
+        raise DataError(f"{spec.source}: no split {missing}; it has {sorted(loaded)}")
     return {ours: loaded[theirs] for ours, theirs in wanted.items()}
 
 
 def _read_files(pattern: str, spec: DatasetSpec, *, labeled: bool = True) -> datasets.Dataset:
     """One table from a file or glob in the definition's format."""
-    resolved = resolve_location(pattern)
-    files = sorted(glob.glob(resolved, recursive=True)) if any(c in resolved for c in "*?[") else []
-    if not files and not Path(resolved).exists():
-        raise DataError(f"data file {pattern} not found at {resolved}")
-    fmt = spec.format or _format_from_name(Path(files[0] if files else resolved))
+    files = matching_files(pattern)
+    if not files:
+        raise DataError(f"data file {pattern} not found at {resolve_location(pattern)}")
+    fmt = spec.format or _format_from_name(Path(files[0]))
     if fmt not in _BUILDERS:
         raise DataError(f"unknown data format {fmt!r} for {pattern}; choose from {sorted([*_BUILDERS, 'hf'])}")
     builder, options = _BUILDERS[fmt]
@@ -151,9 +149,8 @@ def _read_files(pattern: str, spec: DatasetSpec, *, labeled: bool = True) -> dat
             options["column_names"] = list(spec.column_names)
         if not spec.quoting:
             options["quoting"] = 3  # csv.QUOTE_NONE: quote characters are text
-    data_files = [str(f) for f in files] or str(resolved)
     try:
-        return datasets.load_dataset(builder, data_files=data_files, split="train", **options)
+        return datasets.load_dataset(builder, data_files=files, split="train", **options)
     except (ValueError, datasets.exceptions.DatasetGenerationError) as e:
         raise DataError(f"cannot read {pattern} as {fmt} ({e.__cause__ or e})") from None
 
@@ -183,9 +180,7 @@ def to_text_data(tables: dict[str, datasets.Dataset], spec: DatasetSpec) -> tupl
         wanted = [*spec.text_columns, *([spec.label_column] if labeled else [])]
         missing = [c for c in wanted if c not in table.column_names]
         if missing:
-            raise DataError(
-                f"{source} of {spec.path or spec.hub or 'files'}: no column(s) {missing}; it has {table.column_names}"
-            )
+            raise DataError(f"{source} of {spec.source}: no column(s) {missing}; it has {table.column_names}")
         columns = [table[c] for c in spec.text_columns]
         raw = _label_strings(table, spec.label_column) if labeled else [None] * len(table)
         texts = [tuple("" if col[i] is None else str(col[i]) for col in columns) for i in range(len(table))]
@@ -194,7 +189,7 @@ def to_text_data(tables: dict[str, datasets.Dataset], spec: DatasetSpec) -> tupl
         keep = np.flatnonzero(known & ~empty)
         dropped[source] = {UNKNOWN_LABEL: int((~known).sum()), EMPTY_TEXT: int((empty & known).sum())}
         if not len(keep):
-            raise DataError(f"{source} of {spec.path or spec.hub or 'files'}: no usable row ({dropped[source]}); "
+            raise DataError(f"{source} of {spec.source}: no usable row ({dropped[source]}); "
                             f"label_names is {list(names)}")  # fmt: skip
         labels = np.array([index[raw[i]] if labeled else UNLABELED for i in keep], dtype=np.int64)
         out[source] = TextData(np.arange(next_id, next_id + len(keep), dtype=np.int64), [texts[i] for i in keep],

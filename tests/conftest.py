@@ -76,12 +76,8 @@ def tiny_dataset(tmp_path_factory) -> Path:
     """A dataset definition (YAML) over 120 synthetic reviews plus one row to drop."""
     root = tmp_path_factory.mktemp("tiny-data")
     write_reviews(root / "reviews.csv", 120)
-    definition = root / "reviews.yaml"
-    definition.write_text(yaml.safe_dump({
-        "path": str(root / "reviews.csv"), "text_columns": ["review"],
-        "label_column": "sentiment", "label_names": ["neg", "pos"],
-    }))  # fmt: skip
-    return definition
+    return write_definition(root / "reviews.yaml", path=str(root / "reviews.csv"), text_columns=["review"],
+                            label_column="sentiment", label_names=["neg", "pos"])  # fmt: skip
 
 
 @pytest.fixture(scope="session")
@@ -89,10 +85,13 @@ def pairs_dataset(tmp_path_factory) -> Path:
     """A dataset definition over 120 synthetic sentence pairs (premise, hypothesis, label)."""
     root = tmp_path_factory.mktemp("pairs-data")
     write_pairs(root / "pairs.csv", 120)
-    definition = root / "pairs.yaml"
-    definition.write_text(yaml.safe_dump({
-        "path": str(root / "pairs.csv"), "text_columns": ["premise", "hypothesis"], "label_column": "label",
-    }))  # fmt: skip
+    return write_definition(root / "pairs.yaml", path=str(root / "pairs.csv"), text_columns=["premise", "hypothesis"],
+                            label_column="label")  # fmt: skip
+
+
+def write_definition(definition: Path, **fields) -> Path:
+    """A dataset definition (YAML) with these fields, at ``definition``."""
+    definition.write_text(yaml.safe_dump(fields))
     return definition
 
 

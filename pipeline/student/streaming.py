@@ -62,17 +62,24 @@ Select = Callable[[TeacherStats], np.ndarray]  # a boolean mask of the rows to s
 
 
 class CacheSource:
-    """Shards of one cache split: their row counts, row statistics, and the shards themselves."""
+    """Shards of one cache split: their row counts, row statistics, and the shards themselves.
+
+    Each shard's rows are read once and kept (they are small beside its tensors): every
+    pass plans its batches from them.
+    """
 
     def __init__(self, cache: Cache, split: str):
         self.cache, self.split = cache, split
         self.entries = cache.shards(split)
+        self._rows: dict[int, ShardRows] = {}
 
     def __len__(self) -> int:
         return len(self.entries)
 
     def rows(self, shard: int) -> ShardRows:
-        return self.cache.read_shard(self.entries[shard], []).rows
+        if shard not in self._rows:
+            self._rows[shard] = self.cache.read_shard(self.entries[shard], []).rows
+        return self._rows[shard]
 
     def read(self, shard: int, wanted: list[tuple[str, int]]) -> ShardData:
         return self.cache.read_shard(self.entries[shard], wanted)

@@ -113,7 +113,7 @@ def plan_cache(cfg: ExperimentConfig) -> CachePlan:
 
 
 def run_capture(cfg: ExperimentConfig, *, num_shards: int = 1, shard_index: int = 0) -> CaptureResult:
-    """Capture the teacher's logits, hidden states and attention maps for the train and validation splits.
+    """Capture the teacher's outputs for train, validation and test (tensors for ``capture.tensor_splits``).
 
     Reuses a complete cache with the same key at once, resumes a partial one from its
     committed shards, and with ``num_shards`` > 1 fills only every ``num_shards``-th shard
@@ -150,10 +150,14 @@ def _capture(cfg: ExperimentConfig, ranks: Ranks, *, num_shards: int, shard_inde
             name_cache(cfg.capture.cache_root, cfg.name, plan.key, record=experiment_identity(cfg))
         say(f"reused cache {plan.key} at {plan.location} ({manifest.rows} rows, {manifest.bytes / 1e6:.1f} MB)")
         return CaptureResult(plan.location, plan.key, manifest, reused=True)
-    device = resolve_device(cfg.device, ranks)
-    model = teacher_task(cfg).load_model(plan.teacher_path, attention_maps=bool(cfg.capture.attention_layers))
-    model = model.to(device).eval()
+    model = load_teacher(cfg, plan, resolve_device(cfg.device, ranks))
     return fill_cache(cfg, plan, model, ranks=ranks, num_shards=num_shards, shard_index=shard_index)
+
+
+def load_teacher(cfg: ExperimentConfig, plan: CachePlan, device: torch.device):
+    """The plan's teacher in eval mode on ``device``, with eager attention when attention maps are captured."""
+    model = teacher_task(cfg).load_model(plan.teacher_path, attention_maps=bool(cfg.capture.attention_layers))
+    return model.to(device).eval()
 
 
 def fill_cache(cfg: ExperimentConfig, plan: CachePlan, model, *, ranks: Ranks = ALONE, num_shards: int = 1,
@@ -295,8 +299,7 @@ def estimate_capture(cfg: ExperimentConfig, *, sample_rows: int = 256) -> Captur
     """
     plan = plan_cache(cfg)
     device = resolve_device(cfg.device)
-    model = teacher_task(cfg).load_model(plan.teacher_path, attention_maps=bool(cfg.capture.attention_layers))
-    model = model.to(device).eval()
+    model = load_teacher(cfg, plan, device)
     forward = TeacherForward(model, Collator.for_model(load_tokenizer(plan.teacher_path), model.config), cfg.capture,
                              device=device, precision=resolve_precision(cfg.capture.precision, device))  # fmt: skip
     specs = tensor_specs(cfg, model.config)
