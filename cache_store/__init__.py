@@ -8,7 +8,7 @@ lists, removes and copies caches. The format is described in docs/cache-format.m
 from .catalog import CacheListing, describe, list_caches, name_cache, named_cache, push_cache, remove_cache
 from .errors import CacheBusyError, CacheCorruptError, CacheError, CacheFormatError, CacheNotFoundError
 from .fingerprint import Fingerprint, file_digest
-from .manifest import FORMAT_VERSION, MANIFEST_NAME, ColumnSpec, Manifest, ShardEntry, TensorSpec
+from .manifest import FORMAT_VERSION, MANIFEST_NAME, STRING, ColumnSpec, Manifest, ShardEntry, TensorSpec
 from .reader import Cache, open_cache, verify_cache
 from .shard import ShardData, ShardRows
 from .storage import Location
@@ -26,6 +26,7 @@ __all__ = [
     "CacheListing",
     "CacheNotFoundError",
     "CacheWriter",
+    "STRING",
     "ColumnSpec",
     "Fingerprint",
     "Location",

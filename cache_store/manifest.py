@@ -29,7 +29,8 @@ MANIFEST_NAME = "manifest.json"
 SHARD_ENTRY_NAME = "shard.json"
 TOKENS = "L"  # the placeholder for an example's token count in a tensor's shape
 DTYPES = ("float16", "float32", "bfloat16")
-COLUMN_DTYPES = ("int32", "int64", "float16", "float32")
+STRING = "string"  # a column dtype: UTF-8 text, one per example (a QA context) or a list ("*",) of them
+COLUMN_DTYPES = ("int32", "int64", "float16", "float32", STRING)
 ANY = "*"  # the placeholder for a column axis of any length (per example)
 CORE_COLUMNS = ("example_id", "input_ids", "length")  # every rows.arrow has them, before the declared ones
 QUANTIZATIONS = (None, "sqrt-uint8")
@@ -117,6 +118,8 @@ class ColumnSpec:
             raise ValueError(f"column name {self.name!r} must be a plain name other than {list(CORE_COLUMNS)}")
         if self.dtype not in COLUMN_DTYPES:
             raise ValueError(f"column {self.name!r} dtype must be one of {COLUMN_DTYPES}; got {self.dtype!r}")
+        if self.dtype == STRING and self.shape not in ((), (ANY,)):
+            raise ValueError(f"string column {self.name!r} must be one text per example () or a list ('*',)")
         fixed = self.shape[1:] if self.ragged else self.shape
         if not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in fixed):
             raise ValueError(f"column {self.name!r} shape {self.shape}: only its first axis may be 'L' or '*'")

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import CacheCorruptError, CacheFormatError, CacheNotFoundError
-from .manifest import MANIFEST_NAME, ColumnSpec, FileEntry, Manifest, ShardEntry, SplitEntry
+from .manifest import MANIFEST_NAME, STRING, ColumnSpec, FileEntry, Manifest, ShardEntry, SplitEntry
 from .shard import TENSORS_DIR, ShardData, decode, file_problem, read_shard, verify_shard
 from .storage import Location
 
@@ -139,6 +139,9 @@ class Cache:
 
         meta = pd.DataFrame({"example_id": pd.Series(dtype=np.int64), "length": pd.Series(dtype=np.int32)})
         for spec in self.manifest.columns:
+            if spec.dtype == STRING:
+                meta[spec.name] = pd.Series(dtype=object)
+                continue
             for name, _ in _frame_columns(spec, np.zeros((0, *spec.tail), spec.dtype)):
                 flat = not spec.ragged and len(spec.tail) <= 1
                 meta[name] = pd.Series(dtype=spec.dtype if flat else object)
@@ -164,6 +167,8 @@ class Cache:
 def _frame_columns(spec: ColumnSpec, values) -> list[tuple[str, object]]:
     """A declared column as DataFrame columns: a scalar as itself, a vector split into one column
     per entry, anything else as one column of lists."""
+    if spec.dtype == STRING:
+        return [(spec.name, values)]
     if spec.ragged or len(spec.tail) > 1:
         return [(spec.name, [np.asarray(v).tolist() for v in values])]
     if not spec.tail:

@@ -26,7 +26,7 @@ from zarr.core.buffer import cpu
 from zarr.storage import MemoryStore
 
 from .errors import CacheCorruptError, CacheFormatError
-from .manifest import SHARD_ENTRY_NAME, TOKENS, ColumnSpec, FileEntry, ShardEntry, TensorSpec
+from .manifest import SHARD_ENTRY_NAME, STRING, TOKENS, ColumnSpec, FileEntry, ShardEntry, TensorSpec
 from .storage import Location
 
 ROWS_FILE = "rows.arrow"
@@ -35,7 +35,7 @@ _CHUNK_BYTES = 4 << 20
 _CODECS = {"zstd": lambda: [zarr.codecs.ZstdCodec(level=1)], "none": lambda: None}
 
 
-Column = np.ndarray | list[np.ndarray]  # (N, *shape), or N arrays (n_i, *tail) for a ragged column
+Column = np.ndarray | list  # (N, *shape), or N arrays (n_i, *tail) for a ragged column; strings as lists of str
 
 
 @dataclass
@@ -55,6 +55,23 @@ class ShardRows:
     @property
     def lengths(self) -> np.ndarray:
         return np.array([len(ids) for ids in self.input_ids], dtype=np.int32)
+
+    def take(self, index: np.ndarray) -> ShardRows:
+        """The rows at ``index``, in that order."""
+        columns = {name: value[index] if isinstance(value, np.ndarray) else [value[i] for i in index]
+                   for name, value in self.columns.items()}  # fmt: skip
+        return ShardRows(self.example_id[index], [self.input_ids[i] for i in index], columns)
+
+    @classmethod
+    def concat(cls, parts: list[ShardRows]) -> ShardRows:
+        """The rows of ``parts`` one after another (the parts hold the same columns)."""
+        columns = {}
+        for name, first in parts[0].columns.items():
+            values = [part[name] for part in parts]
+            columns[name] = (
+                np.concatenate(values) if isinstance(first, np.ndarray) else [v for vs in values for v in vs]
+            )
+        return cls(np.concatenate([p.example_id for p in parts]), [ids for p in parts for ids in p.input_ids], columns)
 
 
 @dataclass
@@ -108,7 +125,7 @@ def decode(stored: np.ndarray, spec: TensorSpec) -> np.ndarray:
 
 def arrow_type(spec: ColumnSpec) -> pa.DataType:
     """The Arrow type of a column: scalar, fixed_size_list for fixed axes, list for the varying one."""
-    value = pa.from_numpy_dtype(np.dtype(spec.dtype))
+    value = pa.string() if spec.dtype == STRING else pa.from_numpy_dtype(np.dtype(spec.dtype))
     for size in reversed(spec.tail):
         value = pa.list_(value, size)
     return pa.list_(value) if spec.ragged else value
@@ -126,6 +143,11 @@ def check_rows(rows: ShardRows, columns: tuple[ColumnSpec, ...]) -> None:
     n, lengths = len(rows), rows.lengths
     for spec in columns:
         value = rows[spec.name]
+        if spec.dtype == STRING:
+            if len(value) != n or not all(_strings(v, spec.ragged) for v in value):
+                what = "lists of strings" if spec.ragged else "strings"
+                raise ValueError(f"column {spec.name} must be {n} {what}")
+            continue
         if not spec.ragged:
             if np.shape(value) != (n, *spec.tail):
                 raise ValueError(f"column {spec.name} must be {(n, *spec.tail)}; got {np.shape(value)}")
@@ -192,8 +214,14 @@ def _rows_bytes(rows: ShardRows, columns: tuple[ColumnSpec, ...]) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
+def _strings(value, ragged: bool) -> bool:
+    return all(isinstance(v, str) for v in value) if ragged else isinstance(value, str)
+
+
 def _column_array(value: Column, spec: ColumnSpec) -> pa.Array:
     """A column as Arrow: the values flat, wrapped in fixed-size lists for the fixed axes, a list for the ragged one."""
+    if spec.dtype == STRING:
+        return pa.array([list(v) for v in value] if spec.ragged else list(value), arrow_type(spec))
     parts = value if spec.ragged else [value]
     flat = np.concatenate([np.asarray(v, spec.dtype).reshape(-1) for v in parts]) if len(parts) else np.zeros(0)
     array = pa.array(flat.astype(spec.dtype, copy=False))
@@ -206,7 +234,9 @@ def _column_array(value: Column, spec: ColumnSpec) -> pa.Array:
 
 
 def _column_values(array: pa.Array, spec: ColumnSpec) -> Column:
-    """Undo ``_column_array``: (N, *tail), or N arrays (n_i, *tail)."""
+    """Undo ``_column_array``: (N, *tail), or N arrays (n_i, *tail); strings as a list of str (or of lists)."""
+    if spec.dtype == STRING:
+        return array.to_pylist()
     offsets = None
     if spec.ragged:
         offsets, array = array.offsets.to_numpy(), array.values

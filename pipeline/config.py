@@ -105,10 +105,12 @@ class DataConfig:
     labeled_train_size: int | None = None  # keep labels on this many training rows; the rest are unlabeled
     max_examples: int | None = None  # use only this many rows in all (quick runs); None: all
     max_length: int = 128  # tokens per example after truncation
+    doc_stride: int = 64  # question answering: tokens by which a long context's windows overlap
 
     def __post_init__(self):
         _check(self.test_size > 0 and self.validation_size > 0, "data.test_size and data.validation_size must be > 0")
         _check(self.max_length >= 8, f"data.max_length must be >= 8; got {self.max_length!r}")
+        _check(self.doc_stride >= 1, f"data.doc_stride must be >= 1; got {self.doc_stride!r}")
         _check(
             self.labeled_train_size is None or self.labeled_train_size > 0,
             f"data.labeled_train_size must be > 0 or null; got {self.labeled_train_size!r}",

@@ -14,22 +14,38 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from cache_store import CacheFormatError, Fingerprint, Manifest
+import numpy as np
+
+from cache_store import CacheFormatError, Fingerprint, Manifest, ShardRows
 
 from .config import CaptureConfig, ExperimentConfig, load_dataset_spec, resolve_location
 from .models import model_files
 
 SPLITS = ("train", "validation", "test")  # every teacher cache holds all three
-UNLABELED = -1  # the label of a training row without one: the teacher's logits teach it
 HIDDEN, ATTENTION = "hidden_states", "attentions"  # the ragged tensors, by layer
 TOKENIZER, TEACHER = "tokenizer", "teacher"  # attachments: the tokenizer's files, the teacher's checkpoint
 TEACHER_RECORD = "teacher.json"  # beside a fine-tuned teacher's weights: its key, fingerprint and epochs
-LABELS, TEACHER_LOGITS = "labels", "teacher_logits"  # batch keys of the targets
+TEACHER_LOGITS = "teacher_logits"  # the batch key of the teacher's logits (the rows' other columns keep their names)
 
 
 def tensor_key(name: str, layer: int) -> str:
     """The batch key of a teacher tensor: ``hidden_states/3``."""
     return f"{name}/{layer}"
+
+
+def update_rows(fp: Fingerprint, name: str, rows: ShardRows) -> Fingerprint:
+    """Add rows' token ids, lengths, example ids and every column (arrays by bytes, text as JSON)."""
+    fp.update_array(f"{name}/ids", np.concatenate(rows.input_ids) if len(rows) else np.zeros(0, np.int32))
+    fp.update_array(f"{name}/lengths", rows.lengths).update_array(f"{name}/example_id", rows.example_id)
+    for column, value in sorted(rows.columns.items()):
+        if isinstance(value, np.ndarray):
+            fp.update_array(f"{name}/{column}", value)
+        elif value and isinstance(value[0], np.ndarray):
+            fp.update_array(f"{name}/{column}", np.concatenate([v.reshape(-1) for v in value]))
+            fp.update_array(f"{name}/{column}/shapes", np.array([v.shape for v in value]))
+        else:
+            fp.update_json(f"{name}/{column}", value)
+    return fp
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

@@ -4,7 +4,8 @@ A dataset definition under data/ names one file (split at random with a fixed se
 file or glob per split (GLUE's train.tsv and dev.tsv, say), a saved Hugging Face data set
 or one in the local Hugging Face cache by name (their own splits), and optionally files
 of unlabeled transfer text. Every format ``datasets`` reads works: CSV/TSV (headerless
-too), JSON/JSONL, Parquet. Rows that cannot be used are counted, by split and reason, and
+too), JSON/JSONL, Parquet; and CoNLL files of tagged words, plain or compressed. The task
+(``pipeline.tasks``) says what a row's texts and label are: a class, tags per word, answers. Rows that cannot be used are counted, by split and reason, and
 reported in one line (and in the cache's manifest), never dropped silently.
 """
 
@@ -15,14 +16,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
+import fsspec
 import numpy as np
 
 from .config import DataConfig, DatasetSpec, SplitSources, load_dataset_spec, matching_files, resolve_location
-from .contract import SPLITS, UNLABELED
+from .contract import SPLITS
 from .errors import DataError
+from .tasks import SEQUENCE_CLASSIFICATION, Problem, Task
 
 WHOLE = "data set"  # the source name of a data set given as one file (split at random)
-UNKNOWN_LABEL, EMPTY_TEXT, IN_TEST = "label not in label_names", "empty text", "text also in test"
+EMPTY_TEXT, IN_TEST = "empty text", "text also in test"
 _COMPRESSED = {".bz2", ".gz", ".xz", ".zst", ".zip"}
 _BUILDERS = {"csv": ("csv", {}), "tsv": ("csv", {"delimiter": "\t"}), "json": ("json", {}),
              "jsonl": ("json", {}), "parquet": ("parquet", {})}  # fmt: skip
@@ -30,21 +33,27 @@ _BUILDERS = {"csv": ("csv", {}), "tsv": ("csv", {"delimiter": "\t"}), "json": ("
 
 @dataclass(frozen=True)
 class TextData:
-    """Texts with integer labels; ``example_id`` is each row's index among the data set's usable rows."""
+    """Rows of text with their labels as the task reads them; ``example_id`` is each row's index
+    among the data set's usable rows."""
 
     example_id: np.ndarray  # (N,) int64
-    texts: list[tuple[str, ...]]  # one or two texts per row
-    labels: np.ndarray  # (N,) int64; UNLABELED where hidden
+    texts: list[tuple[str, ...]]  # per row: one or two texts, a sentence's words, or a question and its context
+    labels: np.ndarray  # (N,) per row its label as the task reads it (a class id, tag ids, answers); object or int64
+    labeled: np.ndarray  # (N,) bool: False where the label is hidden (transfer text) or there is none
     label_names: tuple[str, ...]
 
     def __len__(self) -> int:
         return len(self.example_id)
 
     def take(self, index: np.ndarray) -> TextData:
-        return TextData(self.example_id[index], [self.texts[i] for i in index], self.labels[index], self.label_names)
+        return TextData(self.example_id[index], [self.texts[i] for i in index], self.labels[index],
+                        self.labeled[index], self.label_names)  # fmt: skip
 
-    def with_labels(self, labels: np.ndarray) -> TextData:
-        return TextData(self.example_id, self.texts, labels, self.label_names)
+    def hiding(self, index: np.ndarray) -> TextData:
+        """These rows with the labels at ``index`` hidden (unlabeled rows)."""
+        labeled = self.labeled.copy()
+        labeled[index] = False
+        return TextData(self.example_id, self.texts, self.labels, labeled, self.label_names)
 
 
 @dataclass(frozen=True)
@@ -64,7 +73,7 @@ class Splits:
     def summary(self) -> str:
         """One line: rows per split, labeled training rows, and every row left out, by where and why."""
         sizes = ", ".join(f"{name} {len(self.parts[name]):,}" for name in SPLITS)
-        labeled = int((self.parts["train"].labels != UNLABELED).sum())
+        labeled = int(self.parts["train"].labeled.sum())
         dropped = [f"{n:,} {where} rows ({why})" for where, reasons in self.dropped.items()
                    for why, n in reasons.items() if n]  # fmt: skip
         line = f"data: {sizes} rows ({labeled:,} labeled training rows)"
@@ -77,11 +86,11 @@ def normalized(texts: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(" ".join(unicodedata.normalize("NFKC", t).casefold().split()) for t in texts)
 
 
-def load_splits(cfg: DataConfig, *, seed: int) -> Splits:
-    """Load the configured data set and split it (see ``split_sources``)."""
+def load_splits(cfg: DataConfig, *, seed: int, task: Task = SEQUENCE_CLASSIFICATION) -> Splits:
+    """Load the configured data set as ``task`` reads it, and split it (see ``split_sources``)."""
     spec = load_dataset_spec(cfg.dataset)
     tables = read_sources(spec)
-    return split_sources(to_text_data(tables, spec), cfg, seed=seed)
+    return split_sources(to_text_data(tables, spec, task=task), cfg, seed=seed)
 
 
 def read_sources(spec: DatasetSpec) -> dict[str, datasets.Dataset]:
@@ -140,8 +149,10 @@ def _read_files(pattern: str, spec: DatasetSpec, *, labeled: bool = True) -> dat
     if not files:
         raise DataError(f"data file {pattern} not found at {resolve_location(pattern)}")
     fmt = spec.format or _format_from_name(Path(files[0]))
+    if fmt == "conll":
+        return _read_conll(files, spec, labeled=labeled)
     if fmt not in _BUILDERS:
-        raise DataError(f"unknown data format {fmt!r} for {pattern}; choose from {sorted([*_BUILDERS, 'hf'])}")
+        raise DataError(f"unknown data format {fmt!r} for {pattern}; choose from {sorted([*_BUILDERS, 'conll', 'hf'])}")
     builder, options = _BUILDERS[fmt]
     if builder == "csv":
         options = {**options, "encoding": spec.encoding}
@@ -155,6 +166,38 @@ def _read_files(pattern: str, spec: DatasetSpec, *, labeled: bool = True) -> dat
         raise DataError(f"cannot read {pattern} as {fmt} ({e.__cause__ or e})") from None
 
 
+def _read_conll(files: list[str], spec: DatasetSpec, *, labeled: bool) -> datasets.Dataset:
+    """Sentences of a CoNLL file: one word per line with its tag in the last column (``word<TAB>tag``,
+    or CoNLL-2003's four columns), a blank line between sentences, ``-DOCSTART-`` lines skipped.
+    Columns: ``text_columns[0]`` (the words) and ``label_column`` (the tags; absent when unlabeled).
+
+    Raises:
+        DataError: a labeled line without a tag, naming its file and line.
+    """
+    words, tags, sentence, sentence_tags = [], [], [], []
+    for file in files:
+        with fsspec.open(file, "rt", encoding=spec.encoding, compression="infer") as f:
+            for number, line in enumerate(f, 1):
+                fields = line.split()
+                if fields and fields[0] == "-DOCSTART-":
+                    continue
+                if fields:
+                    if labeled and len(fields) < 2:
+                        raise DataError(f"{file} line {number}: {line.strip()!r} has no tag (CoNLL: word<TAB>tag)")
+                    sentence.append(fields[0])
+                    sentence_tags.append(fields[-1])
+                if not fields and sentence:
+                    words.append(sentence)
+                    tags.append(sentence_tags)
+                    sentence, sentence_tags = [], []
+            if sentence:  # a file that does not end with a blank line
+                words.append(sentence)
+                tags.append(sentence_tags)
+                sentence, sentence_tags = [], []
+    columns = {spec.text_columns[0]: words} | ({spec.label_column: tags} if labeled else {})
+    return datasets.Dataset.from_dict(columns)
+
+
 def _format_from_name(path: Path) -> str:
     if path.is_dir():
         return "hf"
@@ -162,17 +205,22 @@ def _format_from_name(path: Path) -> str:
     return suffixes[-1].lstrip(".").lower() if suffixes else ""
 
 
-def to_text_data(tables: dict[str, datasets.Dataset], spec: DatasetSpec) -> tuple[dict[str, TextData], dict]:
-    """Each source's usable rows with class ids, and the rows dropped per source and reason.
+def to_text_data(tables: dict[str, datasets.Dataset], spec: DatasetSpec, *,
+                 task: Task = SEQUENCE_CLASSIFICATION) -> tuple[dict[str, TextData], dict]:  # fmt: skip
+    """Each source's usable rows with their labels as ``task`` reads them, and the rows dropped per
+    source and reason.
 
-    Example ids number the usable rows of all sources in order. Labels map through
-    ``label_names`` (or the column's class names, or its sorted values); a row with any
-    other label, or an empty or missing text, is dropped and counted.
+    Example ids number the usable rows of all sources in order. Class names come from
+    ``label_names`` (or the column's class names, or its values); a row whose label the
+    task cannot read (an unknown class, a tag count that differs from the word count, an
+    answer not in its context), or without text, is dropped and counted.
 
     Raises:
         DataError: missing columns, or a source with no usable row.
     """
-    names = spec.label_names or _label_names(tables, spec)
+    labeled_tables = {source: t for source, t in tables.items() if source != "unlabeled"}
+    names = spec.label_names or _label_names(labeled_tables, spec, task)
+    task.check_label_names(names)
     index = {name: i for i, name in enumerate(names)}
     out, dropped, next_id = {}, {}, 0
     for source, table in tables.items():
@@ -182,38 +230,58 @@ def to_text_data(tables: dict[str, datasets.Dataset], spec: DatasetSpec) -> tupl
         if missing:
             raise DataError(f"{source} of {spec.source}: no column(s) {missing}; it has {table.column_names}")
         columns = [table[c] for c in spec.text_columns]
-        raw = _label_strings(table, spec.label_column) if labeled else [None] * len(table)
-        texts = [tuple("" if col[i] is None else str(col[i]) for col in columns) for i in range(len(table))]
-        empty = np.array([any(not t.strip() for t in row) for row in texts], bool)
-        known = np.array([not labeled or v in index for v in raw], bool)
-        keep = np.flatnonzero(known & ~empty)
-        dropped[source] = {UNKNOWN_LABEL: int((~known).sum()), EMPTY_TEXT: int((empty & known).sum())}
-        if not len(keep):
-            raise DataError(f"{source} of {spec.source}: no usable row ({dropped[source]}); "
-                            f"label_names is {list(names)}")  # fmt: skip
-        labels = np.array([index[raw[i]] if labeled else UNLABELED for i in keep], dtype=np.int64)
-        out[source] = TextData(np.arange(next_id, next_id + len(keep), dtype=np.int64), [texts[i] for i in keep],
-                               labels, tuple(names))  # fmt: skip
-        next_id += len(keep)
+        raw = _label_values(table, spec.label_column) if labeled else [None] * len(table)
+        reasons: dict[str, int] = {}
+        kept = []  # (row, texts, label)
+        for i in range(len(table)):
+            texts = task.row_texts([col[i] for col in columns])
+            label = task.read_label(raw[i], index, texts) if labeled and texts is not None else None
+            problem = EMPTY_TEXT if texts is None else label if isinstance(label, Problem) else None
+            if problem:
+                reasons[problem] = reasons.get(problem, 0) + 1
+            else:
+                kept.append((texts, label))
+        dropped[source] = reasons
+        if not kept:
+            raise DataError(f"{source} of {spec.source}: no usable row ({reasons}); label_names is {list(names)}")
+        labels = _objects([label for _, label in kept])
+        if labeled and all(isinstance(v, int) for v in labels):
+            labels = labels.astype(np.int64)
+        out[source] = TextData(np.arange(next_id, next_id + len(kept), dtype=np.int64), [t for t, _ in kept],
+                               labels, np.full(len(kept), labeled), tuple(names))  # fmt: skip
+        next_id += len(kept)
     return out, dropped
 
 
-def _label_strings(table: datasets.Dataset, column: str) -> list[str | None]:
-    """A label column as text: class names for a ClassLabel column, else each value's str."""
-    feature = table.features[column]
-    values = table[column]
+def _objects(values: list) -> np.ndarray:
+    """An object array of ``values`` as they are (numpy would stack arrays of equal length)."""
+    out = np.empty(len(values), dtype=object)
+    for i, value in enumerate(values):
+        out[i] = value
+    return out
+
+
+def _label_values(table: datasets.Dataset, column: str) -> list:
+    """A label column with class ids as their names (a ClassLabel column, or a sequence of them);
+    other values as they are (text, lists, dicts)."""
+    feature, values = table.features[column], table[column]
     if isinstance(feature, datasets.ClassLabel):
         return [feature.names[v] if v is not None and 0 <= v < feature.num_classes else None for v in values]
-    return [None if v is None else str(v) for v in values]
+    inner = getattr(feature, "feature", None)
+    if isinstance(inner, datasets.ClassLabel):
+        return [None if v is None else [inner.names[t] for t in v] for v in values]
+    return [None if v is None else v if isinstance(v, list | dict) else str(v) for v in values]
 
 
-def _label_names(tables: dict[str, datasets.Dataset], spec: DatasetSpec) -> tuple[str, ...]:
-    labeled = [t for source, t in tables.items() if source != "unlabeled"]
-    feature = labeled[0].features.get(spec.label_column) if labeled else None
-    if isinstance(feature, datasets.ClassLabel):
-        return tuple(feature.names)
-    values = {v for t in labeled if spec.label_column in t.column_names for v in _label_strings(t, spec.label_column)}
-    return tuple(sorted(v for v in values if v is not None))
+def _label_names(tables: dict[str, datasets.Dataset], spec: DatasetSpec, task: Task) -> tuple[str, ...]:
+    """The class names of a definition without ``label_names``: its column's class names, else the task's from the labels."""
+    for table in tables.values():
+        feature = table.features.get(spec.label_column)
+        feature = getattr(feature, "feature", feature)
+        if isinstance(feature, datasets.ClassLabel):
+            return tuple(feature.names)
+    return task.label_names([v for t in tables.values() if spec.label_column in t.column_names
+                             for v in _label_values(t, spec.label_column)])  # fmt: skip
 
 
 def _size(value: int | float, total: int) -> int:
@@ -281,9 +349,7 @@ def split_sources(loaded: tuple[dict[str, TextData], dict], cfg: DataConfig, *, 
     labeled = np.arange(len(train))
     if sizes["labeled_train_size"] is not None and sizes["labeled_train_size"] < len(labeled):
         kept = np.random.default_rng([seed, 1]).choice(labeled, sizes["labeled_train_size"], replace=False)
-        labels = train.labels.copy()
-        labels[np.setdiff1d(labeled, kept)] = UNLABELED
-        train = train.with_labels(labels)
+        train = train.hiding(np.setdiff1d(labeled, kept))
     if "unlabeled" in parts:
         train = _interleaved(train, parts.pop("unlabeled"), np.random.default_rng([seed, 4]))
     parts["train"] = train
@@ -309,13 +375,6 @@ def _scaled(value, fraction: float):
 
 
 def _concat(a: TextData, b: TextData) -> TextData:
-    return TextData(np.concatenate([a.example_id, b.example_id]), a.texts + b.texts,
-                    np.concatenate([a.labels, b.labels]), a.label_names)  # fmt: skip
-
-
-def tokenize(tokenizer, data: TextData, *, max_length: int) -> list[np.ndarray]:
-    """Token ids per example (no padding), truncated to ``max_length``."""
-    columns = list(zip(*data.texts, strict=True)) if data.texts else [[]]
-    encoded = tokenizer(*[list(c) for c in columns], truncation=True, max_length=max_length,
-                        return_attention_mask=False, return_token_type_ids=False)  # fmt: skip
-    return [np.asarray(ids, dtype=np.int32) for ids in encoded["input_ids"]]
+    labels = _objects([*a.labels, *b.labels])  # an unlabeled row's label is None
+    return TextData(np.concatenate([a.example_id, b.example_id]), a.texts + b.texts, labels,
+                    np.concatenate([a.labeled, b.labeled]), a.label_names)  # fmt: skip

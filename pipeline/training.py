@@ -15,8 +15,11 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
+from cache_store import ShardRows
+
 from .errors import CheckpointError
 from .runtime import CPU, autocast
+from .tasks.base import Outputs, Task, padded
 
 Batch = dict[str, torch.Tensor]
 
@@ -106,17 +109,33 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+def collate_rows(collate: Collator, rows: ShardRows, index: np.ndarray, fills: dict[str, int]) -> Batch:
+    """A batch of the rows at ``index``: the model inputs, and each column of ``fills`` (stacked, or
+    padded to the batch's length with its fill where it is per token); integer columns as int64."""
+    batch = collate([rows.input_ids[i] for i in index])
+    length = batch["input_ids"].shape[1]
+    for name, fill in fills.items():
+        value = rows[name]
+        value = value[index] if isinstance(value, np.ndarray) else padded([value[i] for i in index], length, fill)
+        batch[name] = torch.from_numpy(value.astype(np.int64) if value.dtype.kind == "i" else value)
+    return batch
+
+
 @torch.inference_mode()
-def predict_logits(model: nn.Module, ids: list[np.ndarray], *, collate: Collator, batch_size: int = 32) -> np.ndarray:
-    """Class logits (N, C) in input order; batches are formed from length-sorted rows."""
+def predict(model: nn.Module, ids: list[np.ndarray], *, task: Task, collate: Collator, batch_size: int = 32) -> Outputs:
+    """The model's logits in input order: (N, C), or per token N arrays (L_i, C) for a per-token
+    task; batches are formed from length-sorted rows."""
     model.eval()
     device = next(model.parameters()).device
     order = np.argsort([len(x) for x in ids], kind="stable")
-    out = np.zeros((len(ids), model.config.num_labels), np.float32)
+    out = [None] * len(ids)
     for start in range(0, len(order), batch_size):
         index = order[start : start + batch_size]
-        out[index] = model(**to_device(collate([ids[i] for i in index]), device)).logits.float().cpu().numpy()
-    return out
+        batch = collate([ids[i] for i in index])
+        logits = task.outputs(model(**to_device(batch, device))).float().cpu().numpy()
+        for row, i in enumerate(index):
+            out[i] = logits[row, : len(ids[i])] if task.per_token else logits[row]
+    return out if task.per_token else np.stack(out) if out else np.zeros((0, model.config.num_labels), np.float32)
 
 
 @dataclass(frozen=True)
@@ -125,18 +144,13 @@ class Evaluation:
     examples_per_s: float
 
 
-Metrics = Callable[[np.ndarray, np.ndarray], dict[str, float]]  # (outputs, labels) -> the task's metrics
-
-
-def evaluate(
-    model: nn.Module, ids: list[np.ndarray], labels: np.ndarray, *, metrics: Metrics, collate: Collator,
-    batch_size: int = 32,
-) -> Evaluation:  # fmt: skip
-    """The task's metrics (``metrics``, e.g. ``Task.metrics``) and inference throughput (examples/s at ``batch_size``)."""
+def evaluate(model: nn.Module, rows: ShardRows, *, task: Task, label_names: tuple[str, ...], collate: Collator,
+             batch_size: int = 32) -> Evaluation:  # fmt: skip
+    """The task's metrics of the model over ``rows`` and its inference throughput (rows/s at ``batch_size``)."""
     start = time.perf_counter()
-    logits = predict_logits(model, ids, collate=collate, batch_size=batch_size)
+    outputs = predict(model, rows.input_ids, task=task, collate=collate, batch_size=batch_size)
     elapsed = time.perf_counter() - start
-    return Evaluation(metrics(logits, labels), len(ids) / elapsed)
+    return Evaluation(task.metrics(outputs, rows, label_names), len(rows) / elapsed)
 
 
 def make_optimizer(modules: list[nn.Module], *, lr: float, weight_decay: float, total_steps: int, warmup_ratio: float):

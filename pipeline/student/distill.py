@@ -31,7 +31,7 @@ from ..errors import ConfigError
 from ..models import count_parameters, directory_bytes, save_model
 from ..report import ModelResult, write_report
 from ..runtime import ALONE, Ranks, barrier, process_group, resolve_device
-from ..training import Checkpoint, Collator, EpochRecord, Learner, evaluate, fit, predict_logits
+from ..training import Checkpoint, Collator, EpochRecord, Learner, evaluate, fit, predict
 from .inputs import TeacherCache, locate_cache
 from .losses import ATTENTION_TERMS
 from .objective import BASELINE_LOSS, Objective, layer_pairs
@@ -88,6 +88,8 @@ def _distill(cfg: ExperimentConfig, ranks: Ranks, location, *, online: bool, res
         f"{cache.meta.teacher_name}")  # fmt: skip
     if online and select is not None:
         raise ConfigError("sample selection reads cached teacher statistics; it cannot run with --online")
+    if select is not None and task.per_token:
+        raise ConfigError(f"sample selection reads one logit vector per row; cache {cache.key} is {task.name}")
     stored = None if online else cache.stored("train")
     for spec in cfg.distill.students:
         check_student_fits(spec, cfg.distill.loss, cache, stored)
@@ -96,8 +98,7 @@ def _distill(cfg: ExperimentConfig, ranks: Ranks, location, *, online: bool, res
         search = (Path(cfg.teacher.output_root),) if cfg.teacher is not None else (TEACHER_ROOT,)
         teacher_model = task.load_model(cache.teacher_dir(teacher, search=search))
     if online:
-        train = cache.rows("train")
-        source = TokenSource(train.input_ids, train.labels, train.example_id, shard_rows=manifest.shard_rows)
+        source = TokenSource(cache.rows("train"), shard_rows=manifest.shard_rows)
         say("distill: the teacher runs live on every batch (--online)")
     else:
         source = CacheSource(cache.cache, "train")
@@ -107,7 +108,7 @@ def _distill(cfg: ExperimentConfig, ranks: Ranks, location, *, online: bool, res
     kinds = (True, False) if cfg.distill.baselines else (True,)
     batches = {}  # kind -> batches per epoch on each rank; a rank with none is refused before any training
     for kd in kinds:
-        stream = student_stream(cfg, source, cache.tokenizer, seed=0, kd=kd, select=select, ranks=ranks)
+        stream = student_stream(cfg, source, cache, seed=0, kd=kd, select=select, ranks=ranks)
         require_batches(stream, "distilled" if kd else "baselines")
         batches[kd] = len(stream)
     epochs = {True: cfg.distill.epochs}
@@ -117,7 +118,7 @@ def _distill(cfg: ExperimentConfig, ranks: Ranks, location, *, online: bool, res
             f"{epochs[False]} ({epochs[False] * batches[False]} steps: at least as many as their students)")  # fmt: skip
 
     def evaluated(model, name, role, seed, directory, history, baseline=None) -> ModelResult:
-        result = evaluate(model.to(device), test.input_ids, test.labels, metrics=task.metrics,
+        result = evaluate(model.to(device), test, task=task, label_names=cache.label_names,
                           collate=Collator.for_model(cache.tokenizer, model.config))  # fmt: skip
         say(f"{name} ({role}, seed {seed}): test {task.primary_metric} {result.metrics[task.primary_metric]:.4f}")
         best = max(history, key=lambda h: h.validation[task.primary_metric]) if history else None
@@ -130,7 +131,7 @@ def _distill(cfg: ExperimentConfig, ranks: Ranks, location, *, online: bool, res
     results = []
     live = None
     if online:
-        live = LiveTeacher(teacher_model.to(device).eval(), tokenizer=cache.tokenizer, specs=manifest.tensors,
+        live = LiveTeacher(teacher_model.to(device).eval(), task=task, tokenizer=cache.tokenizer, specs=manifest.tensors,
                            heads=cache.meta.stored_heads, precision=cache.precision)  # fmt: skip
     for seed in cfg.distill.seeds:
         for kd in kinds:
@@ -173,21 +174,22 @@ def teacher_result(cache: TeacherCache, model: nn.Module | None, test, device: t
     speed = None
     if model is not None:
         collate = Collator.for_model(cache.tokenizer, model.config)
-        speed = evaluate(model.to(device), test.input_ids, test.labels, metrics=cache.task.metrics,
+        speed = evaluate(model.to(device), test, task=cache.task, label_names=cache.label_names,
                          collate=collate).examples_per_s  # fmt: skip
     return ModelResult(name="teacher", role="teacher", seed=seed, metrics=card.metrics["test"],
                        params=card.params, size_bytes=card.size_bytes,
                        examples_per_s=speed, path=cache.meta.teacher_name, steps=card.steps)  # fmt: skip
 
 
-def student_stream(cfg: ExperimentConfig, source, tokenizer, *, seed: int, kd: bool,
+def student_stream(cfg: ExperimentConfig, source, cache: TeacherCache, *, seed: int, kd: bool,
                    wanted: list[tuple[str, int]] = (), select: Select | None = None,
                    ranks: Ranks = ALONE) -> StudentStream:  # fmt: skip
     """The stream of one pass: every row for students (kd), labeled rows only for baselines.
 
-    Its batches carry every input any model of the tokenizer takes; each model picks its own.
+    Its batches carry every input any model of the cache's tokenizer takes; each model picks its own.
     """
-    return StudentStream(source, collate=Collator.for_tokenizer(tokenizer), batch_size=cfg.distill.batch_size,
+    return StudentStream(source, task=cache.task, collate=Collator.for_tokenizer(cache.tokenizer),
+                         batch_size=cfg.distill.batch_size,
                          seed=seed, wanted=wanted, labeled_only=not kd, select=select,
                          block_rows=cfg.distill.block_rows, buffer_rows=cfg.distill.buffer_rows, rank=ranks.rank,
                          world=ranks.world)  # fmt: skip
@@ -243,19 +245,18 @@ def train_pass(cfg: ExperimentConfig, teacher: TeacherCache, source, run_dir: Pa
         student = build_student(spec, teacher, teacher_model, attention_maps=wants_attention).to(device)
         pairs = layer_pairs(spec, student.config.num_hidden_layers, teacher_config.num_hidden_layers)
         collate = Collator.for_model(tokenizer, student.config)
-        objective = Objective(student, terms, pairs, teacher_width=teacher_config.hidden_size, inputs=collate.inputs,
-                              attention_heads=teacher.meta.stored_heads)  # fmt: skip
+        objective = Objective(student, teacher.task, terms, pairs, teacher_width=teacher_config.hidden_size,
+                              inputs=collate.inputs, attention_heads=teacher.meta.stored_heads)  # fmt: skip
         students.append(student)
         objectives.append(objective.to(device))
         collators.append(collate)
     wanted = sorted({w for objective in objectives for w in objective.wanted})
     stream = student_stream(
-        cfg, source, tokenizer, seed=seed, kd=kd, select=select, ranks=ranks, wanted=wanted if live is None else []
+        cfg, source, teacher, seed=seed, kd=kd, select=select, ranks=ranks, wanted=wanted if live is None else []
     )  # the live teacher adds them to each batch
     require_batches(stream, name)
     total = epochs * len(stream)
-    validation = teacher.rows("validation")
-    val_ids, val_labels = validation.input_ids, validation.labels
+    validation, task = teacher.rows("validation"), teacher.task
 
     def learner(spec: StudentConfig, student: nn.Module, objective: Objective, collate: Collator) -> Learner:
         step_loss = objective if ranks.world == 1 else DistributedDataParallel(objective)  # gradients averaged
@@ -264,12 +265,14 @@ def train_pass(cfg: ExperimentConfig, teacher: TeacherCache, source, run_dir: Pa
             model=student,
             trainable=[objective],
             step_loss=lambda batch, step: step_loss(batch, progress=step / max(total - 1, 1)),
-            validate=lambda: teacher.task.metrics(predict_logits(student, val_ids, collate=collate), val_labels),
+            validate=lambda: task.metrics(
+                predict(student, validation.input_ids, task=task, collate=collate), validation, teacher.label_names
+            ),  # fmt: skip
             lr=cfg.distill.learning_rate,
             weight_decay=cfg.distill.weight_decay,
             warmup_ratio=cfg.distill.warmup_ratio,
             seed=seed,
-            primary_metric=teacher.task.primary_metric,
+            primary_metric=task.primary_metric,
         )
 
     def epoch_batches(epoch: int, start: int):

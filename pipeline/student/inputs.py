@@ -9,30 +9,19 @@ layers and ``--online`` need.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from transformers import AutoConfig
 
-from cache_store import Cache, CacheFormatError, CacheNotFoundError, Location, named_cache, open_cache
+from cache_store import Cache, CacheFormatError, CacheNotFoundError, Location, ShardRows, named_cache, open_cache
 
 from ..config import ExperimentConfig
 from ..contract import TEACHER, TEACHER_RECORD, TOKENIZER, CacheMetadata, experiment_identity, teacher_fingerprint
 from ..errors import ConfigError
 from ..models import load_tokenizer, model_dir
 from ..runtime import PRECISIONS
-from ..tasks import LABEL, TASKS, Task
-
-
-@dataclass(frozen=True)
-class SplitRows:
-    """One cached split's rows, in cache order."""
-
-    input_ids: list[np.ndarray]  # N arrays (L_i,)
-    labels: np.ndarray  # (N,)
-    example_id: np.ndarray  # (N,)
+from ..tasks import TASKS, Task
 
 
 class TeacherCache:
@@ -62,14 +51,9 @@ class TeacherCache:
     def label_names(self) -> tuple[str, ...]:
         return self.meta.label_names
 
-    def rows(self, split: str) -> SplitRows:
-        """Every row of ``split``, read and verified shard by shard."""
-        shards = [data.rows for data in self.cache.iter_shards(split)]
-        return SplitRows(
-            input_ids=[ids for rows in shards for ids in rows.input_ids],
-            labels=np.concatenate([rows[LABEL] for rows in shards]).astype(np.int64),
-            example_id=np.concatenate([rows.example_id for rows in shards]),
-        )
+    def rows(self, split: str) -> ShardRows:
+        """Every row of ``split`` in cache order, read and verified shard by shard."""
+        return ShardRows.concat([data.rows for data in self.cache.iter_shards(split)])
 
     @property
     def precision(self) -> torch.dtype:

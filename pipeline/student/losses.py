@@ -1,7 +1,8 @@
 """Distillation loss terms. Each takes (student, teacher[, mask]) tensors and returns a scalar.
 
 The registries at the bottom name every term a config can ask for (``LossTerm.kind``),
-grouped by what they compare: logits, hidden states, attention maps.
+grouped by what they compare: logits, hidden states, attention maps. Which logits form a
+distribution, and the hard-label cross-entropy, are the task's (``pipeline.tasks``).
 """
 
 from __future__ import annotations
@@ -9,52 +10,21 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..contract import UNLABELED
-
 
 def logit_kl(student: torch.Tensor, teacher: torch.Tensor, *, temperature: float) -> torch.Tensor:
     """KL(teacher/T || student/T) * T^2, averaged over the batch (Hinton et al.).
 
     Args:
-        student, teacher: logits (B, C).
+        student, teacher: logits (N, C): N distributions (examples, tokens, or answer starts and ends).
     """
     log_p_student = F.log_softmax(student / temperature, dim=-1)
     log_p_teacher = F.log_softmax(teacher / temperature, dim=-1)
     return F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="batchmean") * temperature**2
 
 
-def span_kl(student: torch.Tensor, teacher: torch.Tensor, context: torch.Tensor, *, temperature: float) -> torch.Tensor:
-    """KL(teacher/T || student/T) * T^2 of the answer's start and of its end distribution over each
-    row's context tokens (extractive QA), averaged over the two and over the rows with context.
-
-    Args:
-        student, teacher: start and end logits (B, T, 2); context: (B, T), True at the context's tokens.
-    """
-    context = context.bool().unsqueeze(-1)  # (B, T, 1)
-    floor = torch.finfo(student.dtype).min / 2  # masked out: no probability, no NaN
-    log_s = F.log_softmax((student / temperature).masked_fill(~context, floor), dim=1)
-    log_t = F.log_softmax((teacher / temperature).masked_fill(~context, floor), dim=1)
-    per_row = (log_t.exp() * (log_t - log_s)).masked_fill(~context, 0.0).sum(1)  # (B, 2)
-    rows = context.squeeze(-1).any(1)  # a window without context tokens teaches nothing
-    if not rows.any():
-        return student.sum() * 0.0
-    return per_row[rows].mean() * temperature**2
-
-
 def logit_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """Mean squared error between raw logits (B, C), averaged over rows and classes."""
+    """Mean squared error between raw logits (N, C), averaged over rows and classes."""
     return F.mse_loss(student, teacher)
-
-
-def hard_label_ce(student: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy on the labeled rows only; 0 when the batch has none.
-
-    Args:
-        student: logits (B, C); labels: (B,) with UNLABELED (-1) for unlabeled rows.
-    """
-    if not (labels != UNLABELED).any():
-        return student.sum() * 0.0
-    return F.cross_entropy(student, labels, ignore_index=UNLABELED)
 
 
 def hidden_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -6,9 +6,10 @@ import torch
 from torch import nn
 
 from ..config import LossTerm, StudentConfig
-from ..contract import ATTENTION, HIDDEN, LABELS, TEACHER_LOGITS, tensor_key
+from ..contract import ATTENTION, HIDDEN, TEACHER_LOGITS, tensor_key
 from ..errors import ConfigError
-from .losses import ATTENTION_TERMS, HIDDEN_TERMS, hard_label_ce, logit_kl, logit_mse
+from ..tasks import Task
+from .losses import ATTENTION_TERMS, HIDDEN_TERMS, logit_kl, logit_mse
 
 BASELINE_LOSS = (LossTerm("ce", 1.0),)  # the no-KD baseline: hard labels only
 
@@ -43,12 +44,15 @@ class Objective(nn.Module):
     """The weighted sum of a student's loss terms; owns the learned projections of hidden states.
 
     Logit terms compare the student's logits with the teacher's (``kl``, ``logit_mse``) or
-    the labels (``ce``, labeled rows only). Hidden-state terms compare, for each mapped
+    the labels (``ce``, labeled rows only), over the distributions the task defines: each
+    example's classes, each real token's classes (NER), or the answer's start and end over
+    the context (QA). Hidden-state terms compare, for each mapped
     pair, the student's layer projected to the teacher's width (a learned linear map, or
     identity when widths agree) with the teacher's layer. Attention terms compare the
     mapped layers' attention maps. Each family's term is averaged over the mapped pairs.
 
     Args:
+        task: the cache's task: the student's outputs, the distributions and hard targets of the logit terms.
         terms: the loss terms and their (scheduled) weights.
         pairs: (student layer, teacher layer) for the hidden and attention terms.
         inputs: the batch keys the student is called with (its kind's inputs: segment ids or not).
@@ -56,11 +60,11 @@ class Objective(nn.Module):
             student's maps of the same heads are compared with them (None: all heads).
     """
 
-    def __init__(self, student: nn.Module, terms: tuple[LossTerm, ...], pairs: tuple[tuple[int, int], ...], *,
-                 teacher_width: int, inputs: tuple[str, ...] = ("input_ids", "attention_mask"),
+    def __init__(self, student: nn.Module, task: Task, terms: tuple[LossTerm, ...], pairs: tuple[tuple[int, int], ...],
+                 *, teacher_width: int, inputs: tuple[str, ...] = ("input_ids", "attention_mask"),
                  attention_heads: tuple[int, ...] | None = None):  # fmt: skip
         super().__init__()
-        self.student, self.terms, self.inputs = student, terms, inputs
+        self.student, self.task, self.terms, self.inputs = student, task, terms, inputs
         self.attention_heads = list(attention_heads) if attention_heads is not None else None
         kinds = {t.kind for t in terms}
         self.hidden_pairs = pairs if kinds & set(HIDDEN_TERMS) else ()
@@ -90,15 +94,20 @@ class Objective(nn.Module):
             output_hidden_states=bool(self.hidden_pairs),
             output_attentions=bool(self.attention_pairs),
         )
+        logits = self.task.outputs(out)
         total, parts = 0.0, {}
         for term in self.terms:
-            if term.kind == "kl":
+            if term.kind in ("kl", "logit_mse"):
+                student = self.task.distributions(logits, batch)
+                teacher = self.task.distributions(batch[TEACHER_LOGITS], batch)
                 temperature = scheduled(term.temperature, term.temperature_end, progress)
-                value = logit_kl(out.logits, batch[TEACHER_LOGITS], temperature=temperature)
-            elif term.kind == "logit_mse":
-                value = logit_mse(out.logits, batch[TEACHER_LOGITS])
+                value = (
+                    logit_kl(student, teacher, temperature=temperature)
+                    if term.kind == "kl"
+                    else logit_mse(student, teacher)
+                )
             elif term.kind == "ce":
-                value = hard_label_ce(out.logits, batch[LABELS])
+                value = self.task.hard_loss(logits, batch)
             elif term.kind in HIDDEN_TERMS:
                 value = sum(
                     HIDDEN_TERMS[term.kind](

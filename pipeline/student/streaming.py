@@ -32,17 +32,17 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from cache_store import Cache, ShardData, ShardRows, TensorSpec
 from cache_store.shard import decode, encode
 
-from ..contract import ATTENTION, HIDDEN, LABELS, TEACHER_LOGITS, UNLABELED, tensor_key
+from ..contract import ATTENTION, HIDDEN, TEACHER_LOGITS, tensor_key
 from ..runtime import autocast
-from ..tasks import LABEL, LOGITS
-from ..training import Batch, Collator, length_grouped_batches
+from ..tasks import LABEL, LOGITS, Task
+from ..training import Batch, Collator, collate_rows, length_grouped_batches
 
 
 @dataclass(frozen=True)
 class TeacherStats:
     """Per-row teacher statistics of one shard, for sample selection."""
 
-    labels: np.ndarray  # (N,) UNLABELED where hidden
+    labels: np.ndarray  # (N,) the class ids; UNLABELED where hidden
     confidence: np.ndarray  # (N,) the teacher's top probability
     margin: np.ndarray  # (N,) top probability minus the second
     entropy: np.ndarray  # (N,) of the teacher's distribution, in nats
@@ -86,18 +86,18 @@ class CacheSource:
 
 
 class TokenSource:
-    """The same shard layout over tokenized rows, without teacher outputs (the teacher runs live)."""
+    """The same shard layout over a split's rows without the teacher's outputs (the teacher runs live)."""
 
-    def __init__(self, ids: list[np.ndarray], labels: np.ndarray, example_id: np.ndarray, *, shard_rows: int):
-        self.ids, self.labels, self.example_id, self.shard_rows = ids, labels, example_id, shard_rows
+    def __init__(self, rows: ShardRows, *, shard_rows: int):
+        rows = ShardRows(rows.example_id, rows.input_ids, {k: v for k, v in rows.columns.items() if k != LOGITS})
+        self.shards = [rows.take(np.arange(start, min(start + shard_rows, len(rows))))
+                       for start in range(0, len(rows), shard_rows)]  # fmt: skip
 
     def __len__(self) -> int:
-        return -(-len(self.ids) // self.shard_rows)
+        return len(self.shards)
 
     def rows(self, shard: int) -> ShardRows:
-        part = slice(shard * self.shard_rows, (shard + 1) * self.shard_rows)
-        ids = self.ids[part]
-        return ShardRows(self.example_id[part], ids, {LABEL: self.labels[part]})  # no logits: the teacher runs live
+        return self.shards[shard]
 
     def read(self, shard: int, wanted: list[tuple[str, int]]) -> ShardData:
         return ShardData(rows=self.rows(shard), tensors={}, offsets={}, specs={})
@@ -107,16 +107,18 @@ class StudentStream(IterableDataset):
     """The planned batches of one split (see the module docstring), as a torch IterableDataset.
 
     Args:
+        task: the cache's task: which rows are labeled, and the row columns a batch carries.
         wanted: the teacher tensors each batch carries, (name, layer), padded to the batch.
         labeled_only: stream labeled rows only (the hard-label baseline).
         select: sample selection over the teacher's row statistics; None streams every row.
         rank, world: this process's part under torchrun.
     """
 
-    def __init__(self, source: CacheSource | TokenSource, *, collate: Collator, batch_size: int, seed: int,
+    def __init__(self, source: CacheSource | TokenSource, *, task: Task, collate: Collator, batch_size: int, seed: int,
                  wanted: list[tuple[str, int]] = (), labeled_only: bool = False, select: Select | None = None,
                  block_rows: int = 256, buffer_rows: int = 1024, rank: int = 0, world: int = 1):  # fmt: skip
         self.source, self.collate, self.batch_size, self.seed = source, collate, batch_size, seed
+        self.fills = dict(task.batch_columns)
         self.wanted, self.block_rows, self.buffer_rows = list(wanted), block_rows, buffer_rows
         self.rank, self.world, self.labeled_only = rank, world, labeled_only
         self.selected, self.lengths = [], []  # per shard: the rows to stream, every row's length
@@ -124,7 +126,7 @@ class StudentStream(IterableDataset):
             rows = source.rows(shard)
             keep = np.ones(len(rows), bool)
             if labeled_only:
-                keep &= rows[LABEL] != UNLABELED
+                keep &= task.labeled(rows)
             if select is not None:
                 keep &= np.asarray(select(TeacherStats.from_logits(rows[LOGITS], rows[LABEL])), bool)
             self.selected.append(np.flatnonzero(keep))
@@ -186,12 +188,12 @@ class StudentStream(IterableDataset):
                     yield self._collate(data, rows)
 
     def _collate(self, data: ShardData, rows: np.ndarray) -> Batch:
-        batch = {
-            **self.collate([data.rows.input_ids[i] for i in rows]),  # input_ids, attention_mask: (B, T)
-            LABELS: torch.from_numpy(data.rows[LABEL][rows].astype(np.int64)),  # (B,)
-        }
-        if LOGITS in data.rows.columns:
-            batch[TEACHER_LOGITS] = torch.from_numpy(data.rows[LOGITS][rows])  # (B, C)
+        """input_ids, attention_mask (B, T), the task's columns (label: (B,) or (B, T), ...) and the
+        teacher's logits (B, C) or (B, T, C), zero-padded."""
+        cached = LOGITS in data.rows.columns  # not when the teacher runs live
+        batch = collate_rows(self.collate, data.rows, rows, self.fills | ({LOGITS: 0} if cached else {}))
+        if cached:
+            batch[TEACHER_LOGITS] = batch.pop(LOGITS)
         for name, layer in self.wanted:
             arrays = [data.example_tensor(name, layer, i) for i in rows]
             batch[tensor_key(name, layer)] = _pad_tensors(arrays, batch["input_ids"].shape[1], name)
@@ -223,11 +225,11 @@ class LiveTeacher:
     cache's precision, the cached attention heads, values rounded to their storage dtype (or
     quantization), padding zeroed."""
 
-    def __init__(self, model: nn.Module, *, tokenizer, specs: tuple[TensorSpec, ...], heads: tuple[int, ...] | None,
-                 precision: torch.dtype = torch.float32):  # fmt: skip
+    def __init__(self, model: nn.Module, *, task: Task, tokenizer, specs: tuple[TensorSpec, ...],
+                 heads: tuple[int, ...] | None, precision: torch.dtype = torch.float32):  # fmt: skip
         """``specs``: the tensors the cache stores; ``heads``: the teacher heads it keeps maps of (None: all);
         ``precision``: the autocast dtype the cache's values were computed at."""
-        self.model, self.device, self.precision = model, next(model.parameters()).device, precision
+        self.model, self.task, self.device, self.precision = model, task, next(model.parameters()).device, precision
         self.inputs = Collator.for_model(tokenizer, model.config).inputs
         self.specs = {spec.name: spec for spec in specs}
         self.heads = list(heads) if heads is not None else None
@@ -241,7 +243,10 @@ class LiveTeacher:
         with autocast(self.device, self.precision):
             out = self.model(**{k: batch[k] for k in self.inputs}, output_hidden_states=True,
                              output_attentions=needs_attention)  # fmt: skip
-        batch[TEACHER_LOGITS] = out.logits.float()
+        logits = self.task.outputs(out).float()
+        batch[TEACHER_LOGITS] = (
+            logits * _padding_zeroed(batch["attention_mask"], HIDDEN) if logits.ndim == 3 else logits
+        )
         for name, layer in wanted:
             if name == HIDDEN:
                 value = out.hidden_states[layer]  # (B, T, H)

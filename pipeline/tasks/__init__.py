@@ -5,17 +5,20 @@ load or build, the columns a cache of it stores per example, and the metrics of 
 model's outputs against the labels. A cache records the task it was captured for
 (``CacheMetadata.task``), and distill refuses a student config of another task.
 
-Nothing heavy is imported here: the config names tasks without loading transformers.
+Nothing heavy is imported here: the config names tasks without loading torch or transformers.
 """
 
 from __future__ import annotations
 
 from ..errors import ConfigError
-from .base import LABEL, LOGITS, Task
+from .base import IGNORED, LABEL, LOGITS, Problem, Task
+from .question_answering import QuestionAnswering
 from .sequence_classification import SequenceClassification
+from .token_classification import TokenClassification
 
 SEQUENCE_CLASSIFICATION = SequenceClassification()
-TASKS: dict[str, Task] = {task.name: task for task in (SEQUENCE_CLASSIFICATION,)}
+TASKS: dict[str, Task] = {task.name: task for task in (SEQUENCE_CLASSIFICATION, TokenClassification(),
+                                                       QuestionAnswering())}  # fmt: skip
 DEFAULT_TASK = SEQUENCE_CLASSIFICATION.name  # the teacher stage's task when the config names none
 
 
@@ -30,4 +33,5 @@ def task_named(name: str) -> Task:
     return TASKS[name]
 
 
-__all__ = ["DEFAULT_TASK", "LABEL", "LOGITS", "SEQUENCE_CLASSIFICATION", "TASKS", "Task", "task_named"]
+__all__ = ["DEFAULT_TASK", "IGNORED", "LABEL", "LOGITS", "SEQUENCE_CLASSIFICATION", "TASKS", "Problem", "Task",
+           "task_named"]  # fmt: skip

@@ -3,33 +3,81 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 if TYPE_CHECKING:
+    import torch
     from torch import nn
 
-    from cache_store import ColumnSpec
+    from cache_store import ColumnSpec, ShardRows
+
+    from ..config import DataConfig
+    from ..data import TextData
 
 LABEL, LOGITS = "label", "logits"  # the row columns every task stores: the example's label(s), the teacher's logits
+IGNORED = -100  # a hard target that no loss reads (an unlabeled row, a word's later sub-tokens)
+Outputs = np.ndarray | list[np.ndarray]  # a model's outputs over rows: (N, C), or N arrays (L_i, C) per token
 
 
 class Task(ABC):
-    """One task shape: its model class, what a cache of it stores per example, its metrics and which ranks models.
+    """One task shape: how its data is read and encoded into cache rows, its model class, its
+    logit losses, its metrics and which one ranks models.
 
     Attributes:
         name: as configs and manifests spell it (``sequence-classification``).
         primary_metric: the metric that picks a model's best epoch and that reports rank by.
         metric_labels: every metric ``metrics`` returns, the primary one first, with its column label.
         peft_task: peft's ``TaskType`` name for LoRA students.
+        per_token: whether the model's outputs are per token (B, T, C) rather than per example (B, C).
+        batch_columns: the row columns (beside the token ids and the teacher's logits) a training
+            batch carries, each with the value that pads it where it is per token.
     """
 
     name: str
     primary_metric: str
     metric_labels: dict[str, str]
     peft_task: str
+    per_token: bool = False
+    batch_columns: dict[str, int] = {LABEL: IGNORED}  # noqa: RUF012 (read only)
+
+    # --- data ---------------------------------------------------------------------------------
+
+    def row_texts(self, values: Sequence) -> tuple[str, ...] | None:
+        """A row's texts from its text columns' values, or None when it has none to learn from."""
+        texts = tuple("" if v is None else str(v) for v in values)
+        return None if any(not t.strip() for t in texts) else texts
+
+    def label_names(self, labels: list) -> tuple[str, ...]:
+        """The class names of a data set whose definition gives none, from its labels (as text)."""
+        return tuple(sorted({str(v) for v in labels if v is not None}))
+
+    def check_label_names(self, names: Sequence[str]) -> None:
+        """Raise DataError when ``names`` cannot be this task's classes (any names can be classes here)."""
+        return None
+
+    @abstractmethod
+    def read_label(self, value, names: dict[str, int], texts: tuple[str, ...]):
+        """A row's label from its label column's value (class names as text), or a ``Problem``
+        saying why the row cannot be used."""
+
+    @abstractmethod
+    def encode(self, tokenizer, data: TextData, cfg: DataConfig) -> ShardRows:
+        """The cache rows of ``data`` (all columns but the teacher's logits); rows without a label
+        (``data.labeled`` False) get none, so only the teacher's outputs teach them."""
+
+    @abstractmethod
+    def columns(self, num_labels: int) -> tuple[ColumnSpec, ...]:
+        """What a teacher cache of this task stores per row beside its token ids (labels, the teacher's outputs)."""
+
+    @abstractmethod
+    def labeled(self, rows: ShardRows) -> np.ndarray:
+        """(N,) bool: the rows whose labels the hard-label loss reads."""
+
+    # --- models -------------------------------------------------------------------------------
 
     @abstractmethod
     def auto_model(self):
@@ -37,8 +85,9 @@ class Task(ABC):
 
     def load_model(self, directory: Path, *, num_labels: int | None = None, attention_maps: bool = False) -> nn.Module:
         """A model of this task from a checkpoint; eager attention only when attention maps are wanted
-        (sdpa returns none). ``num_labels`` gives a checkpoint without this head a new one of that size."""
-        extra = {"num_labels": num_labels} if num_labels is not None else {}
+        (sdpa returns none). ``num_labels`` gives a checkpoint without this head, or with one of another
+        size (another task's), a new one of that size."""
+        extra = {"num_labels": num_labels, "ignore_mismatched_sizes": True} if num_labels is not None else {}
         attn = "eager" if attention_maps else "sdpa"
         return self.auto_model().from_pretrained(str(directory), attn_implementation=attn, **extra)
 
@@ -46,10 +95,51 @@ class Task(ABC):
         """A randomly initialized model of this task from a transformers config."""
         return self.auto_model().from_config(config, attn_implementation="sdpa")
 
-    @abstractmethod
-    def columns(self, num_labels: int) -> tuple[ColumnSpec, ...]:
-        """What a teacher cache of this task stores per example beside its token ids (labels, the teacher's outputs)."""
+    def outputs(self, model_output) -> torch.Tensor:
+        """The logits a model of this task returns: (B, C), or (B, T, C) per token."""
+        return model_output.logits
+
+    # --- losses -------------------------------------------------------------------------------
+
+    def distributions(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The rows of logits whose softmax distributions the logit losses compare, (N, K); a position
+        that is no outcome is filled with a floor, so it gets no probability."""
+        return logits
+
+    def hard_targets(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(N,) the class each row of ``distributions`` should put first; IGNORED where there is none."""
+        return batch[LABEL]
+
+    def hard_loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Cross-entropy of ``distributions`` against ``hard_targets``, over the rows that have one; 0 when none do."""
+        import torch.nn.functional as F
+
+        targets = self.hard_targets(batch)
+        rows = self.distributions(logits, batch)
+        if not (targets != IGNORED).any():
+            return rows.sum() * 0.0
+        return F.cross_entropy(rows, targets, ignore_index=IGNORED)
+
+    # --- metrics ------------------------------------------------------------------------------
 
     @abstractmethod
-    def metrics(self, logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-        """Every metric in ``metric_labels`` of a model's outputs against the labels."""
+    def metrics(self, outputs: Outputs, rows: ShardRows, label_names: Sequence[str]) -> dict[str, float]:
+        """Every metric in ``metric_labels`` of a model's outputs over ``rows`` against their labels."""
+
+
+class Problem(str):
+    """Why a row cannot be used (``Task.read_label``): counted per reason, and the row dropped."""
+
+
+FLOOR = (
+    -1e4
+)  # the logit of a position that is no outcome: softmax gives it 0 beside real logits, and no NaN as -inf would
+
+
+def padded(values: list[np.ndarray], length: int, fill) -> np.ndarray:
+    """Per-token arrays (L_i, ...) as one (B, length, ...) array, ``fill`` after each row's end."""
+    first = np.asarray(values[0])
+    out = np.full((len(values), length, *first.shape[1:]), fill, dtype=first.dtype)
+    for i, v in enumerate(values):
+        out[i, : len(v)] = v
+    return out

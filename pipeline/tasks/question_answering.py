@@ -23,9 +23,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cache_store import STRING, ColumnSpec, ShardRows
+
 from ..errors import DataError
+from .base import FLOOR, IGNORED, LABEL, LOGITS, Problem, Task
 
 NO_ANSWER = -1  # start and end of a question without a labeled answer: transfer text
+OFFSETS, CONTEXT, ANSWERS = "offsets", "context", "answers"  # row columns beside the label and logits
+SPAN_ENDS = ("start", "end")  # a QA model's two outputs per token, its "classes"
+NO_ANSWERS = Problem("no answer")
+MISPLACED = Problem("answer not at its answer_start in the context")
 
 _PUNCTUATION = set(string.punctuation)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -120,13 +127,18 @@ def _answer_tokens(spans: np.ndarray, in_context: np.ndarray, answer: tuple[int,
     return int(start), int(end)
 
 
-def best_answers(start_logits: Sequence[np.ndarray], end_logits: Sequence[np.ndarray], feats: Features,
+def best_answers(logits: Sequence[np.ndarray], offsets: Sequence[np.ndarray], question: np.ndarray,
                  contexts: Sequence[str], *, n_best: int = 20, max_answer_length: int = 30) -> list[str]:  # fmt: skip
     """Each question's answer text: the valid span with the highest start + end logit over its features
-    ("" when no feature has a valid span)."""
+    ("" when no feature has a valid span).
+
+    Args:
+        logits: per feature its start and end logits (L_f, 2); offsets: per feature (L_f, 2), -1 outside
+            the context; question: (F,) each feature's question; contexts: per question.
+    """
     best: dict[int, tuple[float, str]] = {}
-    for f, q in enumerate(feats.question.tolist()):
-        spans, start, end = feats.offsets[f], start_logits[f], end_logits[f]
+    for f, q in enumerate(question.tolist()):
+        spans, start, end = offsets[f], logits[f][:, 0], logits[f][:, 1]
         context = spans[:, 0] >= 0
         top_start = [i for i in np.argsort(start)[::-1][:n_best] if context[i]]
         top_end = [i for i in np.argsort(end)[::-1][:n_best] if context[i]]
@@ -138,3 +150,86 @@ def best_answers(start_logits: Sequence[np.ndarray], end_logits: Sequence[np.nda
                 if q not in best or score > best[q][0]:
                     best[q] = (score, contexts[q][spans[s, 0] : spans[e, 1]])
     return [best[q][1] if q in best else "" for q in range(len(contexts))]
+
+
+class QuestionAnswering(Task):
+    """Extractive QA: a feature per context window; the teacher's start and end logits per token.
+
+    A cache row is one feature: its question's example id, the answer's first and last token
+    (``label`` (2,): [CLS] when the window lacks it, NO_ANSWER for transfer text), each token's
+    character span in the context (``offsets``), the context and the gold answer texts (so a
+    colleague with only the cache scores answers as the teacher's were), and the teacher's
+    logits ``("L", 2)``. The logit losses compare the start and the end distribution over the
+    context's tokens and [CLS] (a window without the answer points at [CLS]).
+    """
+
+    name = "question-answering"
+    primary_metric = "f1"
+    metric_labels = {"f1": "F1", "exact_match": "exact match"}
+    peft_task = "QUESTION_ANS"
+    per_token = True
+    batch_columns = {LABEL: NO_ANSWER, OFFSETS: -1}  # noqa: RUF012 (read only)
+
+    def auto_model(self):
+        from transformers import AutoModelForQuestionAnswering
+
+        return AutoModelForQuestionAnswering
+
+    def label_names(self, labels: list) -> tuple[str, ...]:
+        return SPAN_ENDS
+
+    def read_label(self, value, names: dict[str, int], texts: tuple[str, ...]):
+        """Answers in SQuAD's layout (``{"text": [...], "answer_start": [...]}``) as (start, text) pairs."""
+        if not isinstance(value, dict) or not value.get("text"):
+            return NO_ANSWERS
+        answers = tuple(
+            (int(start), str(text)) for start, text in zip(value["answer_start"], value["text"], strict=False)
+        )
+        start, text = answers[0]
+        if texts[1][start : start + len(text)] != text:
+            return MISPLACED
+        return answers
+
+    def encode(self, tokenizer, data, cfg) -> ShardRows:
+        questions, contexts = [t[0] for t in data.texts], [t[1] for t in data.texts]
+        answers = [label if known else None for label, known in zip(data.labels, data.labeled, strict=True)]
+        feats = features(tokenizer, questions, contexts, [a[0] if a else None for a in answers],
+                         max_length=cfg.max_length, doc_stride=cfg.doc_stride)  # fmt: skip
+        q = feats.question
+        return ShardRows(data.example_id[q], feats.input_ids, {
+            LABEL: np.stack([feats.start, feats.end], axis=1).astype(np.int32),
+            OFFSETS: [o.astype(np.int32) for o in feats.offsets],
+            CONTEXT: [contexts[i] for i in q],
+            ANSWERS: [[text for _, text in answers[i]] if answers[i] else [] for i in q],
+        })  # fmt: skip
+
+    def columns(self, num_labels: int) -> tuple[ColumnSpec, ...]:
+        return (ColumnSpec(LABEL, "int32", (2,)), ColumnSpec(OFFSETS, "int32", ("L", 2)), ColumnSpec(CONTEXT, STRING),
+                ColumnSpec(ANSWERS, STRING, ("*",)), ColumnSpec(LOGITS, "float32", ("L", 2)))  # fmt: skip
+
+    def labeled(self, rows: ShardRows) -> np.ndarray:
+        return rows[LABEL][:, 0] != NO_ANSWER
+
+    def outputs(self, model_output):
+        import torch
+
+        return torch.stack([model_output.start_logits, model_output.end_logits], dim=-1)
+
+    def distributions(self, logits, batch):
+        """The start and the end logits of each row over its context tokens and [CLS] (2B, T)."""
+        allowed = batch[OFFSETS][..., 0] >= 0
+        allowed[:, 0] = True  # [CLS]: where a window without the answer points
+        rows = logits.masked_fill(~allowed.unsqueeze(-1), FLOOR)
+        return rows.transpose(1, 2).reshape(-1, logits.shape[1])
+
+    def hard_targets(self, batch):
+        targets = batch[LABEL].reshape(-1).long()
+        return targets.masked_fill(targets == NO_ANSWER, IGNORED)
+
+    def metrics(self, outputs: list[np.ndarray], rows: ShardRows, label_names=()) -> dict[str, float]:
+        """SQuAD F1 and exact match of each question's best answer over its features against its gold answers."""
+        ids, first, question = np.unique(rows.example_id, return_index=True, return_inverse=True)
+        contexts = [rows[CONTEXT][f] for f in first]
+        predicted = best_answers(outputs, rows[OFFSETS], question.reshape(-1), contexts)
+        gold = {q: rows[ANSWERS][f] for q, f in enumerate(first) if rows[ANSWERS][f]}
+        return squad_scores(dict(enumerate(predicted)), gold)

@@ -20,9 +20,90 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from cache_store import ColumnSpec, ShardRows
+
+from ..errors import DataError
+from .base import IGNORED, LABEL, LOGITS, Problem, Task
+
 OUTSIDE = "O"
 PREFIXES = ("B", "I", "E", "S")  # begin, inside, end, single (BIO uses B and I)
-IGNORED = -100  # the label of a token that no loss and no metric reads
+TAGS, WORD_STARTS = "tags", "word_starts"  # row columns: each word's gold tag id, each word's first token
+UNKNOWN_TAG = Problem("tag not in label_names")
+MISCOUNTED = Problem("tags and words differ in number")
+
+
+class TokenClassification(Task):
+    """Tags per word (NER): a word's tag is learned and predicted on its first sub-token.
+
+    A cache row holds the token labels (``label``, IGNORED but on first sub-tokens), each
+    word's gold tag and first token (so the metric covers every word, even one that
+    truncation cut off) and the teacher's logits per token ``("L", C)``.
+    """
+
+    name = "token-classification"
+    primary_metric = "entity_f1"
+    metric_labels = {"entity_f1": "entity F1", "entity_precision": "precision", "entity_recall": "recall",
+                     "token_accuracy": "token accuracy"}  # fmt: skip
+    peft_task = "TOKEN_CLS"
+    per_token = True
+
+    def auto_model(self):
+        from transformers import AutoModelForTokenClassification
+
+        return AutoModelForTokenClassification
+
+    def row_texts(self, values: Sequence) -> tuple[str, ...] | None:
+        """The sentence's words (its one text column holds a list of them); None when it has none."""
+        words = values[0]
+        return tuple(str(w) for w in words) if words else None
+
+    def label_names(self, labels: list) -> tuple[str, ...]:
+        """Every tag used, ``O`` first, then in sorted order."""
+        tags = {str(t) for row in labels if row is not None for t in row}
+        return tuple(sorted(tags, key=lambda t: (t != OUTSIDE, t)))
+
+    def check_label_names(self, names: Sequence[str]) -> None:
+        problem = check_tag_names(names)
+        if problem:
+            raise DataError(f"token-classification: {problem}")
+
+    def read_label(self, value, names: dict[str, int], texts: tuple[str, ...]):
+        if value is None or len(value) != len(texts):
+            return MISCOUNTED
+        if any(str(t) not in names for t in value):
+            return UNKNOWN_TAG
+        return np.array([names[str(t)] for t in value], dtype=np.int64)
+
+    def encode(self, tokenizer, data, cfg) -> ShardRows:
+        tags = [label if known else None for label, known in zip(data.labels, data.labeled, strict=True)]
+        ids, labels, starts = align_tags(tokenizer, data.texts, tags, max_length=cfg.max_length)
+        return ShardRows(data.example_id, ids, {
+            LABEL: [x.astype(np.int32) for x in labels],
+            TAGS: [np.zeros(0, np.int32) if t is None else t.astype(np.int32) for t in tags],
+            WORD_STARTS: [x.astype(np.int32) for x in starts],
+        })  # fmt: skip
+
+    def columns(self, num_labels: int) -> tuple[ColumnSpec, ...]:
+        return (ColumnSpec(LABEL, "int32", ("L",)), ColumnSpec(TAGS, "int32", ("*",)),
+                ColumnSpec(WORD_STARTS, "int32", ("*",)), ColumnSpec(LOGITS, "float32", ("L", num_labels)))  # fmt: skip
+
+    def labeled(self, rows: ShardRows) -> np.ndarray:
+        return np.array([bool((labels != IGNORED).any()) for labels in rows[LABEL]], dtype=bool)
+
+    def distributions(self, logits, batch):
+        """Each real token's class logits (tokens, C)."""
+        return logits[batch["attention_mask"].bool()]
+
+    def hard_targets(self, batch):
+        return batch[LABEL][batch["attention_mask"].bool()]
+
+    def metrics(self, outputs: list[np.ndarray], rows: ShardRows, label_names: Sequence[str]) -> dict[str, float]:
+        """Entity-level precision, recall and F1 and word accuracy over the rows' words (seqeval rules)."""
+        outside = list(label_names).index(OUTSIDE)
+        gold = [[label_names[t] for t in tags] for tags in rows[TAGS]]
+        predicted = [[label_names[t] for t in word_tags(np.asarray(out).argmax(-1), starts, outside)]
+                     for out, starts in zip(outputs, rows[WORD_STARTS], strict=True)]  # fmt: skip
+        return entity_scores(gold, predicted)
 
 
 def align_tags(tokenizer, words: Sequence[Sequence[str]], tags: Sequence[np.ndarray | None], *,

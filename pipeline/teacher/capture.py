@@ -48,12 +48,13 @@ from ..contract import (
     experiment_identity,
     teacher_fingerprint,
     tokenizer_fingerprint,
+    update_rows,
 )
-from ..data import Splits, load_splits, tokenize
+from ..data import Splits, load_splits
 from ..errors import ConfigError
 from ..models import count_parameters, directory_bytes, load_tokenizer
 from ..runtime import ALONE, Ranks, autocast, barrier, process_group, resolve_device, resolve_precision
-from ..tasks import LABEL, LOGITS
+from ..tasks import LOGITS, Task
 from ..training import Collator, to_device, token_budget_batches
 from .train import require_teacher, teacher_task
 
@@ -76,9 +77,9 @@ class CachePlan:
     location: Location
     teacher_path: Path
     splits: Splits
-    token_ids: dict[str, list[np.ndarray]]  # every split's token ids
+    rows: dict[str, ShardRows]  # every split's cache rows as the task encodes them, without the teacher's outputs
     teacher_fingerprint: str  # the teacher's files (weights, config, tokenizer): which teacher this is
-    data_fingerprint: str  # token ids, lengths, labels and example ids of every split
+    data_fingerprint: str  # every split's rows: token ids, lengths, example ids, labels and the task's other columns
     tokenizer_fingerprint: str  # the vocabulary the token ids refer to
 
 
@@ -86,20 +87,19 @@ def plan_cache(cfg: ExperimentConfig) -> CachePlan:
     """Load and tokenize the data, locate the teacher, and compute the cache key.
 
     The key chains the teacher's fingerprint (taken once, when the teacher was saved), the
-    data fingerprint (token ids, labels and example ids of every split), the capture
-    settings and the format version: the weights are not hashed again.
+    data fingerprint (every split's rows as the task encodes them: token ids, example ids,
+    labels), the task, the capture settings and the format version: the weights are not
+    hashed again.
     """
     cfg.require("data", "teacher", stage="teacher-cache")
-    splits = load_splits(cfg.data, seed=cfg.seed)
+    task = teacher_task(cfg)
+    splits = load_splits(cfg.data, seed=cfg.seed, task=task)
     teacher_path, teacher_key = require_teacher(cfg, splits)
     tokenizer = load_tokenizer(teacher_path)
-    token_ids = {name: tokenize(tokenizer, splits[name], max_length=cfg.data.max_length) for name in SPLITS}
-    data = Fingerprint("kdcache-data")
+    rows = {name: task.encode(tokenizer, splits[name], cfg.data) for name in SPLITS}
+    data = Fingerprint("kdcache-data").update_json("task", task.name)
     for name in SPLITS:
-        ids = token_ids[name]
-        data.update_array(f"{name}/ids", np.concatenate(ids)).update_array(f"{name}/lengths", [len(x) for x in ids])
-        data.update_array(f"{name}/labels", splits[name].labels)
-        data.update_array(f"{name}/example_id", splits[name].example_id)
+        update_rows(data, name, rows[name])
     # a ready-made teacher's key is its files' fingerprint; a fine-tuned one's was taken when it was saved
     teacher_fp = teacher_fingerprint(teacher_path) if cfg.teacher.fine_tune else teacher_key
     data_fp = data.hexdigest()
@@ -108,7 +108,7 @@ def plan_cache(cfg: ExperimentConfig) -> CachePlan:
     fp.update_json("capture", capture_identity(cfg.capture))
     key = fp.hexdigest()
     location = Location(cfg.capture.cache_root) / key
-    return CachePlan(key, location, teacher_path, splits, token_ids, teacher_fp, data_fp,
+    return CachePlan(key, location, teacher_path, splits, rows, teacher_fp, data_fp,
                      tokenizer_fingerprint(tokenizer))  # fmt: skip
 
 
@@ -173,7 +173,7 @@ def fill_cache(cfg: ExperimentConfig, plan: CachePlan, model, *, ranks: Ranks = 
         key=plan.key,
         columns=teacher_task(cfg).columns(model.config.num_labels),
         tensors=tensor_specs(cfg, model.config),
-        split_rows={name: len(plan.token_ids[name]) for name in SPLITS},
+        split_rows={name: len(plan.rows[name]) for name in SPLITS},
         tensor_splits=capture.tensor_splits,
         shard_rows=capture.shard_rows,
         producer={"precision": str(precision).removeprefix("torch.")},
@@ -185,8 +185,8 @@ def fill_cache(cfg: ExperimentConfig, plan: CachePlan, model, *, ranks: Ranks = 
     done = writer.committed_count()
     if done:
         say(f"resuming cache {plan.key}: {done} of {len(writer.tasks)} shards already committed")
-    forward = TeacherForward(model, Collator.for_model(load_tokenizer(plan.teacher_path), model.config), capture,
-                             device=device, precision=precision)  # fmt: skip
+    forward = TeacherForward(model, teacher_task(cfg), Collator.for_model(load_tokenizer(plan.teacher_path), model.config),
+                             capture, device=device, precision=precision)  # fmt: skip
     written = 0  # bytes committed, counted on the writer's thread
 
     def count(entry) -> None:  # None: another writer committed that shard
@@ -201,12 +201,11 @@ def fill_cache(cfg: ExperimentConfig, plan: CachePlan, model, *, ranks: Ranks = 
     ):
         tokens = 0
         for task in todo:
-            rows = slice(task.row_start, task.row_end)
-            ids, data = plan.token_ids[task.split][rows], plan.splits[task.split]
+            rows = plan.rows[task.split].take(np.arange(task.row_start, task.row_end))
+            ids = rows.input_ids
             if not writer.is_committed(task):  # a writer running beside this one may have done it meanwhile
-                logits, tensors = forward(ids, tensors=task.split in capture.tensor_splits)
-                columns = {LABEL: data.labels[rows].astype(np.int32), LOGITS: logits}
-                bg.submit(task, ShardRows(data.example_id[rows], ids, columns), tensors)
+                rows.columns[LOGITS], tensors = forward(ids, tensors=task.split in capture.tensor_splits)
+                bg.submit(task, rows, tensors)
             tokens += sum(map(len, ids))
             elapsed = max(bar.format_dict["elapsed"], 1e-3)
             bar.update(len(ids))
@@ -264,9 +263,8 @@ def finish_cache(cfg: ExperimentConfig, plan: CachePlan, writer: CacheWriter) ->
         return writer.finish()
     metrics = {}
     for split in ("validation", "test"):
-        rows = writer.committed_rows(split)
-        logits, labels = np.concatenate([r[LOGITS] for r in rows]), np.concatenate([r[LABEL] for r in rows])
-        metrics[split] = teacher_task(cfg).metrics(logits, labels)
+        rows = ShardRows.concat(writer.committed_rows(split))
+        metrics[split] = teacher_task(cfg).metrics(rows[LOGITS], rows, plan.splits[split].label_names)
     card = {**writer.metadata["teacher"], "metrics": metrics}
     with tempfile.TemporaryDirectory() as folder:
         load_tokenizer(plan.teacher_path).save_pretrained(folder)
@@ -300,30 +298,30 @@ def estimate_capture(cfg: ExperimentConfig, *, sample_rows: int = 256) -> Captur
     plan = plan_cache(cfg)
     device = resolve_device(cfg.device)
     model = load_teacher(cfg, plan, device)
-    forward = TeacherForward(model, Collator.for_model(load_tokenizer(plan.teacher_path), model.config), cfg.capture,
-                             device=device, precision=resolve_precision(cfg.capture.precision, device))  # fmt: skip
+    task = teacher_task(cfg)
+    forward = TeacherForward(model, task, Collator.for_model(load_tokenizer(plan.teacher_path), model.config),
+                             cfg.capture, device=device,
+                             precision=resolve_precision(cfg.capture.precision, device))  # fmt: skip
     specs = tensor_specs(cfg, model.config)
-    ids = [x for name in SPLITS for x in plan.token_ids[name]]
-    lengths = np.array([len(x) for x in ids])
-    stored_lengths = np.array([len(x) for name in cfg.capture.tensor_splits for x in plan.token_ids[name]])
-    index = np.unique(np.linspace(0, len(ids) - 1, min(sample_rows, len(ids))).astype(int))
-    sample = [ids[i] for i in index]
+    every = ShardRows.concat([plan.rows[name] for name in SPLITS])
+    lengths = every.lengths
+    stored_lengths = np.concatenate([plan.rows[name].lengths for name in cfg.capture.tensor_splits])
+    index = np.unique(np.linspace(0, len(every) - 1, min(sample_rows, len(every))).astype(int))
+    rows = every.take(index)
     start = time.perf_counter()
-    logits, tensors = forward(sample)
+    rows.columns[LOGITS], tensors = forward(rows.input_ids)
     with tempfile.TemporaryDirectory() as staging:
-        task = teacher_task(cfg)
-        rows = ShardRows(index.astype(np.int64), sample, {LABEL: np.zeros(len(sample), np.int32), LOGITS: logits})
         build_shard(Path(staging), rows, tensors, {s.name: s for s in specs}, relative_path="estimate", row_start=0,
                     columns=task.columns(model.config.num_labels))  # fmt: skip
         seconds = time.perf_counter() - start
         files = {str(p.relative_to(staging)): p.stat().st_size for p in Path(staging).rglob("*") if p.is_file()}
-    scaled = {"rows": sum(b for n, b in files.items() if not n.startswith("tensors.zarr/")) * len(ids) / len(sample)}
+    scaled = {"rows": sum(b for n, b in files.items() if not n.startswith("tensors.zarr/")) * len(every) / len(rows)}
     for spec in specs:
         stored = sum(b for n, b in files.items() if n.startswith(f"tensors.zarr/{spec.name}/"))
         elements = spec.offsets(stored_lengths)[-1] / spec.offsets(lengths[index])[-1]
         scaled[spec.name] = stored * elements
     tokens = lengths.sum() / lengths[index].sum()
-    return CaptureEstimate(len(ids), {k: int(v) for k, v in scaled.items()}, seconds * tokens)
+    return CaptureEstimate(len(every), {k: int(v) for k, v in scaled.items()}, seconds * tokens)
 
 
 def tensor_specs(cfg: ExperimentConfig, model_config) -> list[TensorSpec]:
@@ -369,9 +367,9 @@ class TeacherForward:
     only the configured layers and heads kept, hidden states cast to their storage dtype.
     """
 
-    def __init__(self, model, collate: Collator, capture: CaptureConfig, *, device: torch.device,
+    def __init__(self, model, task: Task, collate: Collator, capture: CaptureConfig, *, device: torch.device,
                  precision: torch.dtype):  # fmt: skip
-        self.model, self.collate, self.capture = model, collate, capture
+        self.model, self.task, self.collate, self.capture = model, task, collate, capture
         self.device, self.precision = device, precision
         self.hidden_dtype = torch.float16 if capture.hidden_dtype == "float16" else torch.float32
         self.attention_dtype = torch.float16 if capture.attention_dtype == "float16" else torch.float32
@@ -379,13 +377,13 @@ class TeacherForward:
 
     @torch.inference_mode()
     def __call__(self, ids: list[np.ndarray], *, tensors: bool = True):
-        """Logits (N, C) float32, and per (tensor, layer) N arrays: hidden (L, H), attention (heads, L, L)
-        (none with ``tensors`` False: a split that stores rows only)."""
+        """Logits (N, C) float32 (per token: N arrays (L, C)), and per (tensor, layer) N arrays: hidden
+        (L, H), attention (heads, L, L) (none with ``tensors`` False: a split that stores rows only)."""
         capture, n = self.capture, len(ids)
         hidden_layers = capture.hidden_layers if tensors else ()
         attention_layers = capture.attention_layers if tensors else ()
         lengths = np.array([len(x) for x in ids])
-        logits = np.zeros((n, self.model.config.num_labels), np.float32)
+        logits = [None] * n
         out_tensors = {(HIDDEN, k): [None] * n for k in hidden_layers}
         out_tensors |= {(ATTENTION, k): [None] * n for k in attention_layers}
         copies = []  # (rows, host tensors): device-to-host copies that may still be in flight
@@ -397,9 +395,11 @@ class TeacherForward:
                     output_hidden_states=bool(hidden_layers),
                     output_attentions=bool(attention_layers),
                 )
-            kept = {"logits": out.logits.float()}  # (B, C)
+            real = batch["attention_mask"].flatten().nonzero().squeeze(1)  # the B*T positions that are tokens
+            kept = {"logits": self.task.outputs(out).float()}  # (B, C), or (B, T, C) per token
+            if self.task.per_token:
+                kept["logits"] = kept["logits"].flatten(0, 1).index_select(0, real)  # (tokens, C), row after row
             if hidden_layers:
-                real = batch["attention_mask"].flatten().nonzero().squeeze(1)  # the B*T positions that are tokens
                 kept[HIDDEN] = torch.stack(
                     [out.hidden_states[k].flatten(0, 1).index_select(0, real) for k in hidden_layers]
                 ).to(self.hidden_dtype)  # (K, tokens, H), row after row
@@ -410,10 +410,13 @@ class TeacherForward:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # the host copies are complete from here on
         for index, host in copies:
-            logits[index] = host["logits"].numpy()
+            bounds = np.concatenate([[0], np.cumsum(lengths[index])])
+            for row, i in enumerate(index):
+                logits[i] = (
+                    host["logits"][bounds[row] : bounds[row + 1]] if self.task.per_token else host["logits"][row]
+                )
             if hidden_layers:
                 packed = host[HIDDEN].numpy()
-                bounds = np.concatenate([[0], np.cumsum(lengths[index])])
                 for j, k in enumerate(hidden_layers):
                     for row, i in enumerate(index):
                         out_tensors[(HIDDEN, k)][i] = packed[j, bounds[row] : bounds[row + 1]]
@@ -421,4 +424,5 @@ class TeacherForward:
                 maps = host[(ATTENTION, k)].numpy()
                 for row, i in enumerate(index):
                     out_tensors[(ATTENTION, k)][i] = maps[row, :, : lengths[i], : lengths[i]]
-        return logits, out_tensors
+        logits = [x.numpy() for x in logits]
+        return (logits if self.task.per_token else np.stack(logits)), out_tensors

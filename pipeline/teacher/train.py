@@ -17,13 +17,13 @@ from transformers import AutoConfig
 from cache_store import Fingerprint
 
 from ..config import ExperimentConfig
-from ..contract import TEACHER_RECORD, files_fingerprint
-from ..data import UNLABELED, Splits, TextData, load_splits, tokenize
+from ..contract import TEACHER_RECORD, files_fingerprint, update_rows
+from ..data import Splits, TextData, load_splits
 from ..errors import ConfigError
 from ..models import load_tokenizer, model_dir, model_files, save_model
 from ..runtime import resolve_device, resolve_precision
 from ..tasks import DEFAULT_TASK, Task, task_named
-from ..training import Checkpoint, Collator, Learner, fit, length_grouped_batches, predict_logits
+from ..training import Checkpoint, Collator, Learner, collate_rows, fit, length_grouped_batches, predict
 
 TRAINING_VERSION = 2  # part of the key: bumped when the same inputs would train other weights (2: per-learner RNG)
 
@@ -42,18 +42,18 @@ def teacher_task(cfg: ExperimentConfig) -> Task:
 
 def labeled_train(splits: Splits) -> TextData:
     """The training rows the teacher learns from: those with a label."""
-    return splits["train"].take(np.flatnonzero(splits["train"].labels != UNLABELED))
+    return splits["train"].take(np.flatnonzero(splits["train"].labeled))
 
 
 def teacher_key(cfg: ExperimentConfig, base: Path, splits: Splits, tokenizer) -> str:
     """Hash of what determines the fine-tuned weights: base model files, the labeled training rows
     and the validation rows (in order), hyperparameters. Unlabeled transfer text is not part of
     it: adding some does not retrain the teacher."""
-    fp = Fingerprint("kdcache-teacher-v2").update_files("base", base, model_files(base))
+    fp = Fingerprint("kdcache-teacher-v3").update_files("base", base, model_files(base))
+    task = teacher_task(cfg)
     for name, data in (("train", labeled_train(splits)), ("validation", splits["validation"])):
-        ids = tokenize(tokenizer, data, max_length=cfg.data.max_length)
-        fp.update_array(f"{name}/ids", np.concatenate(ids)).update_array(f"{name}/lengths", [len(x) for x in ids])
-        fp.update_array(f"{name}/labels", data.labels)
+        update_rows(fp, name, task.encode(tokenizer, data, cfg.data))
+    fp.update_json("task", task.name)
     ignored = ("base_model", "output_root", "checkpoint_steps")  # base_model is hashed by content above
     settings = {k: v for k, v in dataclasses.asdict(cfg.teacher).items() if k not in ignored}
     settings |= {"seed": cfg.seed, "max_length": cfg.data.max_length, "training_version": TRAINING_VERSION}
@@ -109,7 +109,8 @@ def run_teacher_train(cfg: ExperimentConfig) -> TeacherResult:
     Reuses an existing teacher with the same key (same base model, data and settings).
     """
     cfg.require("data", "teacher", stage="teacher-train")
-    splits = load_splits(cfg.data, seed=cfg.seed)
+    task = teacher_task(cfg)
+    splits = load_splits(cfg.data, seed=cfg.seed, task=task)
     print(splits.summary())
     path, key = locate_teacher(cfg, splits)
     if not cfg.teacher.fine_tune:
@@ -121,33 +122,39 @@ def run_teacher_train(cfg: ExperimentConfig) -> TeacherResult:
     base = model_dir(cfg.teacher.base_model)
     tokenizer = load_tokenizer(base)
     train = labeled_train(splits)
-    train_ids = tokenize(tokenizer, train, max_length=cfg.data.max_length)
-    val_ids = tokenize(tokenizer, splits["validation"], max_length=cfg.data.max_length)
+    train_rows = task.encode(tokenizer, train, cfg.data)
+    validation = task.encode(tokenizer, splits["validation"], cfg.data)
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    task = teacher_task(cfg)
     model = task.load_model(base, num_labels=len(train.label_names)).to(device)
     model.config.id2label = dict(enumerate(train.label_names))
     model.config.label2id = {name: i for i, name in enumerate(train.label_names)}
     collate = Collator.for_model(tokenizer, model.config)
     batch_size = cfg.teacher.batch_size
 
-    lengths = np.array([len(x) for x in train_ids])
+    lengths = train_rows.lengths
     steps = len(length_grouped_batches(lengths, batch_size, np.random.default_rng(0)))
 
     def epoch_batches(epoch: int, start: int):
         order = length_grouped_batches(lengths, batch_size, np.random.default_rng([cfg.seed, epoch]))
         for index in order[start:]:
-            yield {**collate([train_ids[i] for i in index]), "labels": torch.from_numpy(train.labels[index])}
+            yield collate_rows(collate, train_rows, index, task.batch_columns)
+
+    def step_loss(batch, step):
+        out = model(**{k: batch[k] for k in collate.inputs})
+        return task.hard_loss(task.outputs(out), batch), {}
 
     checkpoint = Checkpoint(path.with_name(f".{path.name}.checkpoint.pt"))  # beside the teacher, hidden
-    tqdm.write(f"teacher: fine-tuning {cfg.teacher.base_model} on {len(train_ids)} labeled rows ({device})")
+    tqdm.write(f"teacher: fine-tuning {cfg.teacher.base_model} for {task.name} on {len(train)} labeled rows "
+               f"({len(train_rows)} features, {device})")  # fmt: skip
     learner = Learner(
         name="teacher",
         model=model,
         trainable=[model],
-        step_loss=lambda batch, step: (model(**batch).loss, {}),
-        validate=lambda: task.metrics(predict_logits(model, val_ids, collate=collate), splits["validation"].labels),
+        step_loss=step_loss,
+        validate=lambda: task.metrics(
+            predict(model, validation.input_ids, task=task, collate=collate), validation, train.label_names
+        ),  # fmt: skip
         lr=cfg.teacher.learning_rate,
         weight_decay=cfg.teacher.weight_decay,
         warmup_ratio=cfg.teacher.warmup_ratio,
@@ -169,7 +176,7 @@ def run_teacher_train(cfg: ExperimentConfig) -> TeacherResult:
     _save_atomically(model, tokenizer, path, record={
         "key": key,
         "base_model": cfg.teacher.base_model,
-        "labeled_rows": len(train_ids),
+        "labeled_rows": len(train),
         "steps": history[-1].steps,
         "history": [dataclasses.asdict(h) for h in history],
     })  # fmt: skip

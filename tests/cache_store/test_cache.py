@@ -36,11 +36,13 @@ HEADS, WIDTH, LABELS = 3, 8, 4
 SPLITS = {"train": 12, "validation": 5}
 
 
-COLUMNS = (  # a scalar, a vector, one entry per token, and one of any length per example
+COLUMNS = (  # a scalar, a vector, one entry per token, one of any length per example, text and lists of text
     ColumnSpec("label", "int32"),
     ColumnSpec("logits", "float32", (LABELS,)),
     ColumnSpec("token_logits", "float16", ("L", 2)),
     ColumnSpec("word_starts", "int64", ("*",)),
+    ColumnSpec("context", "string"),
+    ColumnSpec("answers", "string", ("*",)),
 )
 
 
@@ -55,6 +57,8 @@ def make_rows(seed: int, start: int, n: int) -> ShardRows:
             "logits": rng.standard_normal((n, LABELS)).astype(np.float32),
             "token_logits": [rng.standard_normal((k, 2)).astype(np.float16) for k in lengths],
             "word_starts": [rng.integers(-1, 9, size=rng.integers(0, 5)) for _ in lengths],
+            "context": [f"ctx {i} \u00e9t\u00e9" for i in rng.integers(0, 99, size=n)],
+            "answers": [[f"a{j}" for j in range(k % 3)] for k in lengths],
         },
     )
 
@@ -65,7 +69,9 @@ def assert_same_rows(got: ShardRows, want: ShardRows) -> None:
         np.testing.assert_array_equal(a, b)
     assert set(got.columns) == set(want.columns)
     for name, value in want.columns.items():
-        if isinstance(value, list):
+        if name in ("context", "answers"):
+            assert got[name] == value
+        elif isinstance(value, list):
             assert len(got[name]) == len(value)
             for a, b in zip(got[name], value, strict=True):
                 assert a.dtype == b.dtype
@@ -364,6 +370,8 @@ class CacheStoreContract:
         np.testing.assert_array_equal(frame.label, np.concatenate([d.rows["label"] for d in shards]))
         assert frame.word_starts.tolist() == [w.tolist() for d in shards for w in d.rows["word_starts"]]
         assert frame.token_logits.tolist() == [t.tolist() for d in shards for t in d.rows["token_logits"]]
+        assert frame.context.tolist() == [c for d in shards for c in d.rows["context"]]
+        assert frame.answers.tolist() == [a for d in shards for a in d.rows["answers"]]
         assert frame.input_ids.tolist() == [ids.tolist() for d in shards for ids in d.rows.input_ids]
         hidden = cache.tensor("train", "hidden", 3)
         assert hidden.numblocks == (3, 1) and hidden.shape == (frame.length.sum(), WIDTH)
@@ -433,15 +441,21 @@ def test_rows_must_have_the_declared_columns_and_shapes(tmp_path):
         ("token_logits", [t[:-1] for t in rows["token_logits"]], r"column token_logits row 0 must be \(\d+, 2\)"),
         ("logits", rows["logits"][:, :2], r"column logits must be \(5, 4\); got \(5, 2\)"),
         ("word_starts", rows["word_starts"][:4], "column word_starts needs 5 rows; got 4"),
+        ("context", [*rows["context"][:4], 3], "column context must be 5 strings"),
+        ("answers", [["a"], *rows["answers"][1:4], [1]], "column answers must be 5 lists of strings"),
     ]:
         broken = ShardRows(rows.example_id, rows.input_ids, {**rows.columns, name: bad})
         with pytest.raises(ValueError, match=message):
             writer.write_shard(task, broken, tensors)
     missing = ShardRows(rows.example_id, rows.input_ids, {k: v for k, v in rows.columns.items() if k != "label"})
-    with pytest.raises(ValueError, match=r"row columns \['logits', 'token_logits', 'word_starts'\] differ"):
+    with pytest.raises(
+        ValueError, match=r"row columns \['answers', 'context', 'logits', 'token_logits', 'word_starts'\] differ"
+    ):
         writer.write_shard(task, missing, tensors)
     with pytest.raises(ValueError, match="only its first axis may be 'L' or '\\*'"):
         ColumnSpec("bad", "float32", (2, "L"))
+    with pytest.raises(ValueError, match="string column 'bad' must be one text per example"):
+        ColumnSpec("bad", "string", ("L",))
 
 
 def test_a_shard_whose_rows_differ_from_the_declared_columns_is_refused(tmp_path):

@@ -46,7 +46,10 @@ def test_out_of_range_value_is_named(tmp_path):
     raw["distill"]["loss"][0] = {"kind": "kld"}
     with pytest.raises(ConfigError, match=r"unknown loss kind 'kld'; choose from \['kl', 'logit_mse', 'ce'"):
         load_config(write(tmp_path, raw))
-    with pytest.raises(ConfigError, match=r"unknown task 'ner'; choose from \['sequence-classification'\]"):
+    with pytest.raises(
+        ConfigError,
+        match=r"unknown task 'ner'; choose from \['question-answering', 'sequence-classification', 'token-classification'\]",
+    ):
         load_config(write(tmp_path, demo_raw() | {"task": "ner"}))
 
 

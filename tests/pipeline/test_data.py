@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from pipeline.config import DataConfig, DatasetSpec, SplitSources
-from pipeline.data import UNLABELED, WHOLE, load_splits, read_sources, split_sources, to_text_data, tokenize
+from pipeline.data import WHOLE, load_splits, read_sources, split_sources, to_text_data
+from pipeline.tasks import SEQUENCE_CLASSIFICATION
 from pipeline.errors import DataError
 from pipeline.models import load_tokenizer
 
@@ -75,7 +76,7 @@ def test_split_is_deterministic_disjoint_and_hides_labels_beyond_the_labeled_siz
     assert len(np.unique(np.concatenate(list(ids.values())))) == len(data) - sum(dropped.values())
     for name in one:
         np.testing.assert_array_equal(one[name].example_id, two[name].example_id)
-    assert (one["train"].labels != UNLABELED).sum() == 30
+    assert one["train"].labeled.sum() == 30
     assert not np.array_equal(split_data(data, cfg, seed=4)["test"].example_id, ids["test"])
 
 
@@ -87,14 +88,16 @@ def test_split_refuses_sizes_that_leave_no_training_rows(tiny_dataset):
         split_data(data, DataConfig(dataset="x", test_size=100, validation_size=20), seed=0)
 
 
-def test_tokenize_truncates_and_keeps_no_padding(tiny_teacher):
+def test_encoding_truncates_and_keeps_no_padding(tiny_teacher):
     from pipeline.data import TextData
 
     tokenizer = load_tokenizer(tiny_teacher)
-    data = TextData(np.arange(2), [("great film",), ("the " * 50,)], np.array([1, 0]), ("neg", "pos"))
-    ids = tokenize(tokenizer, data, max_length=16)
-    assert [len(x) for x in ids] == [4, 16]
-    assert ids[0][0] == tokenizer.cls_token_id and ids[0][-1] == tokenizer.sep_token_id
+    data = TextData(np.arange(2), [("great film",), ("the " * 50,)], np.array([1, 0]), np.array([True, False]),
+                    ("neg", "pos"))  # fmt: skip
+    rows = SEQUENCE_CLASSIFICATION.encode(tokenizer, data, DataConfig(dataset="x", max_length=16))
+    assert [len(x) for x in rows.input_ids] == [4, 16]
+    assert rows.input_ids[0][0] == tokenizer.cls_token_id and rows.input_ids[0][-1] == tokenizer.sep_token_id
+    assert rows["label"].tolist() == [1, -1]  # a hidden label is stored as UNLABELED
 
 
 def test_labeled_rows_are_drawn_at_random_so_they_spread_over_the_shards(tiny_dataset):
@@ -104,12 +107,12 @@ def test_labeled_rows_are_drawn_at_random_so_they_spread_over_the_shards(tiny_da
     data = load_text_data(load_dataset_spec(tiny_dataset))
     cfg = DataConfig(dataset="x", test_size=10, validation_size=10, labeled_train_size=30)
     splits = split_data(data, cfg, seed=0)
-    labeled = np.flatnonzero(splits["train"].labels != UNLABELED)
+    labeled = np.flatnonzero(splits["train"].labeled)
     assert len(labeled) == 30
     quarters = np.array_split(np.arange(len(splits["train"])), 4)  # 16-row shards: every quarter holds labels
     assert all(np.isin(quarter, labeled).sum() >= 3 for quarter in quarters)
-    np.testing.assert_array_equal(np.flatnonzero(split_data(data, cfg, seed=0)["train"].labels != UNLABELED), labeled)
-    assert not np.array_equal(np.flatnonzero(split_data(data, cfg, seed=1)["train"].labels != UNLABELED), labeled)
+    np.testing.assert_array_equal(np.flatnonzero(split_data(data, cfg, seed=0)["train"].labeled), labeled)
+    assert not np.array_equal(np.flatnonzero(split_data(data, cfg, seed=1)["train"].labeled), labeled)
     kept = splits["train"].labels[labeled]
     np.testing.assert_array_equal(
         kept, data.labels[np.searchsorted(data.example_id, splits["train"].example_id)][labeled]
@@ -194,8 +197,8 @@ def test_unlabeled_transfer_text_joins_train_without_labels_and_spreads(tmp_path
     splits = load_splits(DataConfig(dataset=str(tmp_path / "d.yaml"), test_size=5, validation_size=5), seed=0)
     train = splits["train"]
     unlabeled = np.array([t[0].startswith("plain") for t in train.texts])
-    assert unlabeled.sum() == 60 and (train.labels[unlabeled] == UNLABELED).all()
-    assert (train.labels[~unlabeled] != UNLABELED).all() and len(train) == 90
+    assert unlabeled.sum() == 60 and not train.labeled[unlabeled].any()
+    assert train.labeled[~unlabeled].all() and len(train) == 90
     assert not unlabeled[:16].all() and unlabeled[:45].sum() < 45  # shuffled: labels are not all in the last shards
     assert not any(t[0].startswith("plain") for t in splits["test"].texts + splits["validation"].texts)
 
@@ -228,7 +231,7 @@ def test_max_examples_scales_the_sizes_given_as_counts(tmp_path):
                      max_examples=100)  # fmt: skip
     splits = load_splits(cfg, seed=0)
     assert (len(splits["test"]), len(splits["validation"]), len(splits["train"])) == (20, 10, 70)
-    assert (splits["train"].labels != UNLABELED).sum() == 30
+    assert splits["train"].labeled.sum() == 30
     assert "--max-examples 100 of 1,000 rows scales test_size 200 -> 20, validation_size 100 -> 10" in splits.summary()
 
 

@@ -109,7 +109,8 @@ def test_attention_terms_compare_the_students_heads_that_the_cache_holds(trained
         maps = teacher(**batch, output_attentions=True).attentions[1]  # (1, 4 heads, 4, 4)
     terms = (dataclasses.replace(trained.distill.loss[3], weight=1.0),)  # attention_kl
     for heads, stored in (((0, 2), maps[:, [0, 2]]), (None, maps)):
-        objective = Objective(teacher, terms, ((2, 2),), teacher_width=32, attention_heads=heads)
+        objective = Objective(teacher, SEQUENCE_CLASSIFICATION, terms, ((2, 2),), teacher_width=32,
+                              attention_heads=heads)  # fmt: skip
         loss, parts = objective({**batch, "attentions/2": stored}, progress=0.0)
         assert float(parts["attention_kl"]) == pytest.approx(0.0, abs=1e-6)  # its own maps, head for head
     narrow = StudentConfig(name="narrow", architecture=StudentArchitecture(layers=2, hidden_size=16, heads=2),
@@ -145,15 +146,15 @@ def test_baselines_take_at_least_their_students_optimizer_steps_and_the_report_s
 
 
 def test_a_pass_in_which_a_rank_gets_no_batch_is_refused(trained):
-    from pipeline.models import load_tokenizer
     from pipeline.runtime import Ranks
     from pipeline.student.distill import require_batches, student_stream
+    from pipeline.student.inputs import TeacherCache
 
-    cache = open_cache(run_capture(trained).location)
-    source, tokenizer = CacheSource(cache, "train"), load_tokenizer(trained.teacher.base_model)
+    cache = TeacherCache(run_capture(trained).location)
+    source = CacheSource(cache.cache, "train")
     shards = len(source)
-    require_batches(student_stream(trained, source, tokenizer, seed=0, kd=False, ranks=Ranks(0, shards, 0)), "p")
-    beyond = student_stream(trained, source, tokenizer, seed=0, kd=False, ranks=Ranks(0, shards + 1, 0))
+    require_batches(student_stream(trained, source, cache, seed=0, kd=False, ranks=Ranks(0, shards, 0)), "p")
+    beyond = student_stream(trained, source, cache, seed=0, kd=False, ranks=Ranks(0, shards + 1, 0))
     assert len(beyond) == 0
     with pytest.raises(ConfigError, match=rf"pass p: rank {shards} of {shards + 1} gets no batch: its shards "
                        rf"\({shards} in all, every {shards + 1}-th per rank\) hold no labeled rows"):  # fmt: skip
@@ -164,7 +165,7 @@ def test_students_of_different_kinds_each_get_their_own_inputs(config_file, pair
     """A BERT student takes segment ids; one without segment embeddings must not (it would index past them)."""
     from pipeline.config import load_config
     from pipeline.models import load_tokenizer, save_model
-    from pipeline.training import predict_logits
+    from pipeline.training import predict
 
     cfg = load_config(config_file, [f"data.dataset={pairs_dataset}"])
     run_teacher_train(cfg)
@@ -190,8 +191,9 @@ def test_students_of_different_kinds_each_get_their_own_inputs(config_file, pair
         assert ("token_type_ids" in own.inputs) == (name == "cut")
         history = json.loads((result.run_dir / "passes" / "seed0-distilled.json").read_text())
         assert history  # validation ran with each model's own collator: its kept accuracy is reproducible
-        logits = predict_logits(model, plan.token_ids["validation"], collate=own)
-        accuracy = float((logits.argmax(-1) == plan.splits["validation"].labels).mean())
+        validation = plan.rows["validation"]
+        logits = predict(model, validation.input_ids, task=SEQUENCE_CLASSIFICATION, collate=own)
+        accuracy = float((logits.argmax(-1) == validation["label"]).mean())
         logged = scalars(result.run_dir, "seed0-distilled", name)["validation/accuracy"]
         assert accuracy == pytest.approx(max(logged), abs=1e-6)
 

@@ -46,9 +46,9 @@ def test_cache_holds_exactly_what_the_live_teacher_computes(config, captured):
     rows = range(5)
     with torch.no_grad():
         for i in rows:
-            inputs = Collator(pad_id=0)([plan.token_ids["train"][i]])
+            inputs = Collator(pad_id=0)([plan.rows["train"].input_ids[i]])
             out = teacher(**inputs, output_hidden_states=True, output_attentions=True)
-            np.testing.assert_array_equal(data.rows.input_ids[i], plan.token_ids["train"][i])
+            np.testing.assert_array_equal(data.rows.input_ids[i], plan.rows["train"].input_ids[i])
             np.testing.assert_allclose(data.rows["logits"][i], out.logits[0].numpy(), atol=1e-5)
             for k in (0, 2, 4):  # stored as float16
                 np.testing.assert_allclose(
@@ -59,7 +59,8 @@ def test_cache_holds_exactly_what_the_live_teacher_computes(config, captured):
     train = plan.splits["train"]
     assert cache.split("train").rows == len(train)
     assert sum(s.rows for s in cache.shards("train")) == len(train)
-    np.testing.assert_array_equal(np.concatenate([d.rows["label"] for d in cache.iter_shards("train")]), train.labels)
+    stored = np.concatenate([d.rows["label"] for d in cache.iter_shards("train")])
+    np.testing.assert_array_equal(stored, np.where(train.labeled, train.labels, -1).astype(np.int32))
 
 
 def test_capture_reuses_its_cache_and_any_input_change_gives_a_new_key(config, captured, capsys):

@@ -8,6 +8,7 @@ import torch
 
 from cache_store import open_cache
 from pipeline.student.streaming import CacheSource, StudentStream, TeacherStats
+from pipeline.tasks import SEQUENCE_CLASSIFICATION
 from pipeline.teacher import run_teacher_train
 from pipeline.teacher.capture import run_capture
 from pipeline.training import Collator
@@ -23,7 +24,7 @@ def source(config):
 
 def stream(source, **kwargs) -> StudentStream:
     options = {"batch_size": 8, "seed": 0, "wanted": WANTED, "block_rows": 4, "buffer_rows": 8} | kwargs
-    return StudentStream(source, collate=Collator(pad_id=0), **options)
+    return StudentStream(source, task=SEQUENCE_CLASSIFICATION, collate=Collator(pad_id=0), **options)
 
 
 def rows_of(batches) -> list[int]:

@@ -67,13 +67,18 @@ def test_the_answer_is_the_best_valid_span_over_a_questions_windows(tokenizer):
     start[0][1], end[0][1] = 50.0, 50.0  # the highest logits, in the question: never an answer
     start[1][9], end[1][10] = 4.0, 4.0  # "new york" in window 1: 8
     start[2][7], end[2][9] = 3.0, 4.5  # "new york city" in window 2: 7.5
-    assert best_answers(start, end, feats, [context]) == ["new york"]
+
+    def answers(**options):
+        logits = [np.stack([s, e], axis=-1) for s, e in zip(start, end, strict=True)]
+        return best_answers(logits, feats.offsets, feats.question, [context], **options)
+
+    assert answers() == ["new york"]
     start[2][7] = 3.6  # now 8.1
-    assert best_answers(start, end, feats, [context]) == ["new york city"]
-    assert best_answers(start, end, feats, [context], max_answer_length=2) == ["new york"]  # 3 tokens: too long
+    assert answers() == ["new york city"]
+    assert answers(max_answer_length=2) == ["new york"]  # 3 tokens: too long
     end[2][:] = -1.0
     end[2][7], start[2][8] = 9.0, 9.0  # the end before the start: not a span
-    assert best_answers(start, end, feats, [context], n_best=1) == ["new york"]
+    assert answers(n_best=1) == ["new york"]
 
 
 @pytest.mark.parametrize(
