@@ -38,7 +38,6 @@ from rounds import interleaved, ratio, spread
 from cache_store import Location
 from pipeline.config import load_config
 from pipeline.contract import SPLITS
-from pipeline.data import tokenize
 from pipeline.models import load_tokenizer
 from pipeline.runtime import autocast, resolve_device, resolve_precision
 from pipeline.tasks import SEQUENCE_CLASSIFICATION
@@ -140,15 +139,15 @@ def main() -> None:
         precision = resolve_precision(cfg.capture.precision, device)
         model = SEQUENCE_CLASSIFICATION.load_model(plan.teacher_path).to(device).eval()
         tokenizer = load_tokenizer(plan.teacher_path)
-        forward = TeacherForward(model, Collator.for_model(tokenizer, model.config), cfg.capture, device=device,
-                                 precision=precision)  # fmt: skip
-        rows = sum(len(plan.token_ids[s]) for s in SPLITS)
-        tokens = sum(len(x) for s in SPLITS for x in plan.token_ids[s])
+        forward = TeacherForward(model, SEQUENCE_CLASSIFICATION, Collator.for_model(tokenizer, model.config),
+                                 cfg.capture, device=device, precision=precision)  # fmt: skip
+        rows = sum(len(plan.rows[s]) for s in SPLITS)
+        tokens = sum(int(plan.rows[s].lengths.sum()) for s in SPLITS)
         texts = [t[0] for s in SPLITS for t in plan.splits[s].texts]
         shard_ids = [
-            plan.token_ids[s][k : k + cfg.capture.shard_rows]
+            plan.rows[s].input_ids[k : k + cfg.capture.shard_rows]
             for s in SPLITS
-            for k in range(0, len(plan.token_ids[s]), cfg.capture.shard_rows)
+            for k in range(0, len(plan.rows[s]), cfg.capture.shard_rows)
         ]
         written = {"bare": 0}
 
@@ -156,7 +155,7 @@ def main() -> None:
             fresh = dataclasses.replace(plan, location=Location(str(work / "rounds")) / plan.key)
             start = time.perf_counter()
             for s in SPLITS:  # the tokenization capture does inside plan_cache, timed here
-                tokenize(tokenizer, plan.splits[s], max_length=cfg.data.max_length)
+                SEQUENCE_CLASSIFICATION.encode(tokenizer, plan.splits[s], cfg.data)
             written["capture"] = fill_cache(cfg, fresh, model).manifest.bytes
             seconds = time.perf_counter() - start
             shutil.rmtree(work / "rounds")

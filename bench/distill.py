@@ -90,13 +90,12 @@ def main() -> None:
     test = cache.rows("test")
     cached = FirstShards(CacheSource(cache.cache, "train"), args.shards)
     wanted = [("hidden_states", t) for t in student.teacher_layers]
-    train = cache.rows("train")
-    online = TokenSource(train.input_ids, train.labels, train.example_id, shard_rows=cache.cache.manifest.shard_rows)
+    online = TokenSource(cache.rows("train"), shard_rows=cache.cache.manifest.shard_rows)
     sources = {"cached": cached, "in memory": MemorySource(cached, wanted), "online": FirstShards(online, args.shards)}
-    live = LiveTeacher(teacher, tokenizer=tokenizer, specs=cache.cache.manifest.tensors, heads=cache.meta.stored_heads,
+    live = LiveTeacher(teacher, task=cache.task, tokenizer=tokenizer, specs=cache.cache.manifest.tensors, heads=cache.meta.stored_heads,
                        precision=cache.precision)  # fmt: skip
     rows = sum(len(cached.rows(k)) for k in range(len(cached)))
-    steps = len(student_stream(cfg, cached, tokenizer, seed=0, kd=True))  # the same planned batches in every mode
+    steps = len(student_stream(cfg, cached, cache, seed=0, kd=True))  # the same planned batches in every mode
     work = Path(tempfile.mkdtemp(prefix="kdcache-bench-distill-"))
     trained = {}
 
@@ -119,7 +118,7 @@ def main() -> None:
         figures = {"train_rows": rows, "steps": steps, "rounds": args.rounds}
         for mode in sources:
             ((model, _),) = trained[mode]
-            accuracy = evaluate(model, test.input_ids, test.labels, metrics=cache.task.metrics,
+            accuracy = evaluate(model, test, task=cache.task, label_names=cache.label_names,
                                 collate=Collator.for_model(tokenizer, model.config)).metrics["accuracy"]  # fmt: skip
             key = mode.replace("in memory", "memory")
             figures[f"{key}_seconds"] = round(float(np.median(seconds[mode])), 2)

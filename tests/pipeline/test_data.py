@@ -10,9 +10,9 @@ import yaml
 
 from pipeline.config import DataConfig, DatasetSpec, SplitSources
 from pipeline.data import WHOLE, load_splits, read_sources, split_sources, to_text_data
-from pipeline.tasks import SEQUENCE_CLASSIFICATION
 from pipeline.errors import DataError
 from pipeline.models import load_tokenizer
+from pipeline.tasks import SEQUENCE_CLASSIFICATION
 
 
 def load_text_data(spec: DatasetSpec):

@@ -25,7 +25,6 @@ from pipeline.tasks import TASKS
 from pipeline.teacher import run_teacher_train
 from pipeline.teacher.capture import plan_cache, run_capture
 from pipeline.training import Collator, predict
-
 from tests.conftest import BAD, FILLER, GOOD, tiny_config_dict, write_definition
 
 NER, QA = TASKS["token-classification"], TASKS["question-answering"]
