@@ -228,7 +228,7 @@ class QuestionAnswering(Task):
 
     def metrics(self, outputs: list[np.ndarray], rows: ShardRows, label_names=()) -> dict[str, float]:
         """SQuAD F1 and exact match of each question's best answer over its features against its gold answers."""
-        ids, first, question = np.unique(rows.example_id, return_index=True, return_inverse=True)
+        _, first, question = np.unique(rows.example_id, return_index=True, return_inverse=True)
         contexts = [rows[CONTEXT][f] for f in first]
         predicted = best_answers(outputs, rows[OFFSETS], question.reshape(-1), contexts)
         gold = {q: rows[ANSWERS][f] for q, f in enumerate(first) if rows[ANSWERS][f]}
