@@ -21,10 +21,12 @@ from pathlib import PurePosixPath
 
 import numpy as np
 
+from .distribution import SparseSpec
 from .errors import CacheFormatError
 
 FORMAT_NAME = "kdcache"
-FORMAT_VERSION = 3  # 2: test split, per-split tensors, attachments, per-shard producer; 3: declared row columns
+FORMAT_VERSION = 4  # 2: test split, per-split tensors, attachments, per-shard producer; 3: declared row columns;
+# 4: per-token teacher distributions (top-k, sampled or dense)
 MANIFEST_NAME = "manifest.json"
 SHARD_ENTRY_NAME = "shard.json"
 TOKENS = "L"  # the placeholder for an example's token count in a tensor's shape
@@ -201,6 +203,7 @@ class Manifest:
     splits: dict[str, SplitEntry]
     metadata: dict = field(default_factory=dict)  # who made it: teacher, dataset, capture spec
     attachments: dict[str, dict[str, FileEntry]] = field(default_factory=dict)  # name -> {file: size, checksum}
+    distribution: SparseSpec | None = None  # the teacher's per-token distribution, stored with the tensors
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
 
@@ -260,6 +263,7 @@ class Manifest:
                     check_relative(name, where): {check_relative(f, where): FileEntry(**e) for f, e in files.items()}
                     for name, files in raw.get("attachments", {}).items()
                 },
+                distribution=SparseSpec(**raw["distribution"]) if raw.get("distribution") else None,
             )
         except (KeyError, TypeError, ValueError) as e:
             raise CacheFormatError(f"{where}: malformed manifest ({e!r})") from e

@@ -50,15 +50,20 @@ class Cache:
     def shards(self, split: str) -> tuple[ShardEntry, ...]:
         return self.split(split).shards
 
-    def read_shard(self, entry: ShardEntry, wanted: list[tuple[str, int]] = ()) -> ShardData:
-        """Load one shard's rows and the ``wanted`` (tensor, layer) arrays, verifying their checksums.
+    def read_shard(self, entry: ShardEntry, wanted: list[tuple[str, int]] = (), *,
+                   distribution: bool = False) -> ShardData:  # fmt: skip
+        """Load one shard's rows, the ``wanted`` (tensor, layer) arrays and, with ``distribution``, the
+        teacher's per-token distributions, verifying their checksums.
 
         Raises:
             CacheCorruptError: a file of the shard is missing or damaged (the error names it).
         """
         for name, layer in wanted:
             self._check_layer(name, layer)
-        return read_shard(self.location, entry, self._specs, list(wanted), self.manifest.columns)
+        if distribution and self.manifest.distribution is None:
+            raise CacheFormatError(f"cache {self.key} stores no per-token teacher distribution")
+        sparse = self.manifest.distribution if distribution else None
+        return read_shard(self.location, entry, self._specs, list(wanted), self.manifest.columns, sparse)
 
     def _check_layer(self, name: str, layer: int):
         spec = self.manifest.tensor(name)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .distribution import PerToken, SparseSpec
 from .errors import CacheCorruptError, CacheError, CacheFormatError
 from .manifest import (
     MANIFEST_NAME,
@@ -62,6 +63,8 @@ class CacheWriter:
         columns: the per-example columns of rows.arrow beside example_id, input_ids and length
             (labels, logits: what the caller stores per example).
         tensors: the ragged tensors each example carries (hidden states, attention maps).
+        distribution: how the teacher's per-token distributions are stored, when each example carries one
+            (a causal LM's next-token distributions); stored where the tensors are.
         split_rows: rows per split, in the order they are written.
         tensor_splits: the splits whose shards hold the tensors (None: all); the others hold rows only.
         shard_rows: rows per shard.
@@ -76,7 +79,8 @@ class CacheWriter:
 
     def __init__(self, location, *, key: str, columns: list[ColumnSpec], tensors: list[TensorSpec],
                  split_rows: dict[str, int], tensor_splits: tuple[str, ...] | None = None, shard_rows: int = 1024,
-                 metadata: dict | None = None, producer: dict | None = None):  # fmt: skip
+                 metadata: dict | None = None, producer: dict | None = None,
+                 distribution: SparseSpec | None = None):  # fmt: skip
         self.location = location if isinstance(location, Location) else Location(location)
         if self.location.exists(MANIFEST_NAME):
             raise CacheError(f"{self.location} already holds a complete cache; refusing to overwrite it")
@@ -84,6 +88,7 @@ class CacheWriter:
             raise ValueError(f"shard_rows must be > 0; got {shard_rows!r}")
         self.key, self.columns, self.shard_rows = key, tuple(columns), shard_rows
         self.specs = {spec.name: spec for spec in tensors}
+        self.distribution = distribution
         self.tensor_splits = tuple(split_rows) if tensor_splits is None else tuple(tensor_splits)
         self.metadata, self.producer = metadata or {}, dict(producer or {})
         self.damaged: list[str] = []  # committed shards found damaged by pending(), removed to be recomputed
@@ -159,10 +164,13 @@ class CacheWriter:
         raw = json.loads(self.location.read_bytes(f"{task.path}/{SHARD_ENTRY_NAME}"))
         return ShardEntry.from_raw(raw, f"{self.location}/{task.path}/{SHARD_ENTRY_NAME}")
 
-    def write_shard(
-        self, task: ShardTask, rows: ShardRows, tensors: dict[tuple[str, int], list[np.ndarray]]
-    ) -> ShardEntry | None:
-        """Build the shard locally and publish it; its entry, or None when another writer committed it first."""
+    def write_shard(self, task: ShardTask, rows: ShardRows, tensors: dict[tuple[str, int], list[np.ndarray]],
+                    distribution: list[PerToken] | None = None) -> ShardEntry | None:  # fmt: skip
+        """Build the shard locally and publish it; its entry, or None when another writer committed it first.
+
+        Args:
+            distribution: each row's teacher distribution, for a cache that stores them (in its tensor splits).
+        """
         specs = self.split_specs(task.split)
         expected = {(spec.name, layer) for spec in specs.values() for layer in spec.layers}
         if set(tensors) != expected:
@@ -170,9 +178,16 @@ class CacheWriter:
         if len(rows) != task.row_end - task.row_start:
             raise ValueError(f"shard {task.path} needs {task.row_end - task.row_start} rows; got {len(rows)}")
         check_rows(rows, self.columns)
+        sparse = self.distribution if task.split in self.tensor_splits else None
+        if (distribution is not None) != (sparse is not None):
+            raise ValueError(f"shard {task.path}: the cache {'stores' if sparse else 'stores no'} teacher distribution "
+                             f"there; got {'one' if distribution is not None else 'none'}")  # fmt: skip
+        for i, row in enumerate(distribution or ()):
+            sparse.check_row(row, len(rows.input_ids[i]), f"shard {task.path} row {i}")
         staging = self.location.staging_dir(task.path.replace("/", "-"))
-        entry = build_shard(staging, rows, tensors, specs, columns=self.columns,
-                            relative_path=task.path, row_start=task.row_start, producer=self.producer)  # fmt: skip
+        entry = build_shard(staging, rows, tensors, specs, columns=self.columns, relative_path=task.path,
+                            row_start=task.row_start, producer=self.producer, distribution=distribution,
+                            sparse=sparse)  # fmt: skip
         committed = self.location.commit_dir(staging, task.path, last=SHARD_ENTRY_NAME)
         self._beat()
         return entry if committed else None
@@ -223,6 +238,7 @@ class CacheWriter:
             columns=self.columns,
             shard_rows=self.shard_rows,
             tensors=tuple(self.specs.values()),
+            distribution=self.distribution,
             splits={
                 split: SplitEntry(
                     rows=shards[-1].row_end,
@@ -285,9 +301,10 @@ class BackgroundWriter:
                 except BaseException as e:
                     self._error = e
 
-    def submit(self, task: ShardTask, rows: ShardRows, tensors: dict[tuple[str, int], list[np.ndarray]]) -> None:
+    def submit(self, task: ShardTask, rows: ShardRows, tensors: dict[tuple[str, int], list[np.ndarray]],
+               distribution: list[PerToken] | None = None) -> None:  # fmt: skip
         self._raise()
-        self._queue.put((task, rows, tensors))
+        self._queue.put((task, rows, tensors, distribution))
 
     def close(self) -> None:
         if self._thread.is_alive():

@@ -468,9 +468,9 @@ def test_a_shard_whose_rows_differ_from_the_declared_columns_is_refused(tmp_path
 
 def test_reader_names_both_versions_when_it_cannot_read_one(tmp_path):
     fill(new_writer(tmp_path / "c"))
-    for old in (2, 99):  # version 2: caches from before row columns were declared
+    for old in (3, 99):  # version 3: caches from before per-token distributions
         _edit_manifest(tmp_path / "c", lambda raw, v=old: raw.__setitem__("format_version", v))
-        with pytest.raises(CacheFormatError, match=f"version {old} .* reads version 3; capture the cache again"):
+        with pytest.raises(CacheFormatError, match=f"version {old} .* reads version 4; capture the cache again"):
             open_cache(tmp_path / "c")
 
 
@@ -559,7 +559,7 @@ class _Failing(CacheWriter):
 
     delay = 0.0
 
-    def write_shard(self, task, rows, tensors):
+    def write_shard(self, task, rows, tensors, distribution=None):
         time.sleep(self.delay)
         raise OSError("disk full")
 
