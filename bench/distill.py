@@ -53,8 +53,8 @@ class FirstShards:
     def rows(self, shard: int):
         return self.source.rows(shard)
 
-    def read(self, shard: int, wanted):
-        return self.source.read(shard, wanted)
+    def read(self, shard: int, wanted, distribution: bool = False):
+        return self.source.read(shard, wanted, distribution)
 
 
 class MemorySource(FirstShards):
@@ -67,7 +67,7 @@ class MemorySource(FirstShards):
     def rows(self, shard: int):
         return self.shards[shard].rows
 
-    def read(self, shard: int, wanted):
+    def read(self, shard: int, wanted, distribution: bool = False):
         return self.shards[shard]
 
 

@@ -50,6 +50,20 @@ class SplitSources:
 
 
 @dataclass(frozen=True)
+class TransferFiles:
+    """Unlabeled transfer text laid out unlike the labeled files: its own text columns, format, encoding.
+
+    Its text columns are read as the definition's (a token-classification definition's words
+    column may come from a column of plain text: its words are split on whitespace).
+    """
+
+    path: str  # a file or glob, or pkg://...
+    text_columns: tuple[str, ...] | None = None  # None: the definition's text_columns
+    format: str | None = None  # None: the definition's, or from the file name
+    encoding: str | None = None  # None: the definition's
+
+
+@dataclass(frozen=True)
 class DatasetSpec:
     """Where a labeled text data set lives and how to read it (a file under data/).
 
@@ -63,7 +77,8 @@ class DatasetSpec:
     hub: str | None = None  # a data set in the local HF cache by name (offline), e.g. glue
     hub_config: str | None = None  # its configuration, e.g. sst2
     splits: SplitSources | None = None  # a saved DatasetDict's or hub data set's split serving as each of ours
-    unlabeled: tuple[str, ...] = ()  # files or globs of transfer text without labels: unlabeled training rows
+    unlabeled: tuple[str | TransferFiles, ...] = ()  # transfer text without labels (unlabeled training rows):
+    # files or globs laid out as the labeled ones, or TransferFiles with their own columns
     text_columns: tuple[str, ...] = ("text",)  # one column, or two for sentence pairs
     label_column: str = "label"
     label_names: tuple[str, ...] | None = None  # class order; rows with other labels are counted and dropped
@@ -79,6 +94,10 @@ class DatasetSpec:
         _check(
             self.splits is None or self.files is None, "splits names the splits of a path or hub data set, not files"
         )
+        bad = [u.text_columns for u in self.unlabeled
+               if isinstance(u, TransferFiles) and u.text_columns is not None
+               and len(u.text_columns) != len(self.text_columns)]  # fmt: skip
+        _check(not bad, f"unlabeled text_columns {bad} must name as many columns as text_columns {self.text_columns}")
 
     @property
     def source(self) -> str:
@@ -92,7 +111,7 @@ class DatasetSpec:
             patterns += [p for p in dataclasses.astuple(self.files) if p]
         return [
             f
-            for pattern in [*patterns, *self.unlabeled]
+            for pattern in [*patterns, *(getattr(u, "path", u) for u in self.unlabeled)]
             for f in matching_files(pattern) or [resolve_location(pattern)]
         ]
 
@@ -106,11 +125,13 @@ class DataConfig:
     max_examples: int | None = None  # use only this many rows in all (quick runs); None: all
     max_length: int = 128  # tokens per example after truncation
     doc_stride: int = 64  # question answering: tokens by which a long context's windows overlap
+    block_length: int = 128  # causal-lm: tokens per block the documents are packed into
 
     def __post_init__(self):
         _check(self.test_size > 0 and self.validation_size > 0, "data.test_size and data.validation_size must be > 0")
         _check(self.max_length >= 8, f"data.max_length must be >= 8; got {self.max_length!r}")
         _check(self.doc_stride >= 1, f"data.doc_stride must be >= 1; got {self.doc_stride!r}")
+        _check(self.block_length >= 2, f"data.block_length must be >= 2; got {self.block_length!r}")
         _check(
             self.labeled_train_size is None or self.labeled_train_size > 0,
             f"data.labeled_train_size must be > 0 or null; got {self.labeled_train_size!r}",
@@ -137,6 +158,27 @@ class TeacherConfig:
         _check_precision("teacher", self.precision)
 
 
+LOGIT_SCHEMES = ("topk", "sampled", "dense")
+
+
+@dataclass(frozen=True)
+class LogitsCapture:
+    """What a causal LM's cache keeps of the teacher's next-token distribution at each position."""
+
+    scheme: str = "sampled"  # topk, sampled (draws with replacement, as ids and counts) or dense
+    k: int = 50  # topk: the most probable ids kept
+    draws: int = 50  # sampled: draws per position
+    temperature: float = 1.0  # the distributions are softmax(logits / temperature)
+    seed: int = 0  # sampled: seeds the draws
+
+    def __post_init__(self):
+        _check(self.scheme in LOGIT_SCHEMES, f"capture.logits.scheme must be one of {list(LOGIT_SCHEMES)}; got "
+                                             f"{self.scheme!r}")  # fmt: skip
+        _check(self.k >= 1 and 1 <= self.draws < 65536, f"capture.logits needs k >= 1 and draws in [1, 65535]; got "
+                                                        f"k={self.k!r}, draws={self.draws!r}")  # fmt: skip
+        _check(self.temperature > 0, f"capture.logits.temperature must be > 0; got {self.temperature!r}")
+
+
 @dataclass(frozen=True)
 class CaptureConfig:
     hidden_layers: tuple[int, ...] = ()  # teacher layers (1..N; 0 = embeddings) whose hidden states are stored
@@ -149,7 +191,14 @@ class CaptureConfig:
     batch_size: int = 64  # most rows per batch (on a GPU, 256 or more)
     batch_tokens: int = 8192  # most padded tokens per batch (rows are length-sorted within each shard)
     shard_rows: int = 1024  # examples per shard, and the window rows are length-sorted within
-    tensor_splits: tuple[str, ...] = ("train",)  # splits whose hidden states and attention maps are stored
+    tensor_splits: tuple[str, ...] = (
+        "train",
+    )  # splits whose hidden states, attention maps and LM distributions are stored
+    logits: LogitsCapture | None = (
+        None  # causal-lm: the teacher's distribution kept per position (None: LogitsCapture())
+    )
+    prompts: tuple[str, ...] = ()  # causal-lm: texts the teacher (at capture) and each student (in the report)
+    # continue greedily, side by side; none: the first words of the first test documents
     bundle_teacher: bool | None = None  # store the teacher's checkpoint in the cache; None: when under 1 GB
     cache_root: str = "caches"  # caches live in <cache_root>/<key>/
 
@@ -174,7 +223,9 @@ class CaptureConfig:
 
 
 # The loss terms (pipeline/losses.py holds them): logits, hidden states, attention maps.
-LOSS_KINDS = ("kl", "logit_mse", "ce", "hidden_mse", "hidden_cosine", "cls_mse", "attention_mse", "attention_kl")
+LOSS_KINDS = ("kl", "reverse_kl", "jsd", "logit_mse", "ce", "hidden_mse", "hidden_cosine", "cls_mse", "attention_mse",
+              "attention_kl")  # fmt: skip
+TAILS = ("bucket", "renormalize")  # a top-k cache's KL: the other ids as one outcome, or left out
 MAPPINGS = ("auto", "uniform", "last")  # or explicit pairs in layer_map
 
 
@@ -185,18 +236,23 @@ class LossTerm:
     kind: str  # one of LOSS_KINDS
     weight: float = 1.0
     weight_end: float | None = None  # linear from weight at the first step to weight_end at the last; None: constant
-    temperature: float = 2.0  # kl only: softmax temperature (the term is scaled by T^2)
-    temperature_end: float | None = None  # kl only: linear schedule, as weight_end
+    temperature: float | None = None  # kl, reverse_kl, jsd: softmax temperature (the term is scaled by T^2);
+    # None: 2.0, or for a causal-lm cache the temperature its distributions were taken at (the only one it allows)
+    temperature_end: float | None = None  # linear schedule, as weight_end (not with a causal-lm cache)
+    tail: str = "bucket"  # a top-k causal-lm cache: the ids outside the top k as one outcome, or renormalize
 
     def __post_init__(self):
         _check(self.kind in LOSS_KINDS, f"unknown loss kind {self.kind!r}; choose from {list(LOSS_KINDS)}")
         _check(self.weight >= 0 and (self.weight_end or 0) >= 0, f"loss {self.kind}: weights must be >= 0")
         _check(
-            self.temperature > 0 and (self.temperature_end is None or self.temperature_end > 0),
+            (self.temperature is None or self.temperature > 0)
+            and (self.temperature_end is None or self.temperature_end > 0),
             f"loss {self.kind}: temperature must be > 0; got {self.temperature!r}",
         )
+        _check(self.tail in TAILS, f"loss {self.kind}: tail must be one of {list(TAILS)}; got {self.tail!r}")
 
 
+DEFAULT_TEMPERATURE = 2.0  # of a kl term that names none, on a cache of logits
 DEFAULT_LOSS = (LossTerm("kl", 0.5), LossTerm("ce", 0.5))
 
 
@@ -294,7 +350,7 @@ class ExperimentConfig:
     (and ``capture``); the student stage only ``distill``, when it is given the cache."""
 
     name: str | None = None  # names runs and the cache; None: the config file's name
-    task: str | None = None  # sequence-classification (None: it, or in distill the cache's task)
+    task: str | None = None  # a name of pipeline.tasks.TASKS (None: sequence-classification, or in distill the cache's)
     data: DataConfig | None = None
     teacher: TeacherConfig | None = None
     distill: DistillConfig | None = None
@@ -304,6 +360,12 @@ class ExperimentConfig:
 
     def __post_init__(self):
         _check(self.task is None or self.task in TASKS, f"unknown task {self.task!r}; choose from {sorted(TASKS)}")
+        for name in ("logits", "prompts"):
+            _check(
+                not getattr(self.capture, name) or self.task == "causal-lm",
+                f"capture.{name} applies to causal-lm caches; config {self.name!r} is "
+                f"{self.task or 'sequence-classification'}",
+            )
 
     def require(self, *sections: str, stage: str) -> None:
         """Refuse a config that lacks a section ``stage`` needs."""

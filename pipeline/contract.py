@@ -26,6 +26,12 @@ HIDDEN, ATTENTION = "hidden_states", "attentions"  # the ragged tensors, by laye
 TOKENIZER, TEACHER = "tokenizer", "teacher"  # attachments: the tokenizer's files, the teacher's checkpoint
 TEACHER_RECORD = "teacher.json"  # beside a fine-tuned teacher's weights: its key, fingerprint and epochs
 TEACHER_LOGITS = "teacher_logits"  # the batch key of the teacher's logits (the rows' other columns keep their names)
+EXAMPLE_ID = "example_id"  # the batch key of each row's example id
+
+
+def distribution_key(name: str) -> str:
+    """The batch key of an array of the teacher's per-token distributions: ``teacher_distribution/ids``."""
+    return f"teacher_distribution/{name}"
 
 
 def tensor_key(name: str, layer: int) -> str:
@@ -135,6 +141,7 @@ class CacheMetadata:
     data_report: dict[str, dict[str, int]]  # split (or "data set": before splitting) -> rows dropped, by reason
     capture: dict  # the capture settings that decide its content (capture_identity)
     task: str  # the task the teacher was captured for: what it emits per example (pipeline.tasks)
+    samples: tuple[dict, ...] = ()  # a causal LM's greedy continuations: {"prompt", "continuation"} each
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -150,7 +157,8 @@ class CacheMetadata:
             )
         try:
             values = {f.name: raw[f.name] for f in dataclasses.fields(cls)}
-            return cls(**{**values, "teacher": TeacherCard(**raw["teacher"]), "label_names": tuple(raw["label_names"])})
+            return cls(**{**values, "teacher": TeacherCard(**raw["teacher"]), "label_names": tuple(raw["label_names"]),
+                          "samples": tuple(raw["samples"])})  # fmt: skip
         except TypeError as e:
             raise CacheFormatError(f"cache {manifest.key}: malformed teacher metadata ({e})") from None
 

@@ -11,6 +11,7 @@ reported in one line (and in the cache's manifest), never dropped silently.
 
 from __future__ import annotations
 
+import dataclasses
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,15 @@ import datasets
 import fsspec
 import numpy as np
 
-from .config import DataConfig, DatasetSpec, SplitSources, load_dataset_spec, matching_files, resolve_location
+from .config import (
+    DataConfig,
+    DatasetSpec,
+    SplitSources,
+    TransferFiles,
+    load_dataset_spec,
+    matching_files,
+    resolve_location,
+)
 from .contract import SPLITS
 from .errors import DataError
 from .tasks import SEQUENCE_CLASSIFICATION, Problem, Task
@@ -114,7 +123,8 @@ def read_sources(spec: DatasetSpec) -> dict[str, datasets.Dataset]:
         else:
             tables = {WHOLE: loaded if loaded is not None else _read_files(spec.path, spec)}
     if spec.unlabeled:
-        parts = [_read_files(pattern, spec, labeled=False) for pattern in spec.unlabeled]
+        like = next(iter(tables.values()))
+        parts = [_read_transfer(source, spec, like) for source in spec.unlabeled]
         tables["unlabeled"] = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     if WHOLE not in tables and "train" not in tables:
         raise DataError(f"{spec.source}: no train split among {sorted(tables)}")
@@ -151,8 +161,12 @@ def _read_files(pattern: str, spec: DatasetSpec, *, labeled: bool = True) -> dat
     fmt = spec.format or _format_from_name(Path(files[0]))
     if fmt == "conll":
         return _read_conll(files, spec, labeled=labeled)
+    if fmt == "txt":
+        return _read_text(files, spec)
     if fmt not in _BUILDERS:
-        raise DataError(f"unknown data format {fmt!r} for {pattern}; choose from {sorted([*_BUILDERS, 'conll', 'hf'])}")
+        raise DataError(
+            f"unknown data format {fmt!r} for {pattern}; choose from {sorted([*_BUILDERS, 'conll', 'hf', 'txt'])}"
+        )
     builder, options = _BUILDERS[fmt]
     if builder == "csv":
         options = {**options, "encoding": spec.encoding}
@@ -164,6 +178,35 @@ def _read_files(pattern: str, spec: DatasetSpec, *, labeled: bool = True) -> dat
         return datasets.load_dataset(builder, data_files=files, split="train", **options)
     except (ValueError, datasets.exceptions.DatasetGenerationError) as e:
         raise DataError(f"cannot read {pattern} as {fmt} ({e.__cause__ or e})") from None
+
+
+def _read_transfer(source: str | TransferFiles, spec: DatasetSpec, like: datasets.Dataset) -> datasets.Dataset:
+    """Transfer text as a table of the definition's text columns, held as in ``like`` (a labeled
+    table): where that holds words (CoNLL), plain text is split into words on whitespace.
+
+    Raises:
+        DataError: the files are not there, or lack a text column.
+    """
+    if isinstance(source, str):
+        source = TransferFiles(source)
+    columns = source.text_columns or spec.text_columns
+    layout = dataclasses.replace(spec, text_columns=columns, format=source.format or spec.format,
+                                 encoding=source.encoding or spec.encoding,
+                                 column_names=None if source.text_columns else spec.column_names)  # fmt: skip
+    table = _read_files(source.path, layout, labeled=False)
+    missing = [c for c in columns if c not in table.column_names]
+    if missing:
+        raise DataError(f"unlabeled {source.path}: no column(s) {missing}; it has {table.column_names}")
+    table = table.select_columns(list(columns)).rename_columns(dict(zip(columns, spec.text_columns, strict=True)))
+    words = [c for c in spec.text_columns if _holds_words(like, c) and not _holds_words(table, c)]
+    if words:
+        table = table.map(lambda row: {c: str(row[c] or "").split() for c in words})
+    return table
+
+
+def _holds_words(table: datasets.Dataset, column: str) -> bool:
+    """Whether a table's column holds lists (a sentence's words) rather than text."""
+    return column in table.features and not isinstance(table.features[column], datasets.Value)
 
 
 def _read_conll(files: list[str], spec: DatasetSpec, *, labeled: bool) -> datasets.Dataset:
@@ -198,6 +241,16 @@ def _read_conll(files: list[str], spec: DatasetSpec, *, labeled: bool) -> datase
     return datasets.Dataset.from_dict(columns)
 
 
+def _read_text(files: list[str], spec: DatasetSpec) -> datasets.Dataset:
+    """Plain text files, plain or compressed: each paragraph (text between blank lines) a document,
+    in column ``text_columns[0]``."""
+    documents = []
+    for file in files:
+        with fsspec.open(file, "rt", encoding=spec.encoding, compression="infer") as f:
+            documents += [" ".join(p.split()) for p in f.read().split("\n\n") if p.strip()]
+    return datasets.Dataset.from_dict({spec.text_columns[0]: documents})
+
+
 def _format_from_name(path: Path) -> str:
     if path.is_dir():
         return "hf"
@@ -224,18 +277,19 @@ def to_text_data(tables: dict[str, datasets.Dataset], spec: DatasetSpec, *,
     index = {name: i for i, name in enumerate(names)}
     out, dropped, next_id = {}, {}, 0
     for source, table in tables.items():
-        labeled = source != "unlabeled"
-        wanted = [*spec.text_columns, *([spec.label_column] if labeled else [])]
+        labeled = source != "unlabeled" or not task.reads_labels  # a causal LM learns every row's own text
+        reads = labeled and task.reads_labels
+        wanted = [*spec.text_columns, *([spec.label_column] if reads else [])]
         missing = [c for c in wanted if c not in table.column_names]
         if missing:
             raise DataError(f"{source} of {spec.source}: no column(s) {missing}; it has {table.column_names}")
         columns = [table[c] for c in spec.text_columns]
-        raw = _label_values(table, spec.label_column) if labeled else [None] * len(table)
+        raw = _label_values(table, spec.label_column) if reads else [None] * len(table)
         reasons: dict[str, int] = {}
         kept = []  # (row, texts, label)
         for i in range(len(table)):
             texts = task.row_texts([col[i] for col in columns])
-            label = task.read_label(raw[i], index, texts) if labeled and texts is not None else None
+            label = task.read_label(raw[i], index, texts) if reads and texts is not None else None
             problem = EMPTY_TEXT if texts is None else label if isinstance(label, Problem) else None
             if problem:
                 reasons[problem] = reasons.get(problem, 0) + 1
@@ -245,7 +299,7 @@ def to_text_data(tables: dict[str, datasets.Dataset], spec: DatasetSpec, *,
         if not kept:
             raise DataError(f"{source} of {spec.source}: no usable row ({reasons}); label_names is {list(names)}")
         labels = _objects([label for _, label in kept])
-        if labeled and all(isinstance(v, int) for v in labels):
+        if reads and all(isinstance(v, int) for v in labels):
             labels = labels.astype(np.int64)
         out[source] = TextData(np.arange(next_id, next_id + len(kept), dtype=np.int64), [t for t, _ in kept],
                                labels, np.full(len(kept), labeled), tuple(names))  # fmt: skip

@@ -29,6 +29,8 @@ class ModelResult:
     steps: int | None = None  # optimizer steps taken over all its epochs (None: a ready-made teacher)
     best_epoch: int | None = None  # the epoch whose weights were kept (best validation primary metric)
     baseline: str | None = None  # for a student: the name of its no-KD baseline
+    tokens_per_s: float | None = None  # the same inference in tokens/s
+    continuations: list[str] | None = None  # a causal LM's greedy continuations of the cache's prompts
 
 
 def summarize(results: list[ModelResult], task: Task) -> list[dict]:
@@ -36,6 +38,10 @@ def summarize(results: list[ModelResult], task: Task) -> list[dict]:
     primary = task.primary_metric
     teacher_score = next(r.metrics[primary] for r in results if r.role == "teacher")
     summary = []
+
+    def mean(values) -> float | None:
+        return None if any(v is None for v in values) else float(np.mean(values))
+
     for name in dict.fromkeys(r.name for r in results):
         runs = [r for r in results if r.name == name]
         values = {metric: [r.metrics[metric] for r in runs] for metric in task.metric_labels}
@@ -49,17 +55,29 @@ def summarize(results: list[ModelResult], task: Task) -> list[dict]:
             "best_epochs": [r.best_epoch for r in runs],
             "params": runs[0].params,
             "size_bytes": runs[0].size_bytes,
-            "examples_per_s": None if runs[0].examples_per_s is None else float(np.mean([r.examples_per_s for r in runs])),
-            "pct_of_teacher": 100 * float(np.mean(values[primary])) / teacher_score if teacher_score else None,
+            "examples_per_s": mean([r.examples_per_s for r in runs]),
+            "tokens_per_s": mean([r.tokens_per_s for r in runs]),
+            "pct_of_teacher": _pct_of_teacher(float(np.mean(values[primary])), teacher_score, task),
             "baseline": runs[0].baseline,
             "paths": [r.path for r in runs],
         })  # fmt: skip
     return summary
 
 
+def _pct_of_teacher(value: float, teacher: float, task: Task) -> float | None:
+    """A model's primary metric as a percentage of the teacher's (for a lower-is-better one, teacher / model)."""
+    if not teacher or not value:
+        return None
+    return 100 * (teacher / value if task.lower_is_better else value / teacher)
+
+
+def _throughput_key(task: Task) -> str:
+    return f"{task.throughput}_per_s"
+
+
 def _columns(task: Task) -> tuple[str, ...]:
     return ("model", "role", *task.metric_labels.values(), "% of teacher", "steps", "best epoch", "params", "size",
-            "examples/s")  # fmt: skip
+            f"{task.throughput}/s")  # fmt: skip
 
 
 def _row(entry: dict, task: Task) -> tuple[str, ...]:
@@ -76,12 +94,14 @@ def _row(entry: dict, task: Task) -> tuple[str, ...]:
         ",".join("-" if e is None else str(e) for e in entry["best_epochs"]),
         f"{entry['params'] / 1e6:.1f}M",
         f"{entry['size_bytes'] / 1e6:.1f} MB",
-        "-" if entry["examples_per_s"] is None else f"{entry['examples_per_s']:.0f}",
+        "-" if entry[_throughput_key(task)] is None else f"{entry[_throughput_key(task)]:.0f}",
     )
 
 
-def write_report(run_dir: Path, results: list[ModelResult], *, task: Task, config: dict, cache_key: str) -> list[dict]:
-    """Print the table and write report.md, report.json and report.png into ``run_dir``."""
+def write_report(run_dir: Path, results: list[ModelResult], *, task: Task, config: dict, cache_key: str,
+                 samples: tuple[dict, ...] = ()) -> list[dict]:  # fmt: skip
+    """Print the table and write report.md, report.json and report.png into ``run_dir``; with a causal
+    LM's ``samples`` (the teacher's greedy continuations), each model's beside the teacher's."""
     summary = summarize(results, task)
     columns, rows = _columns(task), [_row(entry, task) for entry in summary]
     table = Table(title=f"kdcache run {run_dir.name} (test split)")
@@ -103,18 +123,42 @@ def write_report(run_dir: Path, results: list[ModelResult], *, task: Task, confi
         f"{primary}) are the ones tested, one per seed; throughput is inference at batch 32 on this run's device "
         "(the teacher's only when its weights were loaded). The teacher's metrics are those of its cached outputs."
     )
-    (run_dir / "report.md").write_text(f"# kdcache run {run_dir.name}\n\n{note}\n\n" + "\n".join(lines) + "\n")
+    side_by_side = _continuations(results, samples)
+    text = f"# kdcache run {run_dir.name}\n\n{note}\n\n" + "\n".join(lines) + "\n" + _continuations_md(side_by_side)
+    (run_dir / "report.md").write_text(text)
     report = {
         "task": task.name,
         "primary_metric": task.primary_metric,
         "cache_key": cache_key,
         "models": summary,
+        "continuations": side_by_side,
         "runs": [dataclasses.asdict(r) for r in results],
         "config": config,
     }
     (run_dir / "report.json").write_text(json.dumps(report, indent=1))
     plot_summary(summary, task, run_dir / "report.png", title=f"kdcache run {run_dir.name}")
     return summary
+
+
+def _continuations(results: list[ModelResult], samples: tuple[dict, ...]) -> list[dict]:
+    """Per prompt: the teacher's greedy continuation and each model's (its first seed's)."""
+    first = {}
+    for r in results:
+        if r.continuations is not None:
+            first.setdefault(r.name, r.continuations)
+    return [{"prompt": s["prompt"], "teacher": s["continuation"], **{name: c[i] for name, c in first.items()}}
+            for i, s in enumerate(samples)]  # fmt: skip
+
+
+def _continuations_md(side_by_side: list[dict]) -> str:
+    if not side_by_side:
+        return ""
+    lines = ["", "## Greedy continuations", ""]
+    for entry in side_by_side:
+        lines += [f"**{entry['prompt']}** ...", ""]
+        lines += [f"- {name}: {text.strip()!r}" for name, text in entry.items() if name != "prompt"]
+        lines.append("")
+    return "\n".join(lines)
 
 
 _COLORS = {"teacher": "#444444", "student": "#1f77b4", "baseline": "#ff7f0e"}
@@ -128,17 +172,18 @@ def plot_summary(summary: list[dict], task: Task, path: Path, *, title: str) -> 
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    primary = task.primary_metric
-    for entry in (e for e in summary if e["examples_per_s"] is not None):
-        score = 100 * entry["metrics"][primary]
-        ax.errorbar(entry["examples_per_s"], score, yerr=100 * entry["metrics_std"][primary], fmt="o",
+    primary, speed = task.primary_metric, _throughput_key(task)
+    scale = 1 if task.lower_is_better else 100  # fractions as percentages; a perplexity as it is
+    for entry in (e for e in summary if e[speed] is not None):
+        score = scale * entry["metrics"][primary]
+        ax.errorbar(entry[speed], score, yerr=scale * entry["metrics_std"][primary], fmt="o",
                     color=_COLORS[entry["role"]], capsize=3)  # fmt: skip
-        ax.annotate(f"{entry['name']} ({entry['params'] / 1e6:.1f}M)", (entry["examples_per_s"], score),
+        ax.annotate(f"{entry['name']} ({entry['params'] / 1e6:.1f}M)", (entry[speed], score),
                     textcoords="offset points", xytext=(6, 4), fontsize=8)  # fmt: skip
     for role, color in _COLORS.items():
         ax.scatter([], [], color=color, label=role)
-    ax.set_xlabel("inference on the run's device, examples/s (batch 32)")
-    ax.set_ylabel(f"test {task.metric_labels[primary]}, %")
+    ax.set_xlabel(f"inference on the run's device, {task.throughput}/s (batch 32)")
+    ax.set_ylabel(f"test {task.metric_labels[primary]}" + ("" if task.lower_is_better else ", %"))
     ax.set_title(title, fontsize=10)
     ax.legend(loc="lower left", fontsize=8)
     ax.grid(alpha=0.3)

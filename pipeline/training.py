@@ -123,34 +123,48 @@ def collate_rows(collate: Collator, rows: ShardRows, index: np.ndarray, fills: d
 
 @torch.inference_mode()
 def predict(model: nn.Module, ids: list[np.ndarray], *, task: Task, collate: Collator, batch_size: int = 32) -> Outputs:
-    """The model's logits in input order: (N, C), or per token N arrays (L_i, C) for a per-token
-    task; batches are formed from length-sorted rows."""
+    """What the task's metrics read of each row (``Task.batch_outputs``: logits (N, C), per token N arrays
+    (L_i, C), or a causal LM's per-block sums), in input order; batches are formed from length-sorted rows."""
     model.eval()
     device = next(model.parameters()).device
     order = np.argsort([len(x) for x in ids], kind="stable")
     out = [None] * len(ids)
     for start in range(0, len(order), batch_size):
         index = order[start : start + batch_size]
-        batch = collate([ids[i] for i in index])
-        logits = task.outputs(model(**to_device(batch, device))).float().cpu().numpy()
-        for row, i in enumerate(index):
-            out[i] = logits[row, : len(ids[i])] if task.per_token else logits[row]
-    return out if task.per_token else np.stack(out) if out else np.zeros((0, model.config.num_labels), np.float32)
+        batch = to_device(collate([ids[i] for i in index]), device)
+        real = batch["attention_mask"].flatten().nonzero().squeeze(1)
+        values = task.batch_outputs(task.outputs(model(**batch)), batch, real).cpu().numpy()
+        for i, value in zip(index, split_rows(values, [len(ids[i]) for i in index], task.outputs_per_token),
+                            strict=True):  # fmt: skip
+            out[i] = value
+    if task.outputs_per_token:
+        return out
+    return np.stack(out) if out else np.zeros((0, model.config.num_labels), np.float32)
+
+
+def split_rows(values: np.ndarray, lengths: list[int] | np.ndarray, per_token: bool) -> list[np.ndarray]:
+    """A batch's packed outputs as one array per row: (B, ...) row by row, or per token (tokens, C) by lengths."""
+    if not per_token:
+        return list(values)
+    bounds = np.concatenate([[0], np.cumsum(lengths)])
+    return [values[bounds[i] : bounds[i + 1]] for i in range(len(lengths))]
 
 
 @dataclass(frozen=True)
 class Evaluation:
     metrics: dict[str, float]  # the task's metrics
     examples_per_s: float
+    tokens_per_s: float
 
 
 def evaluate(model: nn.Module, rows: ShardRows, *, task: Task, label_names: tuple[str, ...], collate: Collator,
              batch_size: int = 32) -> Evaluation:  # fmt: skip
-    """The task's metrics of the model over ``rows`` and its inference throughput (rows/s at ``batch_size``)."""
+    """The task's metrics of the model over ``rows`` and its inference throughput (rows/s and tokens/s
+    at ``batch_size``)."""
     start = time.perf_counter()
     outputs = predict(model, rows.input_ids, task=task, collate=collate, batch_size=batch_size)
     elapsed = time.perf_counter() - start
-    return Evaluation(task.metrics(outputs, rows, label_names), len(rows) / elapsed)
+    return Evaluation(task.metrics(outputs, rows, label_names), len(rows) / elapsed, rows.lengths.sum() / elapsed)
 
 
 def make_optimizer(modules: list[nn.Module], *, lr: float, weight_decay: float, total_steps: int, warmup_ratio: float):
@@ -246,6 +260,7 @@ class Learner:
     weight_decay: float
     warmup_ratio: float
     primary_metric: str  # the validation metric whose best epoch is kept (the task's)
+    lower_is_better: bool = False  # the primary metric is best when lowest (perplexity)
     seed: int = 0  # seeds this learner's random state
     history: list[EpochRecord] = dataclasses.field(default_factory=list)
 
@@ -279,8 +294,9 @@ class _LearnerState:
     def end_epoch(self, epoch: int, steps: int) -> dict[str, float]:
         metrics = self.learner.validate()
         self.learner.history.append(EpochRecord(epoch + 1, steps, float(np.mean(self.losses)), metrics))
-        if metrics[self.learner.primary_metric] > self.best_score:
-            self.best_score = metrics[self.learner.primary_metric]
+        score = metrics[self.learner.primary_metric] * (-1 if self.learner.lower_is_better else 1)
+        if score > self.best_score:
+            self.best_score = score
             self.best_state = {k: v.detach().cpu().clone() for k, v in self.learner.model.state_dict().items()}
         self.losses = []
         return metrics

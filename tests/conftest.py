@@ -66,6 +66,46 @@ def build_tiny_teacher(directory: Path, *, layers: int = 4, hidden: int = 32, se
     return directory
 
 
+def build_tiny_lm(directory: Path, *, layers: int = 4, seed: int = 0) -> Path:
+    """A random tiny Llama causal LM (grouped-query attention, tied embeddings) and a word-level
+    tokenizer with an end-of-sequence token, saved like a real checkpoint."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    directory.mkdir(parents=True, exist_ok=True)
+    words = ["<pad>", "<unk>", "</s>", *sorted(set(GOOD + BAD + FILLER))]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(words), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=True)  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(str(directory))
+    tokenizer.save_pretrained(str(directory))
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory) -> Path:
+    return build_tiny_lm(tmp_path_factory.mktemp("tiny-lm"))
+
+
+@pytest.fixture(scope="session")
+def lm_dataset(tmp_path_factory) -> Path:
+    """A dataset definition over 200 synthetic documents of 3 to 30 words, text only."""
+    root = tmp_path_factory.mktemp("lm-data")
+    rng = random.Random(0)
+    with open(root / "docs.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text"])
+        for _ in range(200):
+            writer.writerow([" ".join(rng.choices(GOOD + BAD + FILLER, k=rng.randint(3, 30)))])
+    return write_definition(root / "docs.yaml", path=str(root / "docs.csv"), text_columns=["text"])
+
+
 @pytest.fixture(scope="session")
 def tiny_teacher(tmp_path_factory) -> Path:
     return build_tiny_teacher(tmp_path_factory.mktemp("tiny-teacher"))

@@ -31,6 +31,7 @@ from ..errors import ConfigError
 from ..models import count_parameters, directory_bytes, save_model
 from ..report import ModelResult, write_report
 from ..runtime import ALONE, Ranks, barrier, process_group, resolve_device
+from ..tasks.causal_lm import continuations
 from ..training import Checkpoint, Collator, EpochRecord, Learner, evaluate, fit, predict
 from .inputs import TeacherCache, locate_cache
 from .losses import ATTENTION_TERMS
@@ -117,22 +118,26 @@ def _distill(cfg: ExperimentConfig, ranks: Ranks, location, *, online: bool, res
         say(f"distill: students train {epochs[True]} epochs ({epochs[True] * batches[True]} steps), baselines "
             f"{epochs[False]} ({epochs[False] * batches[False]} steps: at least as many as their students)")  # fmt: skip
 
+    prompts = tuple(sample["prompt"] for sample in cache.meta.samples)
+
     def evaluated(model, name, role, seed, directory, history, baseline=None) -> ModelResult:
         result = evaluate(model.to(device), test, task=task, label_names=cache.label_names,
                           collate=Collator.for_model(cache.tokenizer, model.config))  # fmt: skip
+        written = continuations(model, cache.tokenizer, prompts) if prompts else None
         say(f"{name} ({role}, seed {seed}): test {task.primary_metric} {result.metrics[task.primary_metric]:.4f}")
-        best = max(history, key=lambda h: h.validation[task.primary_metric]) if history else None
+        best = max(history, key=lambda h: task.score(h.validation)) if history else None
         return ModelResult(name=name, role=role, seed=seed, metrics=result.metrics,
                            params=count_parameters(model), size_bytes=directory_bytes(directory),
-                           examples_per_s=result.examples_per_s, path=str(directory),
+                           examples_per_s=result.examples_per_s, tokens_per_s=result.tokens_per_s, path=str(directory),
                            steps=history[-1].steps if history else None, best_epoch=best.epoch if best else None,
-                           baseline=baseline)  # fmt: skip
+                           baseline=baseline, continuations=written)  # fmt: skip
 
     results = []
     live = None
     if online:
         live = LiveTeacher(teacher_model.to(device).eval(), task=task, tokenizer=cache.tokenizer, specs=manifest.tensors,
-                           heads=cache.meta.stored_heads, precision=cache.precision)  # fmt: skip
+                           heads=cache.meta.stored_heads, precision=cache.precision, sparse=cache.distribution,
+                           seed=cache.sampling_seed)  # fmt: skip
     for seed in cfg.distill.seeds:
         for kd in kinds:
             name = f"seed{seed}-{'distilled' if kd else 'baselines'}"
@@ -162,7 +167,8 @@ def _distill(cfg: ExperimentConfig, ranks: Ranks, location, *, online: bool, res
     barrier(ranks)
     if ranks.is_main:  # the teacher's row last: timing its inference does not delay the first training step
         results.insert(0, teacher_result(cache, teacher_model, test, device, seed=cfg.seed))
-        write_report(run_dir, results, task=task, config=dataclasses.asdict(cfg), cache_key=cache.key)
+        write_report(run_dir, results, task=task, config=dataclasses.asdict(cfg), cache_key=cache.key,
+                     samples=cache.meta.samples)  # fmt: skip
     return RunResult(run_dir, results)
 
 
@@ -174,25 +180,26 @@ def teacher_result(cache: TeacherCache, model: nn.Module | None, test, device: t
     speed = None
     if model is not None:
         collate = Collator.for_model(cache.tokenizer, model.config)
-        speed = evaluate(model.to(device), test, task=cache.task, label_names=cache.label_names,
-                         collate=collate).examples_per_s  # fmt: skip
+        speed = evaluate(model.to(device), test, task=cache.task, label_names=cache.label_names, collate=collate)
     return ModelResult(name="teacher", role="teacher", seed=seed, metrics=card.metrics["test"],
                        params=card.params, size_bytes=card.size_bytes,
-                       examples_per_s=speed, path=cache.meta.teacher_name, steps=card.steps)  # fmt: skip
+                       examples_per_s=speed and speed.examples_per_s, tokens_per_s=speed and speed.tokens_per_s,
+                       path=cache.meta.teacher_name, steps=card.steps)  # fmt: skip
 
 
 def student_stream(cfg: ExperimentConfig, source, cache: TeacherCache, *, seed: int, kd: bool,
-                   wanted: list[tuple[str, int]] = (), select: Select | None = None,
-                   ranks: Ranks = ALONE) -> StudentStream:  # fmt: skip
+                   wanted: list[tuple[str, int]] = (), select: Select | None = None, ranks: Ranks = ALONE,
+                   distributions: bool = False) -> StudentStream:  # fmt: skip
     """The stream of one pass: every row for students (kd), labeled rows only for baselines.
 
-    Its batches carry every input any model of the cache's tokenizer takes; each model picks its own.
+    Its batches carry every input any model of the cache's tokenizer takes; each model picks its own;
+    with ``distributions``, a causal LM cache's next-token distributions.
     """
     return StudentStream(source, task=cache.task, collate=Collator.for_tokenizer(cache.tokenizer),
                          batch_size=cfg.distill.batch_size,
                          seed=seed, wanted=wanted, labeled_only=not kd, select=select,
                          block_rows=cfg.distill.block_rows, buffer_rows=cfg.distill.buffer_rows, rank=ranks.rank,
-                         world=ranks.world)  # fmt: skip
+                         world=ranks.world, distribution=cache.distribution if distributions else None)  # fmt: skip
 
 
 def baseline_epochs(cfg: ExperimentConfig, *, student_steps: int, per_epoch: int) -> int:
@@ -246,13 +253,22 @@ def train_pass(cfg: ExperimentConfig, teacher: TeacherCache, source, run_dir: Pa
         pairs = layer_pairs(spec, student.config.num_hidden_layers, teacher_config.num_hidden_layers)
         collate = Collator.for_model(tokenizer, student.config)
         objective = Objective(student, teacher.task, terms, pairs, teacher_width=teacher_config.hidden_size,
-                              inputs=collate.inputs, attention_heads=teacher.meta.stored_heads)  # fmt: skip
+                              inputs=collate.inputs, attention_heads=teacher.meta.stored_heads,
+                              sparse=teacher.distribution)  # fmt: skip
         students.append(student)
         objectives.append(objective.to(device))
         collators.append(collate)
     wanted = sorted({w for objective in objectives for w in objective.wanted})
     stream = student_stream(
-        cfg, source, teacher, seed=seed, kd=kd, select=select, ranks=ranks, wanted=wanted if live is None else []
+        cfg,
+        source,
+        teacher,
+        seed=seed,
+        kd=kd,
+        select=select,
+        ranks=ranks,
+        wanted=wanted if live is None else [],
+        distributions=kd and live is None,
     )  # the live teacher adds them to each batch
     require_batches(stream, name)
     total = epochs * len(stream)
@@ -273,6 +289,7 @@ def train_pass(cfg: ExperimentConfig, teacher: TeacherCache, source, run_dir: Pa
             warmup_ratio=cfg.distill.warmup_ratio,
             seed=seed,
             primary_metric=task.primary_metric,
+            lower_is_better=task.lower_is_better,
         )
 
     def epoch_batches(epoch: int, start: int):

@@ -15,6 +15,7 @@ import torch
 from transformers import AutoConfig
 
 from cache_store import Cache, CacheFormatError, CacheNotFoundError, Location, ShardRows, named_cache, open_cache
+from cache_store.distribution import SparseSpec
 
 from ..config import ExperimentConfig
 from ..contract import TEACHER, TEACHER_RECORD, TOKENIZER, CacheMetadata, experiment_identity, teacher_fingerprint
@@ -50,6 +51,16 @@ class TeacherCache:
     @property
     def label_names(self) -> tuple[str, ...]:
         return self.meta.label_names
+
+    @property
+    def distribution(self) -> SparseSpec | None:
+        """How a causal LM cache stores the teacher's next-token distributions (None: it stores logits)."""
+        return self.cache.manifest.distribution
+
+    @property
+    def sampling_seed(self) -> int:
+        """The seed a sampled cache's draws were made with (``capture.logits.seed``)."""
+        return (self.meta.capture.get("logits") or {}).get("seed", 0)
 
     def rows(self, split: str) -> ShardRows:
         """Every row of ``split`` in cache order, read and verified shard by shard."""

@@ -7,6 +7,8 @@ distribution, and the hard-label cross-entropy, are the task's (``pipeline.tasks
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -17,9 +19,75 @@ def logit_kl(student: torch.Tensor, teacher: torch.Tensor, *, temperature: float
     Args:
         student, teacher: logits (N, C): N distributions (examples, tokens, or answer starts and ends).
     """
-    log_p_student = F.log_softmax(student / temperature, dim=-1)
-    log_p_teacher = F.log_softmax(teacher / temperature, dim=-1)
-    return F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="batchmean") * temperature**2
+    return logit_divergence(student, teacher, temperature=temperature, kind="kl")
+
+
+def divergence(log_p: torch.Tensor, log_q: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-row divergence of distributions over the last axis, teacher ``p`` and student ``q`` given as
+    finite log-probabilities (a floor such as ``FLOOR_LOGP`` where a probability is 0): ``kl`` KL(p || q),
+    ``reverse_kl`` KL(q || p), ``jsd`` the Jensen-Shannon divergence (KL(p || m) + KL(q || m)) / 2, m = (p + q) / 2."""
+    p, q = log_p.exp(), log_q.exp()
+    if kind == "kl":
+        return (p * (log_p - log_q)).sum(-1)
+    if kind == "reverse_kl":
+        return (q * (log_q - log_p)).sum(-1)
+    log_m = torch.logaddexp(log_p, log_q) - math.log(2)
+    return 0.5 * ((p * (log_p - log_m)).sum(-1) + (q * (log_q - log_m)).sum(-1))
+
+
+def logit_divergence(student: torch.Tensor, teacher: torch.Tensor, *, temperature: float, kind: str) -> torch.Tensor:
+    """``divergence`` of the tempered softmax distributions of logits (N, C), averaged over rows, times T^2
+    (``kind`` kl is ``logit_kl``)."""
+    log_p = F.log_softmax(teacher / temperature, dim=-1)
+    log_q = F.log_softmax(student / temperature, dim=-1)
+    return divergence(log_p, log_q, kind).mean() * temperature**2
+
+
+def topk_divergence(student: torch.Tensor, ids: torch.Tensor, probs: torch.Tensor, tail: torch.Tensor, *,
+                    temperature: float, kind: str, renormalize: bool) -> torch.Tensor:  # fmt: skip
+    """A divergence between a top-k teacher distribution and the student's, averaged over N positions, times T^2.
+
+    The student's distribution is softmax(logits / T) over its whole vocabulary. By default
+    both are compared over k + 1 outcomes: the teacher's k ids, and every other id as one
+    (the teacher's ``tail`` mass; the student's mass outside the k ids). With ``renormalize``,
+    both are renormalized over the k ids alone.
+
+    Args:
+        student: logits (N, V); ids: (N, k) the teacher's ids; probs: (N, k) their probabilities;
+            tail: (N,) the teacher's mass outside them.
+    """
+    log_s = F.log_softmax(student.float() / temperature, dim=-1)  # (N, V)
+    log_q = log_s.gather(-1, ids)  # (N, k)
+    log_p = _floored_log(probs)  # (N, k)
+    if renormalize:
+        log_p = log_p - torch.logsumexp(log_p, -1, keepdim=True)
+        log_q = log_q - torch.logsumexp(log_q, -1, keepdim=True)
+    else:
+        log_q_tail = torch.log1p(-log_q.exp().sum(-1).clamp(max=1 - 1e-6))  # (N,) the student's other ids
+        log_p = torch.cat([log_p, _floored_log(tail).unsqueeze(-1)], dim=-1)  # (N, k + 1)
+        log_q = torch.cat([log_q, log_q_tail.unsqueeze(-1)], dim=-1)
+    return divergence(log_p, log_q, kind).mean() * temperature**2
+
+
+def sampled_kl(student: torch.Tensor, ids: torch.Tensor, counts: torch.Tensor, *, draws: int,
+               temperature: float) -> torch.Tensor:  # fmt: skip
+    """KL(p_hat || student) over N positions, times T^2, where p_hat = counts / draws estimates the teacher's
+    distribution from draws with replacement (Anshumann et al., 2025): its gradient with respect to the
+    student's logits, softmax(logits / T) - p_hat (over T), is an unbiased estimate of full KD's.
+
+    Args:
+        student: logits (N, V); ids: (N, M) distinct drawn ids (any id where counts is 0); counts: (N, M).
+    """
+    log_s = F.log_softmax(student.float() / temperature, dim=-1)  # (N, V)
+    p_hat = counts.float() / draws  # (N, M)
+    return (p_hat * (_floored_log(p_hat) - log_s.gather(-1, ids))).sum(-1).mean() * temperature**2
+
+
+FLOOR_LOGP = math.log(1e-12)  # the log-probability a stored probability of 0 is compared as (no -inf, no NaN)
+
+
+def _floored_log(p: torch.Tensor) -> torch.Tensor:
+    return torch.log(p.float().clamp_min(1e-12))
 
 
 def logit_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -90,6 +158,7 @@ def _match_heads(student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Te
     return student, teacher
 
 
-LOGIT_TERMS = ("kl", "logit_mse", "ce")  # computed from the logits, in Objective
+DIVERGENCES = ("kl", "reverse_kl", "jsd")  # between the teacher's and the student's distributions
+LOGIT_TERMS = (*DIVERGENCES, "logit_mse", "ce")  # computed from the logits, in Objective
 HIDDEN_TERMS = {"hidden_mse": hidden_mse, "hidden_cosine": hidden_cosine, "cls_mse": cls_mse}
 ATTENTION_TERMS = {"attention_mse": attention_mse, "attention_kl": attention_kl}

@@ -5,11 +5,23 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..config import LossTerm, StudentConfig
-from ..contract import ATTENTION, HIDDEN, TEACHER_LOGITS, tensor_key
+from cache_store.distribution import SparseSpec
+
+from ..config import DEFAULT_TEMPERATURE, LossTerm, StudentConfig
+from ..contract import ATTENTION, HIDDEN, TEACHER_LOGITS, distribution_key, tensor_key
 from ..errors import ConfigError
 from ..tasks import Task
-from .losses import ATTENTION_TERMS, HIDDEN_TERMS, logit_kl, logit_mse
+from .losses import (
+    ATTENTION_TERMS,
+    DIVERGENCES,
+    FLOOR_LOGP,
+    HIDDEN_TERMS,
+    divergence,
+    logit_divergence,
+    logit_mse,
+    sampled_kl,
+    topk_divergence,
+)
 
 BASELINE_LOSS = (LossTerm("ce", 1.0),)  # the no-KD baseline: hard labels only
 
@@ -58,13 +70,15 @@ class Objective(nn.Module):
         inputs: the batch keys the student is called with (its kind's inputs: segment ids or not).
         attention_heads: the teacher heads the cached maps hold when they are a subset; the
             student's maps of the same heads are compared with them (None: all heads).
+        sparse: a causal LM cache's distributions (top-k, sampled or dense): the divergence terms
+            compare them with the student's next-token distributions at the cache's temperature.
     """
 
     def __init__(self, student: nn.Module, task: Task, terms: tuple[LossTerm, ...], pairs: tuple[tuple[int, int], ...],
                  *, teacher_width: int, inputs: tuple[str, ...] = ("input_ids", "attention_mask"),
-                 attention_heads: tuple[int, ...] | None = None):  # fmt: skip
+                 attention_heads: tuple[int, ...] | None = None, sparse: SparseSpec | None = None):  # fmt: skip
         super().__init__()
-        self.student, self.task, self.terms, self.inputs = student, task, terms, inputs
+        self.student, self.task, self.terms, self.inputs, self.sparse = student, task, terms, inputs, sparse
         self.attention_heads = list(attention_heads) if attention_heads is not None else None
         kinds = {t.kind for t in terms}
         self.hidden_pairs = pairs if kinds & set(HIDDEN_TERMS) else ()
@@ -97,14 +111,17 @@ class Objective(nn.Module):
         logits = self.task.outputs(out)
         total, parts = 0.0, {}
         for term in self.terms:
-            if term.kind in ("kl", "logit_mse"):
+            if self.sparse is not None and term.kind in DIVERGENCES:
+                value = distribution_divergence(logits, batch, self.sparse, kind=term.kind,
+                                                renormalize=term.tail == "renormalize")  # fmt: skip
+            elif term.kind in (*DIVERGENCES, "logit_mse"):
                 student = self.task.distributions(logits, batch)
                 teacher = self.task.distributions(batch[TEACHER_LOGITS], batch)
-                temperature = scheduled(term.temperature, term.temperature_end, progress)
+                temperature = scheduled(term.temperature or DEFAULT_TEMPERATURE, term.temperature_end, progress)
                 value = (
-                    logit_kl(student, teacher, temperature=temperature)
-                    if term.kind == "kl"
-                    else logit_mse(student, teacher)
+                    logit_mse(student, teacher)
+                    if term.kind == "logit_mse"
+                    else logit_divergence(student, teacher, temperature=temperature, kind=term.kind)
                 )
             elif term.kind == "ce":
                 value = self.task.hard_loss(logits, batch)
@@ -129,3 +146,19 @@ class Objective(nn.Module):
     def _student_maps(self, maps: torch.Tensor) -> torch.Tensor:
         """The student's attention maps (B, heads, T, T) of the heads the cache holds for the teacher."""
         return maps if self.attention_heads is None else maps[:, self.attention_heads]
+
+
+def distribution_divergence(logits: torch.Tensor, batch: dict[str, torch.Tensor], spec: SparseSpec, *, kind: str = "kl",
+                            renormalize: bool = False) -> torch.Tensor:  # fmt: skip
+    """A divergence between a causal LM cache's distributions in ``batch`` and the student's next-token
+    distributions (``logits`` (B, T, V)) over every real position, at the cache's temperature."""
+    real = batch["attention_mask"].bool()  # (B, T)
+    student = logits[real]  # (N, V)
+    teacher = {name: batch[distribution_key(name)][real] for name in spec.arrays if name != "entries"}
+    if spec.scheme == "topk":
+        return topk_divergence(student, teacher["ids"], teacher["probs"], teacher["tail"], temperature=spec.temperature,
+                               kind=kind, renormalize=renormalize)  # fmt: skip
+    if spec.scheme == "sampled":
+        return sampled_kl(student, teacher["ids"], teacher["counts"], draws=spec.draws, temperature=spec.temperature)
+    log_q = torch.log_softmax(student.float() / spec.temperature, dim=-1)
+    return divergence(teacher["logprobs"].clamp_min(FLOOR_LOGP), log_q, kind).mean() * spec.temperature**2

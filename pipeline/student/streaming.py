@@ -30,12 +30,15 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from cache_store import Cache, ShardData, ShardRows, TensorSpec
+from cache_store.distribution import PerToken, SparseSpec, decode_arrays, encode_rows, row_offsets
 from cache_store.shard import decode, encode
 
-from ..contract import ATTENTION, HIDDEN, TEACHER_LOGITS, tensor_key
+from ..contract import ATTENTION, EXAMPLE_ID, HIDDEN, TEACHER_LOGITS, distribution_key, tensor_key
 from ..runtime import autocast
 from ..tasks import LABEL, LOGITS, Task
-from ..training import Batch, Collator, collate_rows, length_grouped_batches
+from ..tasks.causal_lm import host_rows
+from ..tasks.next_token import select_distribution
+from ..training import Batch, Collator, collate_rows, length_grouped_batches, to_device
 
 
 @dataclass(frozen=True)
@@ -81,8 +84,8 @@ class CacheSource:
             self._rows[shard] = self.cache.read_shard(self.entries[shard], []).rows
         return self._rows[shard]
 
-    def read(self, shard: int, wanted: list[tuple[str, int]]) -> ShardData:
-        return self.cache.read_shard(self.entries[shard], wanted)
+    def read(self, shard: int, wanted: list[tuple[str, int]], distribution: bool = False) -> ShardData:
+        return self.cache.read_shard(self.entries[shard], wanted, distribution=distribution)
 
 
 class TokenSource:
@@ -99,7 +102,7 @@ class TokenSource:
     def rows(self, shard: int) -> ShardRows:
         return self.shards[shard]
 
-    def read(self, shard: int, wanted: list[tuple[str, int]]) -> ShardData:
+    def read(self, shard: int, wanted: list[tuple[str, int]], distribution: bool = False) -> ShardData:
         return ShardData(rows=self.rows(shard), tensors={}, offsets={}, specs={})
 
 
@@ -109,6 +112,7 @@ class StudentStream(IterableDataset):
     Args:
         task: the cache's task: which rows are labeled, and the row columns a batch carries.
         wanted: the teacher tensors each batch carries, (name, layer), padded to the batch.
+        distribution: a causal LM cache's distributions, when each batch carries them (``pad_distributions``).
         labeled_only: stream labeled rows only (the hard-label baseline).
         select: sample selection over the teacher's row statistics; None streams every row.
         rank, world: this process's part under torchrun.
@@ -116,8 +120,10 @@ class StudentStream(IterableDataset):
 
     def __init__(self, source: CacheSource | TokenSource, *, task: Task, collate: Collator, batch_size: int, seed: int,
                  wanted: list[tuple[str, int]] = (), labeled_only: bool = False, select: Select | None = None,
-                 block_rows: int = 256, buffer_rows: int = 1024, rank: int = 0, world: int = 1):  # fmt: skip
+                 block_rows: int = 256, buffer_rows: int = 1024, rank: int = 0, world: int = 1,
+                 distribution: SparseSpec | None = None):  # fmt: skip
         self.source, self.collate, self.batch_size, self.seed = source, collate, batch_size, seed
+        self.distribution = distribution
         self.fills = dict(task.batch_columns)
         self.wanted, self.block_rows, self.buffer_rows = list(wanted), block_rows, buffer_rows
         self.rank, self.world, self.labeled_only = rank, world, labeled_only
@@ -179,11 +185,12 @@ class StudentStream(IterableDataset):
         mine = self.plan(self._epoch)[self._start :][worker::workers]
         runs = [(shard, [rows for _, rows in group]) for shard, group in itertools.groupby(mine, key=lambda b: b[0])]
         with ThreadPoolExecutor(1) as reader:  # reads (I/O, checksums, decoding) the next shard meanwhile
-            following = reader.submit(self.source.read, runs[0][0], self.wanted) if runs else None
+            reading = self.distribution is not None
+            following = reader.submit(self.source.read, runs[0][0], self.wanted, reading) if runs else None
             for i, (_, batches) in enumerate(runs):
                 data = following.result()
                 if i + 1 < len(runs):
-                    following = reader.submit(self.source.read, runs[i + 1][0], self.wanted)
+                    following = reader.submit(self.source.read, runs[i + 1][0], self.wanted, reading)
                 for rows in batches:
                     yield self._collate(data, rows)
 
@@ -192,8 +199,12 @@ class StudentStream(IterableDataset):
         teacher's logits (B, C) or (B, T, C), zero-padded."""
         cached = LOGITS in data.rows.columns  # not when the teacher runs live
         batch = collate_rows(self.collate, data.rows, rows, self.fills | ({LOGITS: 0} if cached else {}))
+        batch[EXAMPLE_ID] = torch.from_numpy(data.rows.example_id[rows])
         if cached:
             batch[TEACHER_LOGITS] = batch.pop(LOGITS)
+        if data.distribution is not None:
+            per_row = [data.example_distribution(i) for i in rows]
+            batch |= pad_distributions(per_row, batch["input_ids"].shape[1], self.distribution)
         for name, layer in self.wanted:
             arrays = [data.example_tensor(name, layer, i) for i in rows]
             batch[tensor_key(name, layer)] = _pad_tensors(arrays, batch["input_ids"].shape[1], name)
@@ -203,6 +214,31 @@ class StudentStream(IterableDataset):
         """A DataLoader over ``epoch`` from batch ``start``: batches arrive in plan order for any ``workers``."""
         return DataLoader(self.at(epoch, start), batch_size=None, num_workers=workers, pin_memory=pin_memory,
                           prefetch_factor=2 if workers else None, persistent_workers=False)  # fmt: skip
+
+
+def pad_distributions(rows: list[PerToken], longest: int, spec: SparseSpec) -> dict[str, torch.Tensor]:
+    """Rows' per-token distributions as batch tensors (zero after each row's end), by ``distribution_key``:
+    topk ids (B, T, k), probs (B, T, k), tail (B, T); sampled ids and counts (B, T, M) with M the most
+    distinct ids of any position (counts 0 after a position's own); dense logprobs (B, T, V)."""
+    batch = len(rows)
+    if spec.scheme == "sampled":
+        widest = max(int(r["entries"].max()) for r in rows)
+        ids = np.zeros((batch, longest, widest), np.int64)
+        counts = np.zeros((batch, longest, widest), np.int64)
+        for b, row in enumerate(rows):
+            token = np.repeat(np.arange(len(row["entries"])), row["entries"])
+            slot = np.arange(len(token)) - np.repeat(np.cumsum(row["entries"]) - row["entries"], row["entries"])
+            ids[b, token, slot], counts[b, token, slot] = row["ids"], row["counts"]
+        out = {"ids": ids, "counts": counts}
+    else:
+        out = {}
+        for name in spec.arrays:
+            first = rows[0][name]
+            padded = np.zeros((batch, longest, *first.shape[1:]), dtype=np.int64 if name == "ids" else np.float32)
+            for b, row in enumerate(rows):
+                padded[b, : len(row[name])] = row[name]
+            out[name] = padded
+    return {distribution_key(name): torch.from_numpy(value) for name, value in out.items()}
 
 
 def _pad_tensors(arrays: list[np.ndarray], longest: int, name: str) -> torch.Tensor:
@@ -226,10 +262,13 @@ class LiveTeacher:
     quantization), padding zeroed."""
 
     def __init__(self, model: nn.Module, *, task: Task, tokenizer, specs: tuple[TensorSpec, ...],
-                 heads: tuple[int, ...] | None, precision: torch.dtype = torch.float32):  # fmt: skip
+                 heads: tuple[int, ...] | None, precision: torch.dtype = torch.float32,
+                 sparse: SparseSpec | None = None, seed: int = 0):  # fmt: skip
         """``specs``: the tensors the cache stores; ``heads``: the teacher heads it keeps maps of (None: all);
-        ``precision``: the autocast dtype the cache's values were computed at."""
+        ``precision``: the autocast dtype the cache's values were computed at; ``sparse`` and ``seed``: how
+        a causal LM cache selected its distributions (``capture.logits``)."""
         self.model, self.task, self.device, self.precision = model, task, next(model.parameters()).device, precision
+        self.sparse, self.seed = sparse, seed
         self.inputs = Collator.for_model(tokenizer, model.config).inputs
         self.specs = {spec.name: spec for spec in specs}
         self.heads = list(heads) if heads is not None else None
@@ -244,9 +283,12 @@ class LiveTeacher:
             out = self.model(**{k: batch[k] for k in self.inputs}, output_hidden_states=True,
                              output_attentions=needs_attention)  # fmt: skip
         logits = self.task.outputs(out).float()
-        batch[TEACHER_LOGITS] = (
-            logits * _padding_zeroed(batch["attention_mask"], HIDDEN) if logits.ndim == 3 else logits
-        )
+        if self.sparse is not None:
+            batch |= to_device(self._distributions(logits, batch), self.device)
+        else:
+            batch[TEACHER_LOGITS] = (
+                logits * _padding_zeroed(batch["attention_mask"], HIDDEN) if logits.ndim == 3 else logits
+            )
         for name, layer in wanted:
             if name == HIDDEN:
                 value = out.hidden_states[layer]  # (B, T, H)
@@ -255,6 +297,26 @@ class LiveTeacher:
             value = value.float() * _padding_zeroed(batch["attention_mask"], name)
             batch[tensor_key(name, layer)] = self._as_stored(value, self.specs[name])
         return batch
+
+    def _distributions(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The batch's distributions as the cache holds them: selected as at capture, stored and read back."""
+        mask = batch["attention_mask"]
+        if self.sparse.scheme == "dense":  # on the device: float16 as stored, zero after each row's end
+            logprobs = torch.log_softmax(logits / self.sparse.temperature, dim=-1).half().float()
+            return {distribution_key("logprobs"): logprobs * _padding_zeroed(mask, HIDDEN)}
+        lengths = mask.sum(1).cpu().numpy()
+        real = mask.flatten().nonzero().squeeze(1)
+        where = batch[EXAMPLE_ID].repeat_interleave(mask.sum(1))
+        positions = torch.cat([torch.arange(n, device=self.device) for n in lengths])
+        selected = select_distribution(logits.flatten(0, 1).index_select(0, real), self.sparse, seed=self.seed,
+                                       split="train", example_ids=where, positions=positions)  # fmt: skip
+        rows = host_rows({k: v.cpu().numpy() for k, v in selected.items()}, lengths, self.sparse)
+        stored = encode_rows(rows, self.sparse)
+        read, offsets = decode_arrays(stored, self.sparse), row_offsets(lengths, stored, self.sparse)
+        back = [
+            {name: a[offsets[name][i] : offsets[name][i + 1]] for name, a in read.items()} for i in range(len(rows))
+        ]
+        return pad_distributions(back, mask.shape[1], self.sparse)
 
     def _as_stored(self, value: torch.Tensor, spec) -> torch.Tensor:
         """``value`` as the cache returns it: encoded to the stored dtype and decoded again."""

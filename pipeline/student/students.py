@@ -10,7 +10,7 @@ from ..contract import ATTENTION, HIDDEN, tokenizer_fingerprint
 from ..errors import ConfigError
 from ..models import cut_student, encoder_layers, load_tokenizer, model_dir
 from .inputs import TeacherCache
-from .losses import ATTENTION_TERMS, HIDDEN_TERMS
+from .losses import ATTENTION_TERMS, DIVERGENCES, HIDDEN_TERMS
 from .objective import layer_pairs
 
 
@@ -30,6 +30,8 @@ def build_student(spec: StudentConfig, teacher: TeacherCache, teacher_model: nn.
             "num_hidden_layers": arch.layers, "hidden_size": arch.hidden_size, "num_attention_heads": arch.heads,
             "intermediate_size": arch.intermediate_size or 4 * arch.hidden_size, "num_labels": len(names),
         }  # fmt: skip
+        if "num_key_value_heads" in config:  # grouped-query attention (Llama): plain multi-head at the new width
+            config |= {"num_key_value_heads": arch.heads, "head_dim": arch.hidden_size // arch.heads}
         model_type = config.pop("model_type")
         student = teacher.task.model_from_config(AutoConfig.for_model(model_type, **config))
     student.config.id2label = dict(enumerate(names))
@@ -75,6 +77,7 @@ def check_student_fits(spec: StudentConfig, losses: tuple[LossTerm, ...], teache
                 f"token ids come from (vocabulary fingerprint {theirs} vs {teacher.meta.tokenizer_fingerprint}); "
                 "the cached token ids would mean other tokens to it"
             )
+    _check_distribution_terms(spec, spec.loss or losses, teacher)
     depth, heads = _student_shape(spec, teacher_config)
     kinds = {t.kind for t in spec.loss or losses}
     pairs = layer_pairs(spec, depth, teacher_config.num_hidden_layers)
@@ -103,6 +106,31 @@ def check_student_fits(spec: StudentConfig, losses: tuple[LossTerm, ...], teache
             raise ConfigError(
                 f"student {spec.name!r} maps to teacher layers {missing}, but the cache stores {name} "
                 f"for {list(stored.get(name, ()))}; add them to capture.{what}"
+            )
+
+
+def _check_distribution_terms(spec: StudentConfig, terms: tuple[LossTerm, ...], teacher: TeacherCache) -> None:
+    """Refuse logit terms a causal LM cache's distributions cannot serve: raw-logit MSE, a temperature
+    other than the one the distributions were taken at, and reverse KL or JSD against draws."""
+    sparse = teacher.distribution
+    if sparse is None:
+        return
+    for term in terms:
+        if term.kind == "logit_mse":
+            raise ConfigError(f"student {spec.name!r}: cache {teacher.key} holds {sparse.scheme} distributions, not "
+                              "logits; use kl, reverse_kl or jsd")  # fmt: skip
+        if term.kind not in DIVERGENCES:
+            continue
+        if term.temperature not in (None, sparse.temperature) or term.temperature_end is not None:
+            raise ConfigError(
+                f"student {spec.name!r}: cache {teacher.key}'s distributions were taken at temperature "
+                f"{sparse.temperature}; a {term.kind} term cannot use another (drop temperature and temperature_end, "
+                "or capture again with capture.logits.temperature)"
+            )
+        if sparse.scheme == "sampled" and term.kind != "kl":
+            raise ConfigError(
+                f"student {spec.name!r}: {term.kind} needs the teacher's probabilities where the student puts mass; "
+                f"cache {teacher.key} holds draws (sampled), which estimate only forward KL: use kind kl"
             )
 
 

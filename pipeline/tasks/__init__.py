@@ -12,13 +12,14 @@ from __future__ import annotations
 
 from ..errors import ConfigError
 from .base import IGNORED, LABEL, LOGITS, Problem, Task
+from .causal_lm import CausalLM
 from .question_answering import QuestionAnswering
 from .sequence_classification import SequenceClassification
 from .token_classification import TokenClassification
 
 SEQUENCE_CLASSIFICATION = SequenceClassification()
 TASKS: dict[str, Task] = {task.name: task for task in (SEQUENCE_CLASSIFICATION, TokenClassification(),
-                                                       QuestionAnswering())}  # fmt: skip
+                                                       QuestionAnswering(), CausalLM())}  # fmt: skip
 DEFAULT_TASK = SEQUENCE_CLASSIFICATION.name  # the teacher stage's task when the config names none
 
 

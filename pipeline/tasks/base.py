@@ -32,7 +32,13 @@ class Task(ABC):
         primary_metric: the metric that picks a model's best epoch and that reports rank by.
         metric_labels: every metric ``metrics`` returns, the primary one first, with its column label.
         peft_task: peft's ``TaskType`` name for LoRA students.
+        lower_is_better: the primary metric ranks lower values first (perplexity).
         per_token: whether the model's outputs are per token (B, T, C) rather than per example (B, C).
+        reads_labels: whether rows have a label column (a causal LM's targets are its own text).
+        outputs_column: the row column holding the teacher's ``batch_outputs`` (what its metrics are computed from).
+        caches_distributions: the teacher's distribution at every position is stored with the tensors
+            (a causal LM's next-token distributions, ``capture.logits``), not in a row column.
+        throughput: what the report counts per second: examples, or tokens.
         batch_columns: the row columns (beside the token ids and the teacher's logits) a training
             batch carries, each with the value that pads it where it is per token.
     """
@@ -41,8 +47,18 @@ class Task(ABC):
     primary_metric: str
     metric_labels: dict[str, str]
     peft_task: str
+    lower_is_better: bool = False
     per_token: bool = False
+    reads_labels: bool = True
+    outputs_column: str = LOGITS
+    caches_distributions: bool = False
+    throughput: str = "examples"
     batch_columns: dict[str, int] = {LABEL: IGNORED}  # noqa: RUF012 (read only)
+
+    def score(self, metrics: dict[str, float]) -> float:
+        """The primary metric as a score where higher is better (best epochs, rankings)."""
+        value = metrics[self.primary_metric]
+        return -value if self.lower_is_better else value
 
     # --- data ---------------------------------------------------------------------------------
 
@@ -98,6 +114,16 @@ class Task(ABC):
     def outputs(self, model_output) -> torch.Tensor:
         """The logits a model of this task returns: (B, C), or (B, T, C) per token."""
         return model_output.logits
+
+    @property
+    def outputs_per_token(self) -> bool:
+        """Whether what ``metrics`` reads of a row is per token (L_i, C) rather than one value per row."""
+        return self.per_token
+
+    def batch_outputs(self, logits: torch.Tensor, batch: dict[str, torch.Tensor], real: torch.Tensor) -> torch.Tensor:
+        """What ``metrics`` reads of a batch's rows, reduced on the device: logits (B, C), or with
+        ``outputs_per_token`` (tokens, C) at the real positions ``real`` (flat B*T indices), row after row."""
+        return logits.float().flatten(0, 1).index_select(0, real) if self.per_token else logits.float()
 
     # --- losses -------------------------------------------------------------------------------
 

@@ -32,9 +32,10 @@ from cache_store import (
     name_cache,
     open_cache,
 )
+from cache_store.distribution import DISTRIBUTION_DIR, SparseSpec
 from cache_store.shard import build_shard
 
-from ..config import CaptureConfig, ExperimentConfig
+from ..config import CaptureConfig, ExperimentConfig, LogitsCapture
 from ..contract import (
     ATTENTION,
     HIDDEN,
@@ -54,8 +55,10 @@ from ..data import Splits, load_splits
 from ..errors import ConfigError
 from ..models import count_parameters, directory_bytes, load_tokenizer
 from ..runtime import ALONE, Ranks, autocast, barrier, process_group, resolve_device, resolve_precision
-from ..tasks import LOGITS, Task
-from ..training import Collator, to_device, token_budget_batches
+from ..tasks import Task
+from ..tasks.causal_lm import continuations, default_prompts, host_rows
+from ..tasks.next_token import select_distribution
+from ..training import Collator, split_rows, to_device, token_budget_batches
 from .train import require_teacher, teacher_task
 
 BUNDLE_LIMIT = 1 << 30  # bundle_teacher: null bundles a teacher whose files are under 1 GiB
@@ -168,11 +171,13 @@ def fill_cache(cfg: ExperimentConfig, plan: CachePlan, model, *, ranks: Ranks = 
     say = print if ranks.is_main else lambda *args: None
     capture, device = cfg.capture, next(model.parameters()).device
     precision = resolve_precision(capture.precision, device)
+    sparse = sparse_spec(cfg, model.config)
     writer = CacheWriter(
         plan.location,
         key=plan.key,
         columns=teacher_task(cfg).columns(model.config.num_labels),
         tensors=tensor_specs(cfg, model.config),
+        distribution=sparse,
         split_rows={name: len(plan.rows[name]) for name in SPLITS},
         tensor_splits=capture.tensor_splits,
         shard_rows=capture.shard_rows,
@@ -186,7 +191,7 @@ def fill_cache(cfg: ExperimentConfig, plan: CachePlan, model, *, ranks: Ranks = 
     if done:
         say(f"resuming cache {plan.key}: {done} of {len(writer.tasks)} shards already committed")
     forward = TeacherForward(model, teacher_task(cfg), Collator.for_model(load_tokenizer(plan.teacher_path), model.config),
-                             capture, device=device, precision=precision)  # fmt: skip
+                             capture, device=device, precision=precision, sparse=sparse)  # fmt: skip
     written = 0  # bytes committed, counted on the writer's thread
 
     def count(entry) -> None:  # None: another writer committed that shard
@@ -204,18 +209,19 @@ def fill_cache(cfg: ExperimentConfig, plan: CachePlan, model, *, ranks: Ranks = 
             rows = plan.rows[task.split].take(np.arange(task.row_start, task.row_end))
             ids = rows.input_ids
             if not writer.is_committed(task):  # a writer running beside this one may have done it meanwhile
-                rows.columns[LOGITS], tensors = forward(ids, tensors=task.split in capture.tensor_splits)
-                bg.submit(task, rows, tensors)
+                captured = forward(rows, tensors=task.split in capture.tensor_splits, split=task.split)
+                rows.columns[teacher_task(cfg).outputs_column] = captured.outputs
+                bg.submit(task, rows, captured.tensors, captured.distribution)
             tokens += sum(map(len, ids))
             elapsed = max(bar.format_dict["elapsed"], 1e-3)
             bar.update(len(ids))
             bar.set_postfix(split=task.split, tok_s=f"{tokens / elapsed:.0f}", MB_s=f"{written / 1e6 / elapsed:.1f}")
     if ranks.world == 1:
-        manifest = finish_cache(cfg, plan, writer)
+        manifest = finish_cache(cfg, plan, writer, model)
     else:  # every rank's shards are committed before rank 0 writes the manifest
         barrier(ranks)
         if ranks.is_main:
-            manifest = finish_cache(cfg, plan, writer)
+            manifest = finish_cache(cfg, plan, writer, model)
         else:
             writer.close()
         barrier(ranks)
@@ -254,22 +260,29 @@ def bundled(cfg: ExperimentConfig, plan: CachePlan) -> bool:
     return directory_bytes(plan.teacher_path) < BUNDLE_LIMIT
 
 
-def finish_cache(cfg: ExperimentConfig, plan: CachePlan, writer: CacheWriter) -> Manifest | None:
+def finish_cache(cfg: ExperimentConfig, plan: CachePlan, writer: CacheWriter, model) -> Manifest | None:
     """Once every shard is committed: the teacher's metrics on validation and test from the cached
-    logits, the tokenizer (and, when bundled, the teacher) attached, the manifest, and the cache
-    named after the experiment (``<cache_root>/.names/<name>.json``, with the experiment's identity).
-    None while shards are missing."""
+    logits, a causal LM's greedy continuations of the prompts, the tokenizer (and, when bundled, the
+    teacher) attached, the manifest, and the cache named after the experiment
+    (``<cache_root>/.names/<name>.json``, with the experiment's identity). None while shards are missing."""
     if writer.committed_count() < len(writer.tasks):
         return writer.finish()
     metrics = {}
     for split in ("validation", "test"):
         rows = ShardRows.concat(writer.committed_rows(split))
-        metrics[split] = teacher_task(cfg).metrics(rows[LOGITS], rows, plan.splits[split].label_names)
+        task = teacher_task(cfg)
+        metrics[split] = task.metrics(rows[task.outputs_column], rows, plan.splits[split].label_names)
     card = {**writer.metadata["teacher"], "metrics": metrics}
+    tokenizer = load_tokenizer(plan.teacher_path)
+    extra = {"teacher": card}
+    if teacher_task(cfg).caches_distributions:
+        prompts = cfg.capture.prompts or default_prompts(plan.splits["test"].texts)
+        extra["samples"] = [{"prompt": p, "continuation": c}
+                            for p, c in zip(prompts, continuations(model, tokenizer, prompts), strict=True)]  # fmt: skip
     with tempfile.TemporaryDirectory() as folder:
-        load_tokenizer(plan.teacher_path).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
         attachments = {TOKENIZER: Path(folder)} | ({TEACHER: plan.teacher_path} if card["bundled"] else {})
-        manifest = writer.finish(metadata={"teacher": card}, attachments=attachments)
+        manifest = writer.finish(metadata=extra, attachments=attachments)
     name_cache(cfg.capture.cache_root, cfg.name, plan.key, record=experiment_identity(cfg))
     return manifest
 
@@ -299,9 +312,10 @@ def estimate_capture(cfg: ExperimentConfig, *, sample_rows: int = 256) -> Captur
     device = resolve_device(cfg.device)
     model = load_teacher(cfg, plan, device)
     task = teacher_task(cfg)
+    sparse = sparse_spec(cfg, model.config)
     forward = TeacherForward(model, task, Collator.for_model(load_tokenizer(plan.teacher_path), model.config),
-                             cfg.capture, device=device,
-                             precision=resolve_precision(cfg.capture.precision, device))  # fmt: skip
+                             cfg.capture, device=device, precision=resolve_precision(cfg.capture.precision, device),
+                             sparse=sparse)  # fmt: skip
     specs = tensor_specs(cfg, model.config)
     every = ShardRows.concat([plan.rows[name] for name in SPLITS])
     lengths = every.lengths
@@ -309,10 +323,12 @@ def estimate_capture(cfg: ExperimentConfig, *, sample_rows: int = 256) -> Captur
     index = np.unique(np.linspace(0, len(every) - 1, min(sample_rows, len(every))).astype(int))
     rows = every.take(index)
     start = time.perf_counter()
-    rows.columns[LOGITS], tensors = forward(rows.input_ids)
+    captured = forward(rows, split="train")
+    rows.columns[task.outputs_column] = captured.outputs
     with tempfile.TemporaryDirectory() as staging:
-        build_shard(Path(staging), rows, tensors, {s.name: s for s in specs}, relative_path="estimate", row_start=0,
-                    columns=task.columns(model.config.num_labels))  # fmt: skip
+        build_shard(Path(staging), rows, captured.tensors, {s.name: s for s in specs}, relative_path="estimate",
+                    row_start=0, columns=task.columns(model.config.num_labels), distribution=captured.distribution,
+                    sparse=sparse)  # fmt: skip
         seconds = time.perf_counter() - start
         files = {str(p.relative_to(staging)): p.stat().st_size for p in Path(staging).rglob("*") if p.is_file()}
     scaled = {"rows": sum(b for n, b in files.items() if not n.startswith("tensors.zarr/")) * len(every) / len(rows)}
@@ -320,8 +336,21 @@ def estimate_capture(cfg: ExperimentConfig, *, sample_rows: int = 256) -> Captur
         stored = sum(b for n, b in files.items() if n.startswith(f"tensors.zarr/{spec.name}/"))
         elements = spec.offsets(stored_lengths)[-1] / spec.offsets(lengths[index])[-1]
         scaled[spec.name] = stored * elements
+    if sparse is not None:  # per token, in the splits that store it
+        stored = sum(b for n, b in files.items() if n.startswith(f"tensors.zarr/{DISTRIBUTION_DIR}/"))
+        scaled[DISTRIBUTION_DIR] = stored * stored_lengths.sum() / lengths[index].sum()
     tokens = lengths.sum() / lengths[index].sum()
     return CaptureEstimate(len(every), {k: int(v) for k, v in scaled.items()}, seconds * tokens)
+
+
+def sparse_spec(cfg: ExperimentConfig, model_config) -> SparseSpec | None:
+    """How a causal LM's cache stores the teacher's next-token distributions (None for other tasks)."""
+    if not teacher_task(cfg).caches_distributions:
+        return None
+    logits = cfg.capture.logits or LogitsCapture()
+    return SparseSpec(logits.scheme, vocab_size=model_config.vocab_size, temperature=logits.temperature,
+                      k=logits.k if logits.scheme == "topk" else None,
+                      draws=logits.draws if logits.scheme == "sampled" else None)  # fmt: skip
 
 
 def tensor_specs(cfg: ExperimentConfig, model_config) -> list[TensorSpec]:
@@ -364,26 +393,29 @@ class TeacherForward:
     (``token_budget_batches``), so the batches, and therefore the values, depend only on
     the window's rows and the two limits: never on which process or rank computes it.
     Outputs are reduced on the device before they are copied back: padding dropped,
-    only the configured layers and heads kept, hidden states cast to their storage dtype.
+    only the configured layers and heads kept, hidden states cast to their storage dtype,
+    a causal LM's distributions selected (top-k, sampled or dense: ``sparse``).
     """
 
     def __init__(self, model, task: Task, collate: Collator, capture: CaptureConfig, *, device: torch.device,
-                 precision: torch.dtype):  # fmt: skip
+                 precision: torch.dtype, sparse: SparseSpec | None = None):  # fmt: skip
         self.model, self.task, self.collate, self.capture = model, task, collate, capture
-        self.device, self.precision = device, precision
+        self.device, self.precision, self.sparse = device, precision, sparse
         self.hidden_dtype = torch.float16 if capture.hidden_dtype == "float16" else torch.float32
         self.attention_dtype = torch.float16 if capture.attention_dtype == "float16" else torch.float32
         self.heads = list(capture.attention_heads) if capture.attention_heads is not None else None
 
     @torch.inference_mode()
-    def __call__(self, ids: list[np.ndarray], *, tensors: bool = True):
-        """Logits (N, C) float32 (per token: N arrays (L, C)), and per (tensor, layer) N arrays: hidden
-        (L, H), attention (heads, L, L) (none with ``tensors`` False: a split that stores rows only)."""
-        capture, n = self.capture, len(ids)
+    def __call__(self, rows: ShardRows, *, tensors: bool = True, split: str = "train") -> Captured:
+        """The teacher's outputs for ``rows`` (tensors and distributions only with ``tensors``: a split that
+        stores rows only gets none)."""
+        capture, n, ids = self.capture, len(rows), rows.input_ids
         hidden_layers = capture.hidden_layers if tensors else ()
         attention_layers = capture.attention_layers if tensors else ()
-        lengths = np.array([len(x) for x in ids])
-        logits = [None] * n
+        sparse = self.sparse if tensors else None
+        lengths = rows.lengths
+        outputs = [None] * n
+        distribution = [None] * n if sparse is not None else None
         out_tensors = {(HIDDEN, k): [None] * n for k in hidden_layers}
         out_tensors |= {(ATTENTION, k): [None] * n for k in attention_layers}
         copies = []  # (rows, host tensors): device-to-host copies that may still be in flight
@@ -396,9 +428,15 @@ class TeacherForward:
                     output_attentions=bool(attention_layers),
                 )
             real = batch["attention_mask"].flatten().nonzero().squeeze(1)  # the B*T positions that are tokens
-            kept = {"logits": self.task.outputs(out).float()}  # (B, C), or (B, T, C) per token
-            if self.task.per_token:
-                kept["logits"] = kept["logits"].flatten(0, 1).index_select(0, real)  # (tokens, C), row after row
+            logits = self.task.outputs(out).float()  # (B, C), or (B, T, C) per token
+            kept = {"outputs": self.task.batch_outputs(logits, batch, real)}
+            if sparse is not None:
+                where = torch.from_numpy(np.repeat(rows.example_id[index], lengths[index])).to(self.device)
+                positions = torch.cat([torch.arange(lengths[i], device=self.device) for i in index])
+                selected = select_distribution(logits.flatten(0, 1).index_select(0, real), sparse,
+                                               seed=capture_seed(capture), split=split, example_ids=where,
+                                               positions=positions)  # fmt: skip
+                kept |= {f"distribution/{name}": value for name, value in selected.items()}  # (tokens, ...)
             if hidden_layers:
                 kept[HIDDEN] = torch.stack(
                     [out.hidden_states[k].flatten(0, 1).index_select(0, real) for k in hidden_layers]
@@ -411,10 +449,14 @@ class TeacherForward:
             torch.cuda.synchronize(self.device)  # the host copies are complete from here on
         for index, host in copies:
             bounds = np.concatenate([[0], np.cumsum(lengths[index])])
-            for row, i in enumerate(index):
-                logits[i] = (
-                    host["logits"][bounds[row] : bounds[row + 1]] if self.task.per_token else host["logits"][row]
-                )
+            per_row = split_rows(host["outputs"].numpy(), lengths[index], self.task.outputs_per_token)
+            for i, value in zip(index, per_row, strict=True):
+                outputs[i] = value
+            if sparse is not None:
+                selected = {name.removeprefix("distribution/"): t.numpy() for name, t in host.items()
+                            if isinstance(name, str) and name.startswith("distribution/")}  # fmt: skip
+                for i, part in zip(index, host_rows(selected, lengths[index], sparse), strict=True):
+                    distribution[i] = part
             if hidden_layers:
                 packed = host[HIDDEN].numpy()
                 for j, k in enumerate(hidden_layers):
@@ -424,5 +466,17 @@ class TeacherForward:
                 maps = host[(ATTENTION, k)].numpy()
                 for row, i in enumerate(index):
                     out_tensors[(ATTENTION, k)][i] = maps[row, :, : lengths[i], : lengths[i]]
-        logits = [x.numpy() for x in logits]
-        return (logits if self.task.per_token else np.stack(logits)), out_tensors
+        return Captured(outputs if self.task.outputs_per_token else np.stack(outputs), distribution, out_tensors)
+
+
+@dataclass(frozen=True)
+class Captured:
+    """A window's teacher outputs, per row in row order."""
+
+    outputs: np.ndarray | list[np.ndarray]  # the task's outputs column: (N, C), or N arrays (L_i, C) per token
+    distribution: list[dict[str, np.ndarray]] | None  # a causal LM's per-token distributions (cache_store layout)
+    tensors: dict[tuple[str, int], list[np.ndarray]]  # (tensor, layer) -> N arrays
+
+
+def capture_seed(capture: CaptureConfig) -> int:
+    return (capture.logits or LogitsCapture()).seed

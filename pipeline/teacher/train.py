@@ -64,7 +64,8 @@ def locate_teacher(cfg: ExperimentConfig, splits: Splits) -> tuple[Path, str]:
     """The teacher directory for ``cfg`` and its key; the base model itself when fine_tune is off."""
     base = model_dir(cfg.teacher.base_model)
     if not cfg.teacher.fine_tune:
-        check_teacher_labels(base, splits["train"].label_names)
+        if teacher_task(cfg).reads_labels:
+            check_teacher_labels(base, splits["train"].label_names)
         return base, files_fingerprint(base)
     key = teacher_key(cfg, base, splits, load_tokenizer(base))
     return Path(cfg.teacher.output_root) / key, key
@@ -160,6 +161,7 @@ def run_teacher_train(cfg: ExperimentConfig) -> TeacherResult:
         warmup_ratio=cfg.teacher.warmup_ratio,
         seed=cfg.seed,
         primary_metric=task.primary_metric,
+        lower_is_better=task.lower_is_better,
     )
     fit(
         [learner],
@@ -181,7 +183,7 @@ def run_teacher_train(cfg: ExperimentConfig) -> TeacherResult:
         "history": [dataclasses.asdict(h) for h in history],
     })  # fmt: skip
     checkpoint.remove()
-    best = max(h.validation[task.primary_metric] for h in history)
+    best = max(history, key=lambda h: task.score(h.validation)).validation[task.primary_metric]
     print(f"trained teacher {key} at {path} (validation {task.primary_metric} {best:.4f})")
     return TeacherResult(path, key, reused=False)
 

@@ -44,11 +44,13 @@ def test_out_of_range_value_is_named(tmp_path):
     with pytest.raises(ConfigError, match=r"loss kl: temperature must be > 0; got -1.0"):
         load_config(write(tmp_path, raw))
     raw["distill"]["loss"][0] = {"kind": "kld"}
-    with pytest.raises(ConfigError, match=r"unknown loss kind 'kld'; choose from \['kl', 'logit_mse', 'ce'"):
+    with pytest.raises(
+        ConfigError, match=r"unknown loss kind 'kld'; choose from \['kl', 'reverse_kl', 'jsd', 'logit_mse', 'ce'"
+    ):
         load_config(write(tmp_path, raw))
     with pytest.raises(
         ConfigError,
-        match=r"unknown task 'ner'; choose from \['question-answering', 'sequence-classification', 'token-classification'\]",
+        match=r"unknown task 'ner'; choose from \['causal-lm', 'question-answering', 'sequence-classification', 'token-classification'\]",
     ):
         load_config(write(tmp_path, demo_raw() | {"task": "ner"}))
 

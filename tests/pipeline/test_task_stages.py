@@ -144,6 +144,24 @@ def test_conll_files_are_read_as_words_with_tags_and_bad_rows_are_counted(ner_da
         load_splits(DataConfig(dataset=str(tmp_path / "bio.yaml")), seed=0, task=NER)
 
 
+def test_plain_transfer_text_with_its_own_columns_joins_a_ner_train_split_as_words(ner_dataset, tmp_path):
+    (tmp_path / "tweets.csv").write_text("id,score,text\n1,0.5,so  good to see you\n2,-1.0,\n3,2.0,the end.\n")
+    definition = yaml.safe_load(ner_dataset.read_text())
+    definition["unlabeled"] = [{"path": str(tmp_path / "tweets.csv"), "text_columns": ["text"]}]
+    (tmp_path / "ner.yaml").write_text(yaml.safe_dump(definition))
+    splits = load_splits(DataConfig(dataset=str(tmp_path / "ner.yaml")), seed=0, task=NER)
+    train = splits["train"]
+    transfer = {train.texts[i] for i in np.flatnonzero(~train.labeled)}
+    assert transfer == {("so", "good", "to", "see", "you"), ("the", "end.")}
+    assert train.labeled.sum() == 120 and splits.dropped["unlabeled"] == {"empty text": 1, "text also in test": 0}
+    definition["unlabeled"] = [{"path": str(tmp_path / "tweets.csv"), "text_columns": ["body"]}]
+    (tmp_path / "ner.yaml").write_text(yaml.safe_dump(definition))
+    with pytest.raises(
+        DataError, match=r"unlabeled .*tweets.csv: no column\(s\) \['body'\]; it has \['id', 'score', 'text'\]"
+    ):
+        load_splits(DataConfig(dataset=str(tmp_path / "ner.yaml")), seed=0, task=NER)
+
+
 def test_squad_rows_become_features_and_a_misplaced_answer_is_counted(qa_dataset, tmp_path, tiny_teacher):
     from pipeline.models import load_tokenizer
 

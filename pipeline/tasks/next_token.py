@@ -1,0 +1,98 @@
+"""A causal LM's computations per position, on the model's device: next-token targets, the
+statistics its metrics are summed from, and the selection of the teacher's distributions
+that a cache stores (see ``pipeline.tasks.causal_lm``)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from cache_store.distribution import SparseSpec
+
+from .causal_lm import ECE_BINS
+
+SPLIT_SALT = {"train": 1, "validation": 2, "test": 3}  # mixed into the sampling hash
+
+
+def next_tokens(input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) each position's next token in its block; -100 at a block's last real position and padding."""
+    targets = torch.full_like(input_ids, -100)
+    targets[:, :-1] = input_ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+    return targets
+
+
+@torch.no_grad()
+def block_stats(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, STATS_FIELDS) float64 per block: NLL sum, predictions, correct, and per confidence bin
+    (count, confidence sum, correct), over the positions whose next token is in the block."""
+    targets = next_tokens(input_ids, mask)
+    known = targets != -100  # (B, T)
+    logp = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V)
+    nll = -logp.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)  # (B, T)
+    confidence, top = logp.max(-1)
+    confidence = confidence.exp()
+    correct = (top == targets) & known
+    bins = torch.clamp((confidence * ECE_BINS).long(), max=ECE_BINS - 1)  # (B, T)
+    one_hot = F.one_hot(bins, ECE_BINS).double() * known.unsqueeze(-1)  # (B, T, bins)
+    per_bin = torch.stack(
+        [
+            one_hot.sum(1),
+            (one_hot * confidence.double().unsqueeze(-1)).sum(1),
+            (one_hot * correct.double().unsqueeze(-1)).sum(1),
+        ],
+        dim=-1,
+    )  # (B, bins, 3)
+    head = torch.stack([(nll.double() * known).sum(1), known.double().sum(1), correct.double().sum(1)], dim=1)
+    return torch.cat([head, per_bin.flatten(1)], dim=1)
+
+
+def select_distribution(logits: torch.Tensor, spec: SparseSpec, *, seed: int, split: str, example_ids: torch.Tensor,
+                        positions: torch.Tensor) -> dict[str, torch.Tensor]:  # fmt: skip
+    """The distribution ``spec`` stores for each of N token positions, on the logits' device.
+
+    Args:
+        logits: (N, V) the teacher's logits at N positions; example_ids, positions: (N,) each
+            position's block and place in it (they seed the sampled draws).
+
+    Returns:
+        topk: ids (N, k) int64, probs (N, k) float32, tail (N,) float32; dense: logprobs (N, V)
+        float16; sampled: ids (N, draws) int64 with -1 after each position's distinct ids,
+        counts (N, draws) int64 aligned with them.
+    """
+    logp = torch.log_softmax(logits.float() / spec.temperature, dim=-1)  # (N, V)
+    if spec.scheme == "dense":
+        return {"logprobs": logp.half()}
+    if spec.scheme == "topk":
+        values, ids = logp.topk(spec.k, dim=-1)  # (N, k)
+        probs = values.exp()
+        return {"ids": ids, "probs": probs, "tail": (1 - probs.sum(-1)).clamp_min(0)}
+    uniforms = hashed_uniforms(seed, SPLIT_SALT[split], example_ids, positions, spec.draws)  # (N, draws)
+    cdf = logp.exp().cumsum(-1)  # (N, V)
+    drawn = torch.searchsorted(cdf, uniforms * cdf[:, -1:]).clamp_max(logits.shape[-1] - 1)  # (N, draws)
+    drawn, _ = drawn.sort(dim=-1)
+    first = torch.ones_like(drawn, dtype=torch.bool)
+    first[:, 1:] = drawn[:, 1:] != drawn[:, :-1]
+    group = first.cumsum(-1) - 1  # (N, draws) the index of each draw's distinct id
+    counts = torch.zeros_like(drawn).scatter_add_(1, group, torch.ones_like(drawn))
+    ids = torch.full_like(drawn, -1).scatter_(1, group, drawn)
+    return {"ids": ids, "counts": counts}
+
+
+def hashed_uniforms(seed: int, salt: int, example_ids: torch.Tensor, positions: torch.Tensor,
+                    draws: int) -> torch.Tensor:  # fmt: skip
+    """(N, draws) float32 uniforms in (0, 1), each a hash of (seed, salt, example id, position, draw)."""
+    device = example_ids.device
+    draw = torch.arange(draws, device=device, dtype=torch.int64)
+    key = _mix(torch.full_like(example_ids, (seed * 1_000_003 + salt) & 0xFFFFFFFF, dtype=torch.int64))
+    key = _mix(key ^ (example_ids.long() & 0xFFFFFFFF))
+    key = _mix(key ^ (positions.long() & 0xFFFFFFFF))
+    bits = _mix(key.unsqueeze(1) ^ draw.unsqueeze(0))  # (N, draws) 32 random bits each
+    return ((bits.double() + 0.5) / 2**32).float()
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (two multiply-xorshift rounds) in int64 arithmetic, without overflow."""
+    x = x & 0xFFFFFFFF
+    x = ((x ^ (x >> 16)) * 0x45D9F3B) & 0xFFFFFFFF  # < 2**59: no int64 overflow
+    x = ((x ^ (x >> 16)) * 0x45D9F3B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
