@@ -37,7 +37,7 @@ from ..contract import ATTENTION, EXAMPLE_ID, HIDDEN, TEACHER_LOGITS, distributi
 from ..runtime import autocast
 from ..tasks import LABEL, LOGITS, Task
 from ..tasks.causal_lm import host_rows
-from ..tasks.next_token import select_distribution
+from ..tasks.next_token import select_distribution, teacher_probabilities
 from ..training import Batch, Collator, collate_rows, length_grouped_batches, to_device
 
 
@@ -302,14 +302,15 @@ class LiveTeacher:
         """The batch's distributions as the cache holds them: selected as at capture, stored and read back."""
         mask = batch["attention_mask"]
         if self.sparse.scheme == "dense":  # on the device: float16 as stored, zero after each row's end
-            logprobs = torch.log_softmax(logits / self.sparse.temperature, dim=-1).half().float()
+            logprobs = teacher_probabilities(logits, self.sparse.temperature).log().half().float()
             return {distribution_key("logprobs"): logprobs * _padding_zeroed(mask, HIDDEN)}
         lengths = mask.sum(1).cpu().numpy()
         real = mask.flatten().nonzero().squeeze(1)
         where = batch[EXAMPLE_ID].repeat_interleave(mask.sum(1))
         positions = torch.cat([torch.arange(n, device=self.device) for n in lengths])
-        selected = select_distribution(logits.flatten(0, 1).index_select(0, real), self.sparse, seed=self.seed,
-                                       split="train", example_ids=where, positions=positions)  # fmt: skip
+        probs = teacher_probabilities(logits.flatten(0, 1).index_select(0, real), self.sparse.temperature)
+        selected = select_distribution(probs, self.sparse, seed=self.seed, split="train", example_ids=where,
+                                       positions=positions)  # fmt: skip
         rows = host_rows({k: v.cpu().numpy() for k, v in selected.items()}, lengths, self.sparse)
         stored = encode_rows(rows, self.sparse)
         read, offsets = decode_arrays(stored, self.sparse), row_offsets(lengths, stored, self.sparse)

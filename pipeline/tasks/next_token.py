@@ -26,11 +26,31 @@ def block_stats(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tenso
     """(B, STATS_FIELDS) float64 per block: NLL sum, predictions, correct, and per confidence bin
     (count, confidence sum, correct), over the positions whose next token is in the block."""
     targets = next_tokens(input_ids, mask)
+    lse = torch.logsumexp(logits.float(), dim=-1)  # (B, T)
+    top_logit, top = logits.max(-1)
+    target_logit = logits.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    return _sums(lse - target_logit.float(), (top_logit.float() - lse).exp(), top, targets)
+
+
+@torch.no_grad()
+def probabilities_and_stats(logits: torch.Tensor, input_ids: torch.Tensor,
+                            mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """In place, ``logits`` (B, T, V) float32 become the next-token probabilities; returned with the
+    blocks' sums (``block_stats``). Four passes over the vocabulary and no new (B, T, V) array: on a
+    CPU each pass costs about 1% of the teacher's forward pass."""
+    targets = next_tokens(input_ids, mask)
+    target_logit = logits.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)  # (B, T)
+    top_logit, top = logits.max(-1)
+    probs = logits.sub_(top_logit.unsqueeze(-1)).exp_()
+    total = probs.sum(-1)  # (B, T)
+    probs.div_(total.unsqueeze(-1))
+    nll = top_logit + total.log() - target_logit
+    return probs, _sums(nll, 1 / total, top, targets)
+
+
+def _sums(nll: torch.Tensor, confidence: torch.Tensor, top: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The block sums of per-position NLL, confidence (the top probability) and top predictions (B, T)."""
     known = targets != -100  # (B, T)
-    logp = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V)
-    nll = -logp.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)  # (B, T)
-    confidence, top = logp.max(-1)
-    confidence = confidence.exp()
     correct = (top == targets) & known
     bins = torch.clamp((confidence * ECE_BINS).long(), max=ECE_BINS - 1)  # (B, T)
     one_hot = F.one_hot(bins, ECE_BINS).double() * known.unsqueeze(-1)  # (B, T, bins)
@@ -46,29 +66,28 @@ def block_stats(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tenso
     return torch.cat([head, per_bin.flatten(1)], dim=1)
 
 
-def select_distribution(logits: torch.Tensor, spec: SparseSpec, *, seed: int, split: str, example_ids: torch.Tensor,
+def select_distribution(probs: torch.Tensor, spec: SparseSpec, *, seed: int, split: str, example_ids: torch.Tensor,
                         positions: torch.Tensor) -> dict[str, torch.Tensor]:  # fmt: skip
-    """The distribution ``spec`` stores for each of N token positions, on the logits' device.
+    """The distribution ``spec`` stores for each of N token positions, on the probabilities' device.
 
     Args:
-        logits: (N, V) the teacher's logits at N positions; example_ids, positions: (N,) each
-            position's block and place in it (they seed the sampled draws).
+        probs: (N, V) the teacher's next-token probabilities at the spec's temperature (sampled:
+            overwritten by their running sums); example_ids, positions: (N,) each position's block
+            and place in it (they seed the sampled draws).
 
     Returns:
         topk: ids (N, k) int64, probs (N, k) float32, tail (N,) float32; dense: logprobs (N, V)
         float16; sampled: ids (N, draws) int64 with -1 after each position's distinct ids,
         counts (N, draws) int64 aligned with them.
     """
-    logp = torch.log_softmax(logits.float() / spec.temperature, dim=-1)  # (N, V)
     if spec.scheme == "dense":
-        return {"logprobs": logp.half()}
+        return {"logprobs": probs.log().half()}
     if spec.scheme == "topk":
-        values, ids = logp.topk(spec.k, dim=-1)  # (N, k)
-        probs = values.exp()
-        return {"ids": ids, "probs": probs, "tail": (1 - probs.sum(-1)).clamp_min(0)}
+        values, ids = probs.topk(spec.k, dim=-1)  # (N, k)
+        return {"ids": ids, "probs": values, "tail": (1 - values.sum(-1)).clamp_min(0)}
     uniforms = hashed_uniforms(seed, SPLIT_SALT[split], example_ids, positions, spec.draws)  # (N, draws)
-    cdf = logp.exp().cumsum(-1)  # (N, V)
-    drawn = torch.searchsorted(cdf, uniforms * cdf[:, -1:]).clamp_max(logits.shape[-1] - 1)  # (N, draws)
+    cdf = probs.cumsum_(-1)  # (N, V), in place
+    drawn = torch.searchsorted(cdf, uniforms * cdf[:, -1:]).clamp_max(probs.shape[-1] - 1)  # (N, draws)
     drawn, _ = drawn.sort(dim=-1)
     first = torch.ones_like(drawn, dtype=torch.bool)
     first[:, 1:] = drawn[:, 1:] != drawn[:, :-1]
@@ -76,6 +95,14 @@ def select_distribution(logits: torch.Tensor, spec: SparseSpec, *, seed: int, sp
     counts = torch.zeros_like(drawn).scatter_add_(1, group, torch.ones_like(drawn))
     ids = torch.full_like(drawn, -1).scatter_(1, group, drawn)
     return {"ids": ids, "counts": counts}
+
+
+def teacher_probabilities(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """softmax(logits / temperature) over the last axis, float32, by the operations of
+    ``probabilities_and_stats`` (so a live teacher's values are the capture's, bit for bit)."""
+    probs = logits.float() / temperature if temperature != 1 else logits.float().clone()
+    probs.sub_(probs.max(-1, keepdim=True).values).exp_()
+    return probs.div_(probs.sum(-1, keepdim=True))
 
 
 def hashed_uniforms(seed: int, salt: int, example_ids: torch.Tensor, positions: torch.Tensor,

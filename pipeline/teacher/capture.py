@@ -57,7 +57,7 @@ from ..models import count_parameters, directory_bytes, load_tokenizer
 from ..runtime import ALONE, Ranks, autocast, barrier, process_group, resolve_device, resolve_precision
 from ..tasks import Task
 from ..tasks.causal_lm import continuations, default_prompts, host_rows
-from ..tasks.next_token import select_distribution
+from ..tasks.next_token import probabilities_and_stats, select_distribution, teacher_probabilities
 from ..training import Collator, split_rows, to_device, token_budget_batches
 from .train import require_teacher, teacher_task
 
@@ -429,13 +429,21 @@ class TeacherForward:
                 )
             real = batch["attention_mask"].flatten().nonzero().squeeze(1)  # the B*T positions that are tokens
             logits = self.task.outputs(out).float()  # (B, C), or (B, T, C) per token
-            kept = {"outputs": self.task.batch_outputs(logits, batch, real)}
+            if self.sparse is None:
+                kept = {"outputs": self.task.batch_outputs(logits, batch, real)}
+            else:  # a causal LM: its block sums, and the distributions from the same probabilities
+                temperature = self.sparse.temperature
+                tempered = None if temperature == 1 else teacher_probabilities(logits, temperature)
+                probs, stats = probabilities_and_stats(logits, batch["input_ids"], batch["attention_mask"])
+                kept = {"outputs": stats.float()}
             if sparse is not None:
+                flat = (probs if tempered is None else tempered).flatten(0, 1)  # (B*T, V)
+                if len(real) < len(flat):  # a short block's padding: keep the real positions only
+                    flat = flat.index_select(0, real)
                 where = torch.from_numpy(np.repeat(rows.example_id[index], lengths[index])).to(self.device)
                 positions = torch.cat([torch.arange(lengths[i], device=self.device) for i in index])
-                selected = select_distribution(logits.flatten(0, 1).index_select(0, real), sparse,
-                                               seed=capture_seed(capture), split=split, example_ids=where,
-                                               positions=positions)  # fmt: skip
+                selected = select_distribution(flat, sparse, seed=capture_seed(capture), split=split,
+                                               example_ids=where, positions=positions)  # fmt: skip
                 kept |= {f"distribution/{name}": value for name, value in selected.items()}  # (tokens, ...)
             if hidden_layers:
                 kept[HIDDEN] = torch.stack(

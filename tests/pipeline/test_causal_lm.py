@@ -23,9 +23,15 @@ from pipeline.student.losses import divergence, sampled_kl, topk_divergence
 from pipeline.student.streaming import pad_distributions
 from pipeline.tasks import TASKS
 from pipeline.tasks.causal_lm import lm_metrics
-from pipeline.tasks.next_token import block_stats, hashed_uniforms, select_distribution
+from pipeline.tasks.next_token import (
+    block_stats,
+    hashed_uniforms,
+    probabilities_and_stats,
+    select_distribution,
+    teacher_probabilities,
+)
 from pipeline.teacher.capture import run_capture
-from tests.pipeline.test_distill import scalars
+from tests.pipeline.test_distill import assert_cached_equals_online
 from tests.test_cli import app, runner
 
 LM = TASKS["causal-lm"]
@@ -88,14 +94,25 @@ def test_block_statistics_give_the_lm_loss_perplexity_accuracy_and_ece_by_hand()
     assert got["accuracy"] == pytest.approx(np.mean(correct)) and got["ece"] == pytest.approx(ece, rel=1e-6)
 
 
+def test_the_in_place_probabilities_give_the_same_sums_and_the_same_values_as_a_live_teacher():
+    torch.manual_seed(5)
+    logits = torch.randn(3, 6, 40) * 4
+    ids, mask = torch.randint(0, 40, (3, 6)), torch.tensor([[1] * 6, [1] * 6, [1, 1, 1, 0, 0, 0]])
+    expected = block_stats(logits, ids, mask)
+    probs, stats = probabilities_and_stats(logits.clone(), ids, mask)
+    torch.testing.assert_close(stats, expected, rtol=1e-5, atol=1e-6)  # float32 sums in two orders
+    torch.testing.assert_close(probs, torch.softmax(logits, -1))
+    assert torch.equal(probs.flatten(0, 1)[:15], teacher_probabilities(logits.flatten(0, 1)[:15]))  # bit for bit
+
+
 def test_topk_selection_keeps_the_k_most_probable_ids_their_probabilities_and_the_tail():
     torch.manual_seed(1)
     logits = torch.randn(7, 40)
     spec = SparseSpec("topk", vocab_size=40, k=5, temperature=2.0)
-    got = select_distribution(
-        logits, spec, seed=0, split="train", example_ids=torch.zeros(7), positions=torch.arange(7)
-    )
+    probs = teacher_probabilities(logits, 2.0)
+    got = select_distribution(probs, spec, seed=0, split="train", example_ids=torch.zeros(7), positions=torch.arange(7))
     p = torch.softmax(logits / 2.0, -1)
+    torch.testing.assert_close(probs, p)
     top = p.topk(5, -1)
     torch.testing.assert_close(got["ids"], top.indices)
     torch.testing.assert_close(got["probs"], top.values)
@@ -107,16 +124,17 @@ def test_draws_depend_on_the_row_and_position_alone_and_estimate_the_distributio
     logits = torch.randn(6, 30)
     spec = SparseSpec("sampled", vocab_size=30, draws=4000)
     example, position = torch.tensor([0, 0, 0, 5, 5, 9]), torch.tensor([0, 1, 2, 0, 1, 0])
-    together = select_distribution(logits, spec, seed=3, split="train", example_ids=example, positions=position)
+    probs = teacher_probabilities(logits)
+    together = select_distribution(probs.clone(), spec, seed=3, split="train", example_ids=example, positions=position)
     for n in range(6):  # each position alone, as another batching would compute it
-        alone = select_distribution(logits[n : n + 1], spec, seed=3, split="train", example_ids=example[n : n + 1],
-                                    positions=position[n : n + 1])  # fmt: skip
+        alone = select_distribution(teacher_probabilities(logits[n : n + 1]), spec, seed=3, split="train",
+                                    example_ids=example[n : n + 1], positions=position[n : n + 1])  # fmt: skip
         torch.testing.assert_close(alone["ids"][0], together["ids"][n])
         torch.testing.assert_close(alone["counts"][0], together["counts"][n])
     estimate = torch.zeros(6, 30).scatter_add_(1, together["ids"].clamp_min(0), together["counts"].float()) / 4000
     assert (together["counts"].sum(-1) == 4000).all()
     assert (estimate - torch.softmax(logits, -1)).abs().max() < 0.03  # 4,000 draws: std below 0.008
-    other = select_distribution(logits, spec, seed=4, split="train", example_ids=example, positions=position)
+    other = select_distribution(probs, spec, seed=4, split="train", example_ids=example, positions=position)
     assert not torch.equal(other["counts"], together["counts"])
     u = hashed_uniforms(0, 1, torch.arange(200), torch.zeros(200, dtype=torch.int64), 50)
     assert 0 < u.min() and u.max() < 1 and abs(u.mean().item() - 0.5) < 0.01
@@ -158,8 +176,8 @@ def test_the_sampled_estimators_gradient_is_full_kds_on_average():
     spec = SparseSpec("sampled", vocab_size=25, draws=10, temperature=T)
     grads = []
     for seed in range(400):
-        drawn = select_distribution(teacher, spec, seed=seed, split="train", example_ids=torch.zeros(3),
-                                    positions=torch.arange(3))  # fmt: skip
+        drawn = select_distribution(teacher_probabilities(teacher, T), spec, seed=seed, split="train",
+                                    example_ids=torch.zeros(3), positions=torch.arange(3))  # fmt: skip
         loss = sampled_kl(student, drawn["ids"].clamp_min(0), drawn["counts"], draws=10, temperature=T)
         grads.append(torch.autograd.grad(loss, student)[0])
     mean = torch.stack(grads).mean(0)
@@ -182,7 +200,7 @@ def test_the_cache_holds_what_a_live_teacher_computes_on_the_same_blocks(scheme,
         ids = torch.from_numpy(data.rows.input_ids[i].astype(np.int64))[None]
         with torch.no_grad():
             logits = model(input_ids=ids).logits[0]  # (L, V)
-        live = select_distribution(logits, spec, seed=0, split="train", example_ids=torch.full((ids.shape[1],), int(
+        live = select_distribution(teacher_probabilities(logits), spec, seed=0, split="train", example_ids=torch.full((ids.shape[1],), int(
             data.rows.example_id[i])), positions=torch.arange(ids.shape[1]))  # fmt: skip
         stored = data.example_distribution(i)
         if scheme == "dense":
@@ -207,11 +225,7 @@ def test_the_cache_holds_what_a_live_teacher_computes_on_the_same_blocks(scheme,
 def test_a_student_learns_the_same_from_the_cache_as_from_the_live_teacher(scheme, lm_config_file):
     cfg = load_config(lm_config_file(scheme), ["distill.baselines=false"])
     run_capture(cfg)
-    cached, online = run_distill(cfg), run_distill(cfg, online=True)
-    a, b = scalars(cached.run_dir, "seed0-distilled", "cut2"), scalars(online.run_dir, "seed0-distilled", "cut2")
-    for term in ("loss/total", "loss/kl", "loss/ce", "loss/hidden_mse"):
-        np.testing.assert_allclose(a[term], b[term], rtol=1e-4, atol=1e-6)
-    assert cached.models[1].metrics == online.models[1].metrics
+    assert_cached_equals_online(cfg, "cut2", ("kl", "ce", "hidden_mse"))
 
 
 def test_terms_a_distribution_cache_cannot_serve_are_refused_in_one_line(lm_config_file):

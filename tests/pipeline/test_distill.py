@@ -36,6 +36,15 @@ def scalars(run_dir, pass_name: str, learner: str) -> dict[str, list[float]]:
     return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
+def assert_cached_equals_online(cfg, learner: str, terms: tuple[str, ...]) -> None:
+    """Distill ``cfg`` from its cache and with the teacher live: the same loss terms at every step, the same metrics."""
+    cached, online = run_distill(cfg), run_distill(cfg, online=True)
+    a, b = scalars(cached.run_dir, "seed0-distilled", learner), scalars(online.run_dir, "seed0-distilled", learner)
+    for term in ("loss/total", *(f"loss/{t}" for t in terms)):
+        np.testing.assert_allclose(a[term], b[term], rtol=1e-4, atol=1e-6)
+    assert cached.models[1].metrics == online.models[1].metrics
+
+
 @pytest.fixture
 def trained(config):
     """The tiny config with its teacher trained (each test captures what it needs)."""
@@ -92,11 +101,7 @@ def test_the_cache_in_float32_gives_the_live_teachers_losses_step_by_step(traine
                                 attention_heads=(0, 2))  # fmt: skip
     cfg = with_students(dataclasses.replace(trained, capture=exact), *trained.distill.students, baselines=False)
     run_capture(cfg)
-    cached, online = run_distill(cfg), run_distill(cfg, online=True)
-    a, b = scalars(cached.run_dir, "seed0-distilled", "tiny-l2"), scalars(online.run_dir, "seed0-distilled", "tiny-l2")
-    for term in ("loss/total", "loss/kl", "loss/ce", "loss/hidden_mse", "loss/attention_kl"):
-        np.testing.assert_allclose(a[term], b[term], rtol=1e-4, atol=1e-6)
-    assert cached.models[1].metrics == online.models[1].metrics
+    assert_cached_equals_online(cfg, "tiny-l2", ("kl", "ce", "hidden_mse", "attention_kl"))
 
 
 def test_attention_terms_compare_the_students_heads_that_the_cache_holds(trained):

@@ -247,14 +247,10 @@ def test_distill_refuses_a_config_of_another_task_than_its_cache(ner_config):
 
 @pytest.mark.parametrize("task", ["token-classification", "question-answering"])
 def test_a_float32_cache_gives_the_live_teachers_per_token_losses_step_by_step(task, ner_config, qa_config):
-    from tests.pipeline.test_distill import scalars
+    from tests.pipeline.test_distill import assert_cached_equals_online
 
     cfg = load_config(ner_config if task == "token-classification" else qa_config,
                       ["capture.hidden_dtype=float32", "distill.baselines=false"])  # fmt: skip
     run_teacher_train(cfg)
     run_capture(cfg)
-    cached, online = run_distill(cfg), run_distill(cfg, online=True)
-    a, b = scalars(cached.run_dir, "seed0-distilled", "tiny-l2"), scalars(online.run_dir, "seed0-distilled", "tiny-l2")
-    for term in ("loss/total", "loss/kl", "loss/ce", "loss/hidden_mse"):
-        np.testing.assert_allclose(a[term], b[term], rtol=1e-4, atol=1e-6)
-    assert cached.models[1].metrics == online.models[1].metrics
+    assert_cached_equals_online(cfg, "tiny-l2", ("kl", "ce", "hidden_mse"))
