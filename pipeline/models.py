@@ -53,7 +53,8 @@ def converted_gguf(path: Path) -> Path:
     print(f"converting {path.name} to safetensors once, into {target}")
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name)
-    model.hf_quantizer = None  # the weights are dequantized: save them as a plain checkpoint
+    model.hf_quantizer = None  # the weights are dequantized: save them as a plain checkpoint, without
+    del model.config.quantization_config  # the GGUF loading settings (a reload would read the GGUF file again)
     tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         save_model(model, tokenizer, tmp)

@@ -228,6 +228,16 @@ def test_a_student_learns_the_same_from_the_cache_as_from_the_live_teacher(schem
     assert_cached_equals_online(cfg, "cut2", ("kl", "ce", "hidden_mse"))
 
 
+def test_the_dry_run_estimates_the_distributions_bytes_with_the_rest(lm_config_file):
+    from pipeline.teacher.capture import estimate_capture
+
+    cfg = load_config(lm_config_file("sampled"))
+    estimate = estimate_capture(cfg, sample_rows=40)
+    manifest = run_capture(cfg).manifest
+    assert set(estimate.bytes_by_output) == {"rows", "hidden_states", "distribution"}
+    assert abs(estimate.bytes - manifest.bytes) / manifest.bytes < 0.2
+
+
 def test_terms_a_distribution_cache_cannot_serve_are_refused_in_one_line(lm_config_file):
     path = lm_config_file("sampled")
     run_capture(load_config(path))
