@@ -69,9 +69,10 @@ def experiment(work: Path, scheme: str, args) -> Path:
         "capture": {"batch_size": 16, "batch_tokens": 2048, "shard_rows": args.shard_rows,
                     "cache_root": str(work / "caches"), "bundle_teacher": False,
                     "logits": {"scheme": scheme, "k": 50, "draws": 50}, "prompts": ["The film"]},
-        "distill": {"students": [{"name": "cut", "teacher_layers": list(args.student_layers)}],
+        "distill": {"students": [{"name": "cut", "teacher_layers": list(args.student_layers),
+                                  "freeze_embeddings": True}],
                     "loss": [{"kind": "kl", "weight": 1.0}, {"kind": "ce", "weight": 0.1}],
-                    "batch_size": args.batch_size, "learning_rate": 3e-4, "run_root": str(work / "runs")},
+                    "batch_size": args.batch_size, "learning_rate": 1e-3, "run_root": str(work / "runs")},
     }  # fmt: skip
     path = work / f"{scheme}.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -209,7 +210,7 @@ def main() -> None:
     parser.add_argument("--documents", type=int, default=1500, help="Rotten Tomatoes texts (reviews and plots)")
     parser.add_argument("--block-length", type=int, default=128)
     parser.add_argument("--shard-rows", type=int, default=64)
-    parser.add_argument("--student-layers", type=int, nargs="+", default=[5, 10, 15, 20, 25, 30])
+    parser.add_argument("--student-layers", type=int, nargs="+", default=[1, 2, 3, 28, 29, 30])
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--learn-shards", type=int, default=5, help="train shards each learning mode takes a pass over")
     parser.add_argument("--speed-shards", type=int, default=1, help="train shards a speed round takes a pass over")

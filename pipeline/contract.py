@@ -142,6 +142,7 @@ class CacheMetadata:
     capture: dict  # the capture settings that decide its content (capture_identity)
     task: str  # the task the teacher was captured for: what it emits per example (pipeline.tasks)
     samples: tuple[dict, ...] = ()  # a causal LM's greedy continuations: {"prompt", "continuation"} each
+    covered_mass: float | None = None  # a causal LM's: the mean probability mass its stored distributions cover
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)

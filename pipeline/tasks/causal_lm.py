@@ -34,6 +34,7 @@ from cache_store.distribution import SparseSpec
 from .base import Task
 
 LM_STATS = "lm_stats"  # a row column: the model's next-token sums over the block (see next_token.block_stats)
+COVERED_MASS = "covered_mass"  # a row column: the mean probability mass its stored distributions cover
 ECE_BINS = 10
 STATS_FIELDS = (
     3 + 3 * ECE_BINS
@@ -83,7 +84,8 @@ class CausalLM(Task):
         return ShardRows(np.arange(len(blocks), dtype=np.int64), blocks, {})
 
     def columns(self, num_labels: int) -> tuple[ColumnSpec, ...]:
-        return (ColumnSpec(LM_STATS, "float32", (STATS_FIELDS,)),)
+        """The teacher's block sums, and the mean mass its stored distributions cover (0 where none are stored)."""
+        return ColumnSpec(LM_STATS, "float32", (STATS_FIELDS,)), ColumnSpec(COVERED_MASS, "float32")
 
     def labeled(self, rows: ShardRows) -> np.ndarray:
         return np.ones(len(rows), dtype=bool)
@@ -158,7 +160,7 @@ def host_rows(selected: dict[str, np.ndarray], lengths: np.ndarray, spec: Sparse
     bounds = np.concatenate([[0], np.cumsum(lengths)])
     rows = []
     for i in range(len(lengths)):
-        part = {name: a[bounds[i] : bounds[i + 1]] for name, a in selected.items()}
+        part = {name: a[bounds[i] : bounds[i + 1]] for name, a in selected.items() if name in spec.arrays}
         if spec.scheme == "sampled":
             kept = part["ids"] >= 0
             part = {"ids": part["ids"][kept], "counts": part["counts"][kept], "entries": kept.sum(1)}

@@ -12,6 +12,7 @@ from cache_store.distribution import SparseSpec
 from .causal_lm import ECE_BINS
 
 SPLIT_SALT = {"train": 1, "validation": 2, "test": 3}  # mixed into the sampling hash
+COVERED = "covered"  # select_distribution's per-position mass of the ids kept
 
 
 def next_tokens(input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -78,13 +79,15 @@ def select_distribution(probs: torch.Tensor, spec: SparseSpec, *, seed: int, spl
     Returns:
         topk: ids (N, k) int64, probs (N, k) float32, tail (N,) float32; dense: logprobs (N, V)
         float16; sampled: ids (N, draws) int64 with -1 after each position's distinct ids,
-        counts (N, draws) int64 aligned with them.
+        counts (N, draws) int64 aligned with them; and ``COVERED`` (N,): the probability mass
+        of the ids kept (not stored: the cache records its mean).
     """
     if spec.scheme == "dense":
-        return {"logprobs": probs.log().half()}
+        return {"logprobs": probs.log().half(), COVERED: torch.ones(len(probs), device=probs.device)}
     if spec.scheme == "topk":
         values, ids = probs.topk(spec.k, dim=-1)  # (N, k)
-        return {"ids": ids, "probs": values, "tail": (1 - values.sum(-1)).clamp_min(0)}
+        covered = values.sum(-1)
+        return {"ids": ids, "probs": values, "tail": (1 - covered).clamp_min(0), COVERED: covered}
     uniforms = hashed_uniforms(seed, SPLIT_SALT[split], example_ids, positions, spec.draws)  # (N, draws)
     cdf = probs.cumsum_(-1)  # (N, V), in place
     drawn = torch.searchsorted(cdf, uniforms * cdf[:, -1:]).clamp_max(probs.shape[-1] - 1)  # (N, draws)
@@ -94,7 +97,10 @@ def select_distribution(probs: torch.Tensor, spec: SparseSpec, *, seed: int, spl
     group = first.cumsum(-1) - 1  # (N, draws) the index of each draw's distinct id
     counts = torch.zeros_like(drawn).scatter_add_(1, group, torch.ones_like(drawn))
     ids = torch.full_like(drawn, -1).scatter_(1, group, drawn)
-    return {"ids": ids, "counts": counts}
+    kept = ids >= 0
+    below = cdf.gather(1, (ids - 1).clamp_min(0)).masked_fill(ids <= 0, 0)  # the running sum before each id
+    covered = ((cdf.gather(1, ids.clamp_min(0)) - below) * kept).sum(-1)  # each distinct id's own probability
+    return {"ids": ids, "counts": counts, COVERED: covered}
 
 
 def teacher_probabilities(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

@@ -56,8 +56,8 @@ from ..errors import ConfigError
 from ..models import count_parameters, directory_bytes, load_tokenizer
 from ..runtime import ALONE, Ranks, autocast, barrier, process_group, resolve_device, resolve_precision
 from ..tasks import Task
-from ..tasks.causal_lm import continuations, default_prompts, host_rows
-from ..tasks.next_token import probabilities_and_stats, select_distribution, teacher_probabilities
+from ..tasks.causal_lm import COVERED_MASS, continuations, default_prompts, host_rows
+from ..tasks.next_token import COVERED, probabilities_and_stats, select_distribution, teacher_probabilities
 from ..training import Collator, split_rows, to_device, token_budget_batches
 from .train import require_teacher, teacher_task
 
@@ -210,7 +210,7 @@ def fill_cache(cfg: ExperimentConfig, plan: CachePlan, model, *, ranks: Ranks = 
             ids = rows.input_ids
             if not writer.is_committed(task):  # a writer running beside this one may have done it meanwhile
                 captured = forward(rows, tensors=task.split in capture.tensor_splits, split=task.split)
-                rows.columns[teacher_task(cfg).outputs_column] = captured.outputs
+                rows.columns |= captured.columns
                 bg.submit(task, rows, captured.tensors, captured.distribution)
             tokens += sum(map(len, ids))
             elapsed = max(bar.format_dict["elapsed"], 1e-3)
@@ -276,6 +276,8 @@ def finish_cache(cfg: ExperimentConfig, plan: CachePlan, writer: CacheWriter, mo
     tokenizer = load_tokenizer(plan.teacher_path)
     extra = {"teacher": card}
     if teacher_task(cfg).caches_distributions:
+        rows = ShardRows.concat([r for split in cfg.capture.tensor_splits for r in writer.committed_rows(split)])
+        extra["covered_mass"] = float(np.average(rows[COVERED_MASS], weights=rows.lengths))
         prompts = cfg.capture.prompts or default_prompts(plan.splits["test"].texts)
         extra["samples"] = [{"prompt": p, "continuation": c}
                             for p, c in zip(prompts, continuations(model, tokenizer, prompts), strict=True)]  # fmt: skip
@@ -324,7 +326,7 @@ def estimate_capture(cfg: ExperimentConfig, *, sample_rows: int = 256) -> Captur
     rows = every.take(index)
     start = time.perf_counter()
     captured = forward(rows, split="train")
-    rows.columns[task.outputs_column] = captured.outputs
+    rows.columns |= captured.columns
     with tempfile.TemporaryDirectory() as staging:
         build_shard(Path(staging), rows, captured.tensors, {s.name: s for s in specs}, relative_path="estimate",
                     row_start=0, columns=task.columns(model.config.num_labels), distribution=captured.distribution,
@@ -416,6 +418,7 @@ class TeacherForward:
         lengths = rows.lengths
         outputs = [None] * n
         distribution = [None] * n if sparse is not None else None
+        covered = np.zeros(n, np.float32)  # a causal LM's: each row's mean mass of its stored distributions
         out_tensors = {(HIDDEN, k): [None] * n for k in hidden_layers}
         out_tensors |= {(ATTENTION, k): [None] * n for k in attention_layers}
         copies = []  # (rows, host tensors): device-to-host copies that may still be in flight
@@ -463,8 +466,9 @@ class TeacherForward:
             if sparse is not None:
                 selected = {name.removeprefix("distribution/"): t.numpy() for name, t in host.items()
                             if isinstance(name, str) and name.startswith("distribution/")}  # fmt: skip
-                for i, part in zip(index, host_rows(selected, lengths[index], sparse), strict=True):
+                for row, (i, part) in enumerate(zip(index, host_rows(selected, lengths[index], sparse), strict=True)):
                     distribution[i] = part
+                    covered[i] = selected[COVERED][bounds[row] : bounds[row + 1]].mean()
             if hidden_layers:
                 packed = host[HIDDEN].numpy()
                 for j, k in enumerate(hidden_layers):
@@ -474,14 +478,18 @@ class TeacherForward:
                 maps = host[(ATTENTION, k)].numpy()
                 for row, i in enumerate(index):
                     out_tensors[(ATTENTION, k)][i] = maps[row, :, : lengths[i], : lengths[i]]
-        return Captured(outputs if self.task.outputs_per_token else np.stack(outputs), distribution, out_tensors)
+        columns = {self.task.outputs_column: outputs if self.task.outputs_per_token else np.stack(outputs)}
+        if self.sparse is not None:
+            columns[COVERED_MASS] = covered
+        return Captured(columns, distribution, out_tensors)
 
 
 @dataclass(frozen=True)
 class Captured:
     """A window's teacher outputs, per row in row order."""
 
-    outputs: np.ndarray | list[np.ndarray]  # the task's outputs column: (N, C), or N arrays (L_i, C) per token
+    columns: dict[str, np.ndarray | list[np.ndarray]]  # the row columns the teacher fills: the task's outputs
+    # column ((N, C), or N arrays (L_i, C) per token; a causal LM's block sums) and a causal LM's covered mass
     distribution: list[dict[str, np.ndarray]] | None  # a causal LM's per-token distributions (cache_store layout)
     tensors: dict[tuple[str, int], list[np.ndarray]]  # (tensor, layer) -> N arrays
 

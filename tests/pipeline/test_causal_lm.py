@@ -203,6 +203,11 @@ def test_the_cache_holds_what_a_live_teacher_computes_on_the_same_blocks(scheme,
         live = select_distribution(teacher_probabilities(logits), spec, seed=0, split="train", example_ids=torch.full((ids.shape[1],), int(
             data.rows.example_id[i])), positions=torch.arange(ids.shape[1]))  # fmt: skip
         stored = data.example_distribution(i)
+        assert data.rows["covered_mass"][i] == pytest.approx(float(live["covered"].mean()), rel=1e-5)
+        if scheme == "sampled":  # the mass of the distinct ids drawn, from the probabilities themselves
+            p = torch.softmax(logits, -1)
+            direct = [p[t, live["ids"][t][live["ids"][t] >= 0]].sum() for t in range(len(p))]
+            torch.testing.assert_close(live["covered"], torch.stack(direct), rtol=1e-4, atol=1e-5)
         if scheme == "dense":
             np.testing.assert_allclose(stored["logprobs"], live["logprobs"].float().numpy(), atol=2e-2, rtol=1e-3)
         elif scheme == "topk":
@@ -216,6 +221,13 @@ def test_the_cache_holds_what_a_live_teacher_computes_on_the_same_blocks(scheme,
             np.testing.assert_array_equal(stored["entries"], kept.sum(-1).numpy())
             np.testing.assert_array_equal(stored["ids"], live["ids"][kept].numpy())
             np.testing.assert_array_equal(stored["counts"], live["counts"][kept].numpy())
+    covered = cache.manifest.metadata["covered_mass"]
+    assert 0.2 < covered <= 1.0 + 1e-6
+    if scheme == "dense":
+        assert covered == pytest.approx(1.0)
+    elif scheme == "topk":  # one minus the mean stored tail, up to the tail's float16
+        tails = np.concatenate([cache.read_shard(e, distribution=True).distribution["tail"] for e in cache.shards("train")])
+        assert covered == pytest.approx(1 - tails.astype(np.float64).mean(), abs=1e-3)
     stats = np.stack(cache.read_shard(cache.shards("test")[0]).rows["lm_stats"])
     test = open_cache(result.location).manifest.metadata["teacher"]["metrics"]["test"]
     assert test["perplexity"] == pytest.approx(lm_metrics(stats.sum(0))["perplexity"], rel=1e-5)
