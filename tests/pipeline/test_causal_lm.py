@@ -226,7 +226,9 @@ def test_the_cache_holds_what_a_live_teacher_computes_on_the_same_blocks(scheme,
     if scheme == "dense":
         assert covered == pytest.approx(1.0)
     elif scheme == "topk":  # one minus the mean stored tail, up to the tail's float16
-        tails = np.concatenate([cache.read_shard(e, distribution=True).distribution["tail"] for e in cache.shards("train")])
+        tails = np.concatenate(
+            [cache.read_shard(e, distribution=True).distribution["tail"] for e in cache.shards("train")]
+        )
         assert covered == pytest.approx(1 - tails.astype(np.float64).mean(), abs=1e-3)
     stats = np.stack(cache.read_shard(cache.shards("test")[0]).rows["lm_stats"])
     test = open_cache(result.location).manifest.metadata["teacher"]["metrics"]["test"]
