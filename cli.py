@@ -195,7 +195,9 @@ def cache_info(path: str = typer.Argument(..., help="cache directory or URL")) -
         "splits": {n: {"rows": s.rows, "tokens": s.tokens, "shards": len(s.shards), "bytes": s.bytes,
                        "tensors": list(s.tensors)}
                    for n, s in manifest.splits.items()},
-        "tensors": [dataclasses.asdict(t) for t in manifest.tensors], "metadata": manifest.metadata,
+        "tensors": [dataclasses.asdict(t) for t in manifest.tensors],
+        "distribution": dataclasses.asdict(manifest.distribution) if manifest.distribution else None,
+        "metadata": manifest.metadata,
         "attachments": {name: {"files": len(files), "bytes": sum(f.bytes for f in files.values())}
                         for name, files in manifest.attachments.items()},
     }  # fmt: skip

@@ -275,7 +275,9 @@ def test_the_cli_distills_a_language_model_from_a_top_k_cache(lm_config_file, tm
     student = next(m for m in report["models"] if m["name"] == "cut2")
     assert set(student["metrics"]) == {"perplexity", "lm_loss", "accuracy", "ece"} and student["tokens_per_s"] > 0
     info = runner.invoke(app, ["cache", "info", str(tmp_path / "caches" / report["cache_key"])])
-    assert '"task": "causal-lm"' in info.stdout and '"scheme": "topk"' in info.stdout
+    info = json.loads(info.stdout)
+    assert info["task"] == "causal-lm" and info["distribution"]["scheme"] == "topk" and info["distribution"]["k"] == 6
+    assert 0 < info["metadata"]["covered_mass"] <= 1
 
 
 def test_collated_batches_carry_each_tokens_distribution(lm_config_file):
