@@ -144,7 +144,6 @@ def fidelity_and_gradients(caches: dict[str, TeacherCache], cfg, teacher, args, 
             spread_tail = (tail / (spec.vocab_size - spec.k)).unsqueeze(-1).expand_as(logp).clone()
             q = spread_tail.scatter_(1, ids, probs)
             out[f"kl_{key}"] = round(float(divergence(logp, torch.log(q.clamp_min(1e-12)), "kl").mean()), 4)
-            out["covered_mass_topk50"] = round(float(1 - tail.mean()), 4)
         else:
             ids, counts = (batch[f"teacher_distribution/{n}"][real] for n in ("ids", "counts"))
             p_hat = torch.zeros_like(logp).scatter_add_(1, ids, counts.float()) / spec.draws
@@ -246,6 +245,8 @@ def run(work: Path, device, args) -> dict:
     entries = [caches["sampled"].cache.read_shard(e, distribution=True).distribution["entries"]
                for e in caches["sampled"].cache.shards("train")]  # fmt: skip
     figures["sampled50_distinct_ids_per_token"] = round(float(np.concatenate(entries).mean()), 2)
+    for scheme, key in KEYS.items():
+        figures[f"covered_mass_{key}"] = round(caches[scheme].cache.manifest.metadata["covered_mass"], 4)
     figures |= fidelity_and_gradients(caches, cfgs["sampled"], teacher, args, device)
     learned, speed = learning(caches, cfgs["sampled"], teacher, args, device, work)
     figures |= learned
@@ -260,7 +261,7 @@ def print_table(figures: dict) -> None:
     for column in ("figure", "value"):
         table.add_column(column, justify="left" if column == "figure" else "right")
     for name in ("bytes_per_token_topk50", "bytes_per_token_sampled50", "sampled50_distinct_ids_per_token",
-                 "kl_topk50", "kl_sampled50", "covered_mass_topk50", "grad_cos_topk50", "grad_cos_sampled",
+                 "kl_topk50", "kl_sampled50", "covered_mass_topk50", "covered_mass_sampled50", "grad_cos_topk50", "grad_cos_sampled",
                  "lm_loss_ce", "lm_loss_dense_online", "lm_loss_topk50", "lm_loss_sampled50"):  # fmt: skip
         table.add_row(name, str(figures[name]))
     for name in ("capture_vs_bare", "step_vs_ce_sampled", "cached_vs_online"):
