@@ -11,7 +11,7 @@ cut from its layers. It measures:
   full-distribution KD, over the same batch;
 - learning: the held-out LM loss of the same student (same initial weights, batches and steps)
   trained with CE only, with full KD from the live teacher (dense, online), and with KD from
-  the top-50 and the sampled cache (each KD mode: KL + 0.1 CE);
+  the top-50 and the sampled cache (each KD mode: 0.5 KL + 0.5 CE, as the LM demo);
 - speed, in interleaved rounds (rounds.py): capture vs the bare teacher forward passes over the
   same batches (tokens/s), the cached sampled-KD pass vs the CE pass, and cached sampled KD vs
   KD from the live dense teacher (student steps/s).
@@ -71,7 +71,7 @@ def experiment(work: Path, scheme: str, args) -> Path:
                     "logits": {"scheme": scheme, "k": 50, "draws": 50}, "prompts": ["The film"]},
         "distill": {"students": [{"name": "cut", "teacher_layers": list(args.student_layers),
                                   "freeze_embeddings": True}],
-                    "loss": [{"kind": "kl", "weight": 1.0}, {"kind": "ce", "weight": 0.1}],
+                    "loss": [{"kind": "kl", "weight": 0.5}, {"kind": "ce", "weight": 0.5}],
                     "batch_size": args.batch_size, "learning_rate": 1e-3, "run_root": str(work / "runs")},
     }  # fmt: skip
     path = work / f"{scheme}.yaml"
