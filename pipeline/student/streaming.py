@@ -37,7 +37,7 @@ from ..contract import ATTENTION, EXAMPLE_ID, HIDDEN, TEACHER_LOGITS, distributi
 from ..runtime import autocast
 from ..tasks import LABEL, LOGITS, Task
 from ..tasks.causal_lm import host_rows
-from ..tasks.next_token import select_distribution, teacher_probabilities
+from ..tasks.next_token import select_distribution, teacher_probabilities, token_coordinates
 from ..training import Batch, Collator, collate_rows, length_grouped_batches, to_device
 
 
@@ -304,10 +304,9 @@ class LiveTeacher:
         if self.sparse.scheme == "dense":  # on the device: float16 as stored, zero after each row's end
             logprobs = teacher_probabilities(logits, self.sparse.temperature).log().half().float()
             return {distribution_key("logprobs"): logprobs * _padding_zeroed(mask, HIDDEN)}
-        lengths = mask.sum(1).cpu().numpy()
-        real = mask.flatten().nonzero().squeeze(1)
-        where = batch[EXAMPLE_ID].repeat_interleave(mask.sum(1))
-        positions = torch.cat([torch.arange(n, device=self.device) for n in lengths])
+        real, lengths = mask.flatten().nonzero().squeeze(1), mask.sum(1)
+        where, positions = token_coordinates(batch[EXAMPLE_ID], lengths)
+        lengths = lengths.cpu().numpy()
         probs = teacher_probabilities(logits.flatten(0, 1).index_select(0, real), self.sparse.temperature)
         selected = select_distribution(probs, self.sparse, seed=self.seed, split="train", example_ids=where,
                                        positions=positions)  # fmt: skip

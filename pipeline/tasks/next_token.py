@@ -67,6 +67,14 @@ def _sums(nll: torch.Tensor, confidence: torch.Tensor, top: torch.Tensor, target
     return torch.cat([head, per_bin.flatten(1)], dim=1)
 
 
+def token_coordinates(example_ids: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens,) each real token's block (example id) and position in it, rows one after another, from the
+    rows' example ids and lengths (B,): the coordinates ``select_distribution`` seeds its draws with."""
+    where = example_ids.long().repeat_interleave(lengths)
+    starts = (lengths.cumsum(0) - lengths).repeat_interleave(lengths)
+    return where, torch.arange(len(where), device=lengths.device) - starts
+
+
 def select_distribution(probs: torch.Tensor, spec: SparseSpec, *, seed: int, split: str, example_ids: torch.Tensor,
                         positions: torch.Tensor) -> dict[str, torch.Tensor]:  # fmt: skip
     """The distribution ``spec`` stores for each of N token positions, on the probabilities' device.

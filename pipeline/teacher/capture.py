@@ -57,7 +57,13 @@ from ..models import count_parameters, directory_bytes, load_tokenizer
 from ..runtime import ALONE, Ranks, autocast, barrier, process_group, resolve_device, resolve_precision
 from ..tasks import Task
 from ..tasks.causal_lm import COVERED_MASS, continuations, default_prompts, host_rows
-from ..tasks.next_token import COVERED, probabilities_and_stats, select_distribution, teacher_probabilities
+from ..tasks.next_token import (
+    COVERED,
+    probabilities_and_stats,
+    select_distribution,
+    teacher_probabilities,
+    token_coordinates,
+)
 from ..training import Collator, split_rows, to_device, token_budget_batches
 from .train import require_teacher, teacher_task
 
@@ -267,15 +273,14 @@ def finish_cache(cfg: ExperimentConfig, plan: CachePlan, writer: CacheWriter, mo
     (``<cache_root>/.names/<name>.json``, with the experiment's identity). None while shards are missing."""
     if writer.committed_count() < len(writer.tasks):
         return writer.finish()
-    metrics = {}
+    metrics, task = {}, teacher_task(cfg)
     for split in ("validation", "test"):
         rows = ShardRows.concat(writer.committed_rows(split))
-        task = teacher_task(cfg)
         metrics[split] = task.metrics(rows[task.outputs_column], rows, plan.splits[split].label_names)
     card = {**writer.metadata["teacher"], "metrics": metrics}
     tokenizer = load_tokenizer(plan.teacher_path)
     extra = {"teacher": card}
-    if teacher_task(cfg).caches_distributions:
+    if task.caches_distributions:
         rows = ShardRows.concat([r for split in cfg.capture.tensor_splits for r in writer.committed_rows(split)])
         extra["covered_mass"] = float(np.average(rows[COVERED_MASS], weights=rows.lengths))
         prompts = cfg.capture.prompts or default_prompts(plan.splits["test"].texts)
@@ -443,8 +448,8 @@ class TeacherForward:
                 flat = (probs if tempered is None else tempered).flatten(0, 1)  # (B*T, V)
                 if len(real) < len(flat):  # a short block's padding: keep the real positions only
                     flat = flat.index_select(0, real)
-                where = torch.from_numpy(np.repeat(rows.example_id[index], lengths[index])).to(self.device)
-                positions = torch.cat([torch.arange(lengths[i], device=self.device) for i in index])
+                where, positions = token_coordinates(torch.from_numpy(rows.example_id[index]).to(self.device),
+                                                     torch.from_numpy(lengths[index]).to(self.device))  # fmt: skip
                 selected = select_distribution(flat, sparse, seed=capture_seed(capture), split=split,
                                                example_ids=where, positions=positions)  # fmt: skip
                 kept |= {f"distribution/{name}": value for name, value in selected.items()}  # (tokens, ...)
