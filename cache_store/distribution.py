@@ -10,7 +10,9 @@ vocabulary (49,152 tokens for SmolLM2: 98 KB per token in float16). A cache keep
   without bias);
 - ``dense``: every log-probability (small vocabularies and tests).
 
-Distributions are taken at the spec's ``temperature`` (softmax(z / T) of the logits z).
+Distributions are taken at the spec's ``temperature`` (softmax(z / T) of the logits z). A row
+has one per position from the position its ``start_column`` gives (0 without one) to its end:
+a prompt's positions before its answer have none.
 
 Stored layout (arrays of ``tensors.zarr/distribution/``, every token of every row back to back,
 rows in order):
@@ -51,6 +53,8 @@ class SparseSpec:
         temperature: the distributions are of softmax(logits / temperature).
         k: topk: ids kept per token.
         draws: sampled: draws per token, with replacement.
+        start_column: the row column holding each row's first position with a distribution (the
+            positions before it have none); None: every position has one.
     """
 
     scheme: str
@@ -58,6 +62,7 @@ class SparseSpec:
     temperature: float = 1.0
     k: int | None = None
     draws: int | None = None
+    start_column: str | None = None
 
     def __post_init__(self):
         if self.scheme not in SCHEMES:
@@ -74,6 +79,23 @@ class SparseSpec:
         """The arrays a row's distribution holds (and the shard stores)."""
         return {"topk": ("ids", "probs", "tail"), "sampled": ("ids", "counts", "entries"),
                 "dense": ("logprobs",)}[self.scheme]  # fmt: skip
+
+    def starts(self, columns: dict, rows: int) -> np.ndarray:
+        """(N,) each row's first position with a distribution, from the rows' ``columns``."""
+        return np.asarray(columns[self.start_column], np.int64) if self.start_column else np.zeros(rows, np.int64)
+
+    def stored_tokens(self, lengths: np.ndarray, columns: dict) -> np.ndarray:
+        """(N,) how many positions of each row have a distribution, from its length and ``columns``.
+
+        Raises:
+            ValueError: a start outside its row.
+        """
+        lengths = np.asarray(lengths, np.int64)
+        starts = self.starts(columns, len(lengths))
+        if np.any(starts < 0) or np.any(starts >= lengths):
+            row = int(np.flatnonzero((starts < 0) | (starts >= lengths))[0])
+            raise ValueError(f"row {row}: {self.start_column} {starts[row]} outside its {lengths[row]} tokens")
+        return lengths - starts
 
     @property
     def id_dtype(self) -> np.dtype:
@@ -155,9 +177,10 @@ def decode_arrays(stored: dict[str, np.ndarray], spec: SparseSpec) -> dict[str, 
     return {"ids": ids, "counts": stored["counts"].astype(np.int64), "entries": entries}
 
 
-def row_offsets(lengths: np.ndarray, stored: dict[str, np.ndarray], spec: SparseSpec) -> dict[str, np.ndarray]:
-    """(N + 1,) offsets of each row's block in every stored array: tokens, or entries for sampled ids/counts."""
-    tokens = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+def row_offsets(tokens: np.ndarray, stored: dict[str, np.ndarray], spec: SparseSpec) -> dict[str, np.ndarray]:
+    """(N + 1,) offsets of each row's block in every stored array, from the rows' ``stored_tokens``:
+    tokens, or entries for sampled ids/counts."""
+    tokens = np.concatenate([[0], np.cumsum(tokens, dtype=np.int64)])
     offsets = {name: tokens for name in spec.arrays}
     if spec.scheme == "sampled":
         entries = np.concatenate([[0], np.cumsum(stored["entries"].astype(np.int64))])

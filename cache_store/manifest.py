@@ -25,8 +25,8 @@ from .distribution import SparseSpec
 from .errors import CacheFormatError
 
 FORMAT_NAME = "kdcache"
-FORMAT_VERSION = 4  # 2: test split, per-split tensors, attachments, per-shard producer; 3: declared row columns;
-# 4: per-token teacher distributions (top-k, sampled or dense)
+FORMAT_VERSION = 5  # 2: test split, per-split tensors, attachments, per-shard producer; 3: declared row columns;
+# 4: per-token teacher distributions (top-k, sampled or dense); 5: distributions from a row column's position
 MANIFEST_NAME = "manifest.json"
 SHARD_ENTRY_NAME = "shard.json"
 TOKENS = "L"  # the placeholder for an example's token count in a tensor's shape

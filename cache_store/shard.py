@@ -342,7 +342,7 @@ def read_shard(
             name: zarr.open_array(store, path=f"{DISTRIBUTION_DIR}/{name}", mode="r")[...] for name in sparse.arrays
         }
         data.distribution = decode_arrays(stored, sparse)
-        data.distribution_offsets = row_offsets(lengths, stored, sparse)
+        data.distribution_offsets = row_offsets(sparse.stored_tokens(lengths, rows.columns), stored, sparse)
     return data
 
 

@@ -89,6 +89,9 @@ class CacheWriter:
         self.key, self.columns, self.shard_rows = key, tuple(columns), shard_rows
         self.specs = {spec.name: spec for spec in tensors}
         self.distribution = distribution
+        start = distribution.start_column if distribution is not None else None
+        if start is not None and start not in {c.name for c in self.columns}:
+            raise ValueError(f"the distribution's start_column {start!r} is not among the row columns")
         self.tensor_splits = tuple(split_rows) if tensor_splits is None else tuple(tensor_splits)
         self.metadata, self.producer = metadata or {}, dict(producer or {})
         self.damaged: list[str] = []  # committed shards found damaged by pending(), removed to be recomputed
@@ -182,8 +185,10 @@ class CacheWriter:
         if (distribution is not None) != (sparse is not None):
             raise ValueError(f"shard {task.path}: the cache {'stores' if sparse else 'stores no'} teacher distribution "
                              f"there; got {'one' if distribution is not None else 'none'}")  # fmt: skip
-        for i, row in enumerate(distribution or ()):
-            sparse.check_row(row, len(rows.input_ids[i]), f"shard {task.path} row {i}")
+        if sparse is not None:
+            tokens = sparse.stored_tokens(rows.lengths, rows.columns)
+            for i, row in enumerate(distribution):
+                sparse.check_row(row, tokens[i], f"shard {task.path} row {i}")
         staging = self.location.staging_dir(task.path.replace("/", "-"))
         entry = build_shard(staging, rows, tensors, specs, columns=self.columns, relative_path=task.path,
                             row_start=task.row_start, producer=self.producer, distribution=distribution,

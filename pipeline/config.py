@@ -82,6 +82,7 @@ class DatasetSpec:
     text_columns: tuple[str, ...] = ("text",)  # one column, or two for sentence pairs
     label_column: str = "label"
     label_names: tuple[str, ...] | None = None  # class order; rows with other labels are counted and dropped
+    # (a task without labels, causal-lm, keeps the rows of these classes and reads no label)
     format: str | None = None  # csv, tsv, json, jsonl, parquet or hf; None: from the file name
     encoding: str = "utf-8"
     column_names: tuple[str, ...] | None = None  # a headerless CSV/TSV: its columns, in order
@@ -117,6 +118,22 @@ class DatasetSpec:
 
 
 @dataclass(frozen=True)
+class Prompts:
+    """causal-lm, sequence-level KD: each text is a prompt the teacher answers (``capture.generate``).
+
+    ``template`` wraps the text (``{text}`` stands for it); with ``chat_template`` the result is
+    a user message in the tokenizer's chat template, followed by its assistant header. A text
+    longer than the template leaves room for under ``data.max_length`` tokens is cut at its end.
+    """
+
+    template: str = "{text}"
+    chat_template: bool = False
+
+    def __post_init__(self):
+        _check("{text}" in self.template, f"data.prompts.template must contain {{text}}; got {self.template!r}")
+
+
+@dataclass(frozen=True)
 class DataConfig:
     dataset: str  # path of a dataset definition (YAML), e.g. data/rotten_tomatoes.yaml
     test_size: int | float = 0.15  # held-out rows for the final report: a count, or a fraction in (0, 1)
@@ -126,6 +143,7 @@ class DataConfig:
     max_length: int = 128  # tokens per example after truncation
     doc_stride: int = 64  # question answering: tokens by which a long context's windows overlap
     block_length: int = 128  # causal-lm: tokens per block the documents are packed into
+    prompts: Prompts | None = None  # causal-lm: the texts are prompts the teacher answers, not text to pack
 
     def __post_init__(self):
         _check(self.test_size > 0 and self.validation_size > 0, "data.test_size and data.validation_size must be > 0")
@@ -180,6 +198,22 @@ class LogitsCapture:
 
 
 @dataclass(frozen=True)
+class Generation:
+    """How the teacher answers a causal-lm cache's prompts (``data.prompts``), once, at capture."""
+
+    max_new_tokens: int = 48  # an answer ends at the end-of-sequence token or after this many tokens
+    sample: bool = False  # False: greedy; True: sampled at temperature and top_p, seeded
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0  # sampled answers: seeds each batch's draws
+
+    def __post_init__(self):
+        _check(self.max_new_tokens >= 1, f"capture.generate.max_new_tokens must be >= 1; got {self.max_new_tokens!r}")
+        _check(self.temperature > 0 and 0 < self.top_p <= 1,
+               f"capture.generate needs temperature > 0 and top_p in (0, 1]; got {self.temperature!r}, {self.top_p!r}")  # fmt: skip
+
+
+@dataclass(frozen=True)
 class CaptureConfig:
     hidden_layers: tuple[int, ...] = ()  # teacher layers (1..N; 0 = embeddings) whose hidden states are stored
     attention_layers: tuple[int, ...] = ()  # teacher layers (1..N) whose attention maps are stored
@@ -199,6 +233,7 @@ class CaptureConfig:
     )
     prompts: tuple[str, ...] = ()  # causal-lm: texts the teacher (at capture) and each student (in the report)
     # continue greedily, side by side; none: the first words of the first test documents
+    generate: Generation | None = None  # causal-lm with data.prompts: how the teacher answers (None: Generation())
     bundle_teacher: bool | None = None  # store the teacher's checkpoint in the cache; None: when under 1 GB
     cache_root: str = "caches"  # caches live in <cache_root>/<key>/
 
@@ -360,12 +395,25 @@ class ExperimentConfig:
 
     def __post_init__(self):
         _check(self.task is None or self.task in TASKS, f"unknown task {self.task!r}; choose from {sorted(TASKS)}")
-        for name in ("logits", "prompts"):
+        for name in ("logits", "prompts", "generate"):
             _check(
                 not getattr(self.capture, name) or self.task == "causal-lm",
                 f"capture.{name} applies to causal-lm caches; config {self.name!r} is "
                 f"{self.task or 'sequence-classification'}",
             )
+        prompted = self.data is not None and self.data.prompts is not None
+        _check(not prompted or self.task == "causal-lm", f"data.prompts applies to causal-lm; config {self.name!r} is "
+                                                         f"{self.task or 'sequence-classification'}")  # fmt: skip
+        _check(self.capture.generate is None or prompted, "capture.generate needs data.prompts (the prompts to answer)")
+        _check(not (prompted and self.capture.prompts), "capture.prompts continue plain text; with data.prompts the "
+                                                        "report shows the answers to the first test prompts")  # fmt: skip
+
+    @property
+    def generation(self) -> Generation | None:
+        """How the teacher answers the prompts of a sequence-level cache (None: the data is plain text)."""
+        if self.data is None or self.data.prompts is None:
+            return None
+        return self.capture.generate or Generation()
 
     def require(self, *sections: str, stage: str) -> None:
         """Refuse a config that lacks a section ``stage`` needs."""

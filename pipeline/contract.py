@@ -141,7 +141,8 @@ class CacheMetadata:
     data_report: dict[str, dict[str, int]]  # split (or "data set": before splitting) -> rows dropped, by reason
     capture: dict  # the capture settings that decide its content (capture_identity)
     task: str  # the task the teacher was captured for: what it emits per example (pipeline.tasks)
-    samples: tuple[dict, ...] = ()  # a causal LM's greedy continuations: {"prompt", "continuation"} each
+    samples: tuple[dict, ...] = ()  # a causal LM's prompts and the teacher's continuations or answers, each
+    # {"prompt", "prompt_ids", "new_tokens", "continuation"} (pipeline.tasks.causal_lm.lm_samples)
     covered_mass: float | None = None  # a causal LM's: the mean probability mass its stored distributions cover
 
     def to_json(self) -> dict:

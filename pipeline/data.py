@@ -32,6 +32,7 @@ from .config import (
 from .contract import SPLITS
 from .errors import DataError
 from .tasks import SEQUENCE_CLASSIFICATION, Problem, Task
+from .tasks.sequence_classification import UNKNOWN_LABEL
 
 WHOLE = "data set"  # the source name of a data set given as one file (split at random)
 EMPTY_TEXT, IN_TEST = "empty text", "text also in test"
@@ -279,17 +280,20 @@ def to_text_data(tables: dict[str, datasets.Dataset], spec: DatasetSpec, *,
     for source, table in tables.items():
         labeled = source != "unlabeled" or not task.reads_labels  # a causal LM learns every row's own text
         reads = labeled and task.reads_labels
-        wanted = [*spec.text_columns, *([spec.label_column] if reads else [])]
+        keeps = not task.reads_labels and spec.label_names is not None  # only the rows of these classes
+        wanted = [*spec.text_columns, *([spec.label_column] if reads or keeps else [])]
         missing = [c for c in wanted if c not in table.column_names]
         if missing:
             raise DataError(f"{source} of {spec.source}: no column(s) {missing}; it has {table.column_names}")
         columns = [table[c] for c in spec.text_columns]
-        raw = _label_values(table, spec.label_column) if reads else [None] * len(table)
+        raw = _label_values(table, spec.label_column) if reads or keeps else [None] * len(table)
         reasons: dict[str, int] = {}
         kept = []  # (row, texts, label)
         for i in range(len(table)):
             texts = task.row_texts([col[i] for col in columns])
             label = task.read_label(raw[i], index, texts) if reads and texts is not None else None
+            if keeps and texts is not None and raw[i] not in index:
+                label = UNKNOWN_LABEL
             problem = EMPTY_TEXT if texts is None else label if isinstance(label, Problem) else None
             if problem:
                 reasons[problem] = reasons.get(problem, 0) + 1
@@ -302,7 +306,7 @@ def to_text_data(tables: dict[str, datasets.Dataset], spec: DatasetSpec, *,
         if reads and all(isinstance(v, int) for v in labels):
             labels = labels.astype(np.int64)
         out[source] = TextData(np.arange(next_id, next_id + len(kept), dtype=np.int64), [t for t, _ in kept],
-                               labels, np.full(len(kept), labeled), tuple(names))  # fmt: skip
+                               labels, np.full(len(kept), labeled), tuple(names) if task.reads_labels else ())  # fmt: skip
         next_id += len(kept)
     return out, dropped
 

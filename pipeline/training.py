@@ -122,18 +122,21 @@ def collate_rows(collate: Collator, rows: ShardRows, index: np.ndarray, fills: d
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, ids: list[np.ndarray], *, task: Task, collate: Collator, batch_size: int = 32) -> Outputs:
+def predict(model: nn.Module, rows: ShardRows, *, task: Task, collate: Collator, batch_size: int = 32) -> Outputs:
     """What the task's metrics read of each row (``Task.batch_outputs``: logits (N, C), per token N arrays
-    (L_i, C), or a causal LM's per-block sums), in input order; batches are formed from length-sorted rows."""
+    (L_i, C), or a causal LM's per-block sums), in row order; batches are formed from length-sorted rows."""
     model.eval()
     device = next(model.parameters()).device
-    order = np.argsort([len(x) for x in ids], kind="stable")
+    ids = rows.input_ids
+    order = np.argsort(rows.lengths, kind="stable")
     out = [None] * len(ids)
     for start in range(0, len(order), batch_size):
         index = order[start : start + batch_size]
-        batch = to_device(collate([ids[i] for i in index]), device)
+        batch = to_device(collate_rows(collate, rows, index, task.batch_columns), device)
         real = batch["attention_mask"].flatten().nonzero().squeeze(1)
-        values = task.batch_outputs(task.outputs(model(**batch)), batch, real).cpu().numpy()
+        values = (
+            task.batch_outputs(task.outputs(model(**{k: batch[k] for k in collate.inputs})), batch, real).cpu().numpy()
+        )
         for i, value in zip(index, split_rows(values, [len(ids[i]) for i in index], task.outputs_per_token),
                             strict=True):  # fmt: skip
             out[i] = value
@@ -162,7 +165,7 @@ def evaluate(model: nn.Module, rows: ShardRows, *, task: Task, label_names: tupl
     """The task's metrics of the model over ``rows`` and its inference throughput (rows/s and tokens/s
     at ``batch_size``)."""
     start = time.perf_counter()
-    outputs = predict(model, rows.input_ids, task=task, collate=collate, batch_size=batch_size)
+    outputs = predict(model, rows, task=task, collate=collate, batch_size=batch_size)
     elapsed = time.perf_counter() - start
     return Evaluation(task.metrics(outputs, rows, label_names), len(rows) / elapsed, rows.lengths.sum() / elapsed)
 

@@ -68,7 +68,7 @@ def build_tiny_teacher(directory: Path, *, layers: int = 4, hidden: int = 32, se
 
 def build_tiny_lm(directory: Path, *, layers: int = 4, seed: int = 0) -> Path:
     """A random tiny Llama causal LM (grouped-query attention, tied embeddings) and a word-level
-    tokenizer with an end-of-sequence token, saved like a real checkpoint."""
+    tokenizer with an end-of-sequence token and a chat template, saved like a real checkpoint."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -78,6 +78,10 @@ def build_tiny_lm(directory: Path, *, layers: int = 4, seed: int = 0) -> Path:
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend, eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+    tokenizer.chat_template = (  # in the vocabulary's words: a user turn, then the assistant's header
+        "{% for m in messages %}the story {{ m['content'] }} so {% endfor %}"
+        "{% if add_generation_prompt %}the film is{% endif %}"
     )
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(words), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,

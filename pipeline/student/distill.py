@@ -118,12 +118,11 @@ def _distill(cfg: ExperimentConfig, ranks: Ranks, location, *, online: bool, res
         say(f"distill: students train {epochs[True]} epochs ({epochs[True] * batches[True]} steps), baselines "
             f"{epochs[False]} ({epochs[False] * batches[False]} steps: at least as many as their students)")  # fmt: skip
 
-    prompts = tuple(sample["prompt"] for sample in cache.meta.samples)
-
     def evaluated(model, name, role, seed, directory, history, baseline=None) -> ModelResult:
         result = evaluate(model.to(device), test, task=task, label_names=cache.label_names,
                           collate=Collator.for_model(cache.tokenizer, model.config))  # fmt: skip
-        written = continuations(model, cache.tokenizer, prompts) if prompts else None
+        samples = cache.meta.samples
+        written = continuations(model, cache.tokenizer, samples) if samples else None
         say(f"{name} ({role}, seed {seed}): test {task.primary_metric} {result.metrics[task.primary_metric]:.4f}")
         best = max(history, key=lambda h: task.score(h.validation)) if history else None
         return ModelResult(name=name, role=role, seed=seed, metrics=result.metrics,
@@ -282,7 +281,7 @@ def train_pass(cfg: ExperimentConfig, teacher: TeacherCache, source, run_dir: Pa
             trainable=[objective],
             step_loss=lambda batch, step: step_loss(batch, progress=step / max(total - 1, 1)),
             validate=lambda: task.metrics(
-                predict(student, validation.input_ids, task=task, collate=collate), validation, teacher.label_names
+                predict(student, validation, task=task, collate=collate), validation, teacher.label_names
             ),  # fmt: skip
             lr=cfg.distill.learning_rate,
             weight_decay=cfg.distill.weight_decay,

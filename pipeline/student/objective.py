@@ -11,6 +11,7 @@ from ..config import DEFAULT_TEMPERATURE, LossTerm, StudentConfig
 from ..contract import ATTENTION, HIDDEN, TEACHER_LOGITS, distribution_key, tensor_key
 from ..errors import ConfigError
 from ..tasks import Task
+from ..tasks.next_token import scored
 from .losses import (
     ATTENTION_TERMS,
     DIVERGENCES,
@@ -151,10 +152,11 @@ class Objective(nn.Module):
 def distribution_divergence(logits: torch.Tensor, batch: dict[str, torch.Tensor], spec: SparseSpec, *, kind: str = "kl",
                             renormalize: bool = False) -> torch.Tensor:  # fmt: skip
     """A divergence between a causal LM cache's distributions in ``batch`` and the student's next-token
-    distributions (``logits`` (B, T, V)) over every real position, at the cache's temperature."""
-    real = batch["attention_mask"].bool()  # (B, T)
-    student = logits[real]  # (N, V)
-    teacher = {name: batch[distribution_key(name)][real] for name in spec.arrays if name != "entries"}
+    distributions (``logits`` (B, T, V)) over every position the cache stores one for, at the cache's
+    temperature: every real position, or those from each row's ``spec.start_column`` (a prompt's answer)."""
+    keep = scored(batch["attention_mask"], batch[spec.start_column] if spec.start_column else None)  # (B, T)
+    student = logits[keep]  # (N, V)
+    teacher = {name: batch[distribution_key(name)][keep] for name in spec.arrays if name != "entries"}
     if spec.scheme == "topk":
         return topk_divergence(student, teacher["ids"], teacher["probs"], teacher["tail"], temperature=spec.temperature,
                                kind=kind, renormalize=renormalize)  # fmt: skip

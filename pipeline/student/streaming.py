@@ -37,7 +37,7 @@ from ..contract import ATTENTION, EXAMPLE_ID, HIDDEN, TEACHER_LOGITS, distributi
 from ..runtime import autocast
 from ..tasks import LABEL, LOGITS, Task
 from ..tasks.causal_lm import host_rows
-from ..tasks.next_token import select_distribution, teacher_probabilities, token_coordinates
+from ..tasks.next_token import scored, select_distribution, teacher_probabilities, token_coordinates
 from ..training import Batch, Collator, collate_rows, length_grouped_batches, to_device
 
 
@@ -204,7 +204,8 @@ class StudentStream(IterableDataset):
             batch[TEACHER_LOGITS] = batch.pop(LOGITS)
         if data.distribution is not None:
             per_row = [data.example_distribution(i) for i in rows]
-            batch |= pad_distributions(per_row, batch["input_ids"].shape[1], self.distribution)
+            starts = self.distribution.starts(data.rows.columns, len(data.rows))[rows]
+            batch |= pad_distributions(per_row, batch["input_ids"].shape[1], self.distribution, starts)
         for name, layer in self.wanted:
             arrays = [data.example_tensor(name, layer, i) for i in rows]
             batch[tensor_key(name, layer)] = _pad_tensors(arrays, batch["input_ids"].shape[1], name)
@@ -216,17 +217,20 @@ class StudentStream(IterableDataset):
                           prefetch_factor=2 if workers else None, persistent_workers=False)  # fmt: skip
 
 
-def pad_distributions(rows: list[PerToken], longest: int, spec: SparseSpec) -> dict[str, torch.Tensor]:
-    """Rows' per-token distributions as batch tensors (zero after each row's end), by ``distribution_key``:
-    topk ids (B, T, k), probs (B, T, k), tail (B, T); sampled ids and counts (B, T, M) with M the most
-    distinct ids of any position (counts 0 after a position's own); dense logprobs (B, T, V)."""
+def pad_distributions(
+    rows: list[PerToken], longest: int, spec: SparseSpec, starts: np.ndarray
+) -> dict[str, torch.Tensor]:
+    """Rows' per-token distributions as batch tensors, each row's from its position in ``starts`` (B,)
+    (zero before it and after the row's end), by ``distribution_key``: topk ids (B, T, k), probs (B, T, k),
+    tail (B, T); sampled ids and counts (B, T, M) with M the most distinct ids of any position (counts 0
+    after a position's own); dense logprobs (B, T, V)."""
     batch = len(rows)
     if spec.scheme == "sampled":
         widest = max(int(r["entries"].max()) for r in rows)
         ids = np.zeros((batch, longest, widest), np.int64)
         counts = np.zeros((batch, longest, widest), np.int64)
         for b, row in enumerate(rows):
-            token = np.repeat(np.arange(len(row["entries"])), row["entries"])
+            token = starts[b] + np.repeat(np.arange(len(row["entries"])), row["entries"])
             slot = np.arange(len(token)) - np.repeat(np.cumsum(row["entries"]) - row["entries"], row["entries"])
             ids[b, token, slot], counts[b, token, slot] = row["ids"], row["counts"]
         out = {"ids": ids, "counts": counts}
@@ -236,7 +240,7 @@ def pad_distributions(rows: list[PerToken], longest: int, spec: SparseSpec) -> d
             first = rows[0][name]
             padded = np.zeros((batch, longest, *first.shape[1:]), dtype=np.int64 if name == "ids" else np.float32)
             for b, row in enumerate(rows):
-                padded[b, : len(row[name])] = row[name]
+                padded[b, starts[b] : starts[b] + len(row[name])] = row[name]
             out[name] = padded
     return {distribution_key(name): torch.from_numpy(value) for name, value in out.items()}
 
@@ -300,23 +304,24 @@ class LiveTeacher:
 
     def _distributions(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The batch's distributions as the cache holds them: selected as at capture, stored and read back."""
-        mask = batch["attention_mask"]
-        if self.sparse.scheme == "dense":  # on the device: float16 as stored, zero after each row's end
-            logprobs = teacher_probabilities(logits, self.sparse.temperature).log().half().float()
-            return {distribution_key("logprobs"): logprobs * _padding_zeroed(mask, HIDDEN)}
-        real, lengths = mask.flatten().nonzero().squeeze(1), mask.sum(1)
-        where, positions = token_coordinates(batch[EXAMPLE_ID], lengths)
-        lengths = lengths.cpu().numpy()
-        probs = teacher_probabilities(logits.flatten(0, 1).index_select(0, real), self.sparse.temperature)
-        selected = select_distribution(probs, self.sparse, seed=self.seed, split="train", example_ids=where,
+        mask, spec = batch["attention_mask"], self.sparse
+        start = batch[spec.start_column] if spec.start_column else None
+        if spec.scheme == "dense":  # on the device: float16 as stored, zero where the cache holds none
+            logprobs = teacher_probabilities(logits, spec.temperature).log().half().float()
+            return {distribution_key("logprobs"): logprobs * scored(mask, start).unsqueeze(-1)}
+        flat, where, positions = token_coordinates(batch[EXAMPLE_ID], mask, start)
+        tokens = scored(mask, start).sum(1).cpu().numpy()
+        probs = teacher_probabilities(logits.flatten(0, 1).index_select(0, flat), spec.temperature)
+        selected = select_distribution(probs, spec, seed=self.seed, split="train", example_ids=where,
                                        positions=positions)  # fmt: skip
-        rows = host_rows({k: v.cpu().numpy() for k, v in selected.items()}, lengths, self.sparse)
-        stored = encode_rows(rows, self.sparse)
-        read, offsets = decode_arrays(stored, self.sparse), row_offsets(lengths, stored, self.sparse)
+        rows = host_rows({k: v.cpu().numpy() for k, v in selected.items()}, tokens, spec)
+        stored = encode_rows(rows, spec)
+        read, offsets = decode_arrays(stored, spec), row_offsets(tokens, stored, spec)
         back = [
             {name: a[offsets[name][i] : offsets[name][i + 1]] for name, a in read.items()} for i in range(len(rows))
         ]
-        return pad_distributions(back, mask.shape[1], self.sparse)
+        starts = np.zeros(len(rows), np.int64) if start is None else start.cpu().numpy()
+        return pad_distributions(back, mask.shape[1], spec, starts)
 
     def _as_stored(self, value: torch.Tensor, spec) -> torch.Tensor:
         """``value`` as the cache returns it: encoded to the stored dtype and decoded again."""

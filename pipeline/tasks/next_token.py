@@ -15,18 +15,28 @@ SPLIT_SALT = {"train": 1, "validation": 2, "test": 3}  # mixed into the sampling
 COVERED = "covered"  # select_distribution's per-position mass of the ids kept
 
 
-def next_tokens(input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(B, T) each position's next token in its block; -100 at a block's last real position and padding."""
+def scored(mask: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, T) bool: the real positions at or after each row's ``start`` (B,) (every real one without)."""
+    real = mask.bool()
+    if start is None:
+        return real
+    return real & (torch.arange(mask.shape[1], device=mask.device) >= start.unsqueeze(1))
+
+
+def next_tokens(input_ids: torch.Tensor, mask: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, T) each position's next token in its block; -100 at a block's last real position, at padding,
+    and before each row's ``start`` (B,) (a prompt's positions before its answer)."""
     targets = torch.full_like(input_ids, -100)
     targets[:, :-1] = input_ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-    return targets
+    return targets if start is None else targets.masked_fill_(~scored(mask, start), -100)
 
 
 @torch.no_grad()
-def block_stats(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def block_stats(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor,
+                start: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """(B, STATS_FIELDS) float64 per block: NLL sum, predictions, correct, and per confidence bin
-    (count, confidence sum, correct), over the positions whose next token is in the block."""
-    targets = next_tokens(input_ids, mask)
+    (count, confidence sum, correct), over the positions from ``start`` whose next token is in the block."""
+    targets = next_tokens(input_ids, mask, start)
     lse = torch.logsumexp(logits.float(), dim=-1)  # (B, T)
     top_logit, top = logits.max(-1)
     target_logit = logits.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
@@ -34,12 +44,12 @@ def block_stats(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tenso
 
 
 @torch.no_grad()
-def probabilities_and_stats(logits: torch.Tensor, input_ids: torch.Tensor,
-                            mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def probabilities_and_stats(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor,
+                            start: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """In place, ``logits`` (B, T, V) float32 become the next-token probabilities; returned with the
     blocks' sums (``block_stats``). Four passes over the vocabulary and no new (B, T, V) array: on a
     CPU each pass costs about 1% of the teacher's forward pass."""
-    targets = next_tokens(input_ids, mask)
+    targets = next_tokens(input_ids, mask, start)
     target_logit = logits.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)  # (B, T)
     top_logit, top = logits.max(-1)
     probs = logits.sub_(top_logit.unsqueeze(-1)).exp_()
@@ -67,12 +77,15 @@ def _sums(nll: torch.Tensor, confidence: torch.Tensor, top: torch.Tensor, target
     return torch.cat([head, per_bin.flatten(1)], dim=1)
 
 
-def token_coordinates(example_ids: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(tokens,) each real token's block (example id) and position in it, rows one after another, from the
-    rows' example ids and lengths (B,): the coordinates ``select_distribution`` seeds its draws with."""
-    where = example_ids.long().repeat_interleave(lengths)
-    starts = (lengths.cumsum(0) - lengths).repeat_interleave(lengths)
-    return where, torch.arange(len(where), device=lengths.device) - starts
+def token_coordinates(example_ids: torch.Tensor, mask: torch.Tensor,
+                      start: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The positions whose distributions a cache stores (``scored``), rows one after another: their flat
+    indices into the batch's B * T positions, and each one's block (example id) and place in it: the
+    coordinates ``select_distribution`` seeds its draws with. From the rows' example ids (B,), the
+    attention mask (B, T) and each row's first stored position ``start`` (B,; None: 0)."""
+    keep = scored(mask, start)
+    flat = keep.flatten().nonzero().squeeze(1)
+    return flat, example_ids.long().repeat_interleave(keep.sum(1)), flat % mask.shape[1]
 
 
 def select_distribution(probs: torch.Tensor, spec: SparseSpec, *, seed: int, split: str, example_ids: torch.Tensor,

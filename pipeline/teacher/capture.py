@@ -35,7 +35,7 @@ from cache_store import (
 from cache_store.distribution import DISTRIBUTION_DIR, SparseSpec
 from cache_store.shard import build_shard
 
-from ..config import CaptureConfig, ExperimentConfig, LogitsCapture
+from ..config import CaptureConfig, ExperimentConfig, Generation, LogitsCapture
 from ..contract import (
     ATTENTION,
     HIDDEN,
@@ -56,9 +56,17 @@ from ..errors import ConfigError
 from ..models import count_parameters, directory_bytes, load_tokenizer
 from ..runtime import ALONE, Ranks, autocast, barrier, process_group, resolve_device, resolve_precision
 from ..tasks import Task
-from ..tasks.causal_lm import COVERED_MASS, continuations, default_prompts, host_rows
+from ..tasks.causal_lm import (
+    COVERED_MASS,
+    TARGET_START,
+    generate,
+    host_rows,
+    lm_samples,
+    stop_ids,
+)
 from ..tasks.next_token import (
     COVERED,
+    SPLIT_SALT,
     probabilities_and_stats,
     select_distribution,
     teacher_probabilities,
@@ -196,8 +204,7 @@ def fill_cache(cfg: ExperimentConfig, plan: CachePlan, model, *, ranks: Ranks = 
     done = writer.committed_count()
     if done:
         say(f"resuming cache {plan.key}: {done} of {len(writer.tasks)} shards already committed")
-    forward = TeacherForward(model, teacher_task(cfg), Collator.for_model(load_tokenizer(plan.teacher_path), model.config),
-                             capture, device=device, precision=precision, sparse=sparse)  # fmt: skip
+    forward = teacher_forward(cfg, plan, model, precision=precision, sparse=sparse)
     written = 0  # bytes committed, counted on the writer's thread
 
     def count(entry) -> None:  # None: another writer committed that shard
@@ -213,11 +220,11 @@ def fill_cache(cfg: ExperimentConfig, plan: CachePlan, model, *, ranks: Ranks = 
         tokens = 0
         for task in todo:
             rows = plan.rows[task.split].take(np.arange(task.row_start, task.row_end))
-            ids = rows.input_ids
             if not writer.is_committed(task):  # a writer running beside this one may have done it meanwhile
                 captured = forward(rows, tensors=task.split in capture.tensor_splits, split=task.split)
-                rows.columns |= captured.columns
+                rows = captured.rows
                 bg.submit(task, rows, captured.tensors, captured.distribution)
+            ids = rows.input_ids
             tokens += sum(map(len, ids))
             elapsed = max(bar.format_dict["elapsed"], 1e-3)
             bar.update(len(ids))
@@ -282,10 +289,11 @@ def finish_cache(cfg: ExperimentConfig, plan: CachePlan, writer: CacheWriter, mo
     extra = {"teacher": card}
     if task.caches_distributions:
         rows = ShardRows.concat([r for split in cfg.capture.tensor_splits for r in writer.committed_rows(split)])
-        extra["covered_mass"] = float(np.average(rows[COVERED_MASS], weights=rows.lengths))
-        prompts = cfg.capture.prompts or default_prompts(plan.splits["test"].texts)
-        extra["samples"] = [{"prompt": p, "continuation": c}
-                            for p, c in zip(prompts, continuations(model, tokenizer, prompts), strict=True)]  # fmt: skip
+        tokens = writer.distribution.stored_tokens(rows.lengths, rows.columns)
+        extra["covered_mass"] = float(np.average(rows[COVERED_MASS], weights=tokens))
+        extra["samples"] = lm_samples(model, tokenizer, ShardRows.concat(writer.committed_rows("test")),
+                                      plan.splits["test"].texts, prompts=cfg.capture.prompts,
+                                      generation=cfg.generation)  # fmt: skip
     with tempfile.TemporaryDirectory() as folder:
         tokenizer.save_pretrained(folder)
         attachments = {TOKENIZER: Path(folder)} | ({TEACHER: plan.teacher_path} if card["bundled"] else {})
@@ -320,9 +328,8 @@ def estimate_capture(cfg: ExperimentConfig, *, sample_rows: int = 256) -> Captur
     model = load_teacher(cfg, plan, device)
     task = teacher_task(cfg)
     sparse = sparse_spec(cfg, model.config)
-    forward = TeacherForward(model, task, Collator.for_model(load_tokenizer(plan.teacher_path), model.config),
-                             cfg.capture, device=device, precision=resolve_precision(cfg.capture.precision, device),
-                             sparse=sparse)  # fmt: skip
+    forward = teacher_forward(cfg, plan, model, precision=resolve_precision(cfg.capture.precision, device),
+                              sparse=sparse)  # fmt: skip
     specs = tensor_specs(cfg, model.config)
     every = ShardRows.concat([plan.rows[name] for name in SPLITS])
     lengths = every.lengths
@@ -331,7 +338,7 @@ def estimate_capture(cfg: ExperimentConfig, *, sample_rows: int = 256) -> Captur
     rows = every.take(index)
     start = time.perf_counter()
     captured = forward(rows, split="train")
-    rows.columns |= captured.columns
+    rows = captured.rows
     with tempfile.TemporaryDirectory() as staging:
         build_shard(Path(staging), rows, captured.tensors, {s.name: s for s in specs}, relative_path="estimate",
                     row_start=0, columns=task.columns(model.config.num_labels), distribution=captured.distribution,
@@ -357,7 +364,7 @@ def sparse_spec(cfg: ExperimentConfig, model_config) -> SparseSpec | None:
     logits = cfg.capture.logits or LogitsCapture()
     return SparseSpec(logits.scheme, vocab_size=model_config.vocab_size, temperature=logits.temperature,
                       k=logits.k if logits.scheme == "topk" else None,
-                      draws=logits.draws if logits.scheme == "sampled" else None)  # fmt: skip
+                      draws=logits.draws if logits.scheme == "sampled" else None, start_column=TARGET_START)  # fmt: skip
 
 
 def tensor_specs(cfg: ExperimentConfig, model_config) -> list[TensorSpec]:
@@ -393,6 +400,16 @@ def tensor_specs(cfg: ExperimentConfig, model_config) -> list[TensorSpec]:
     return specs
 
 
+def teacher_forward(cfg: ExperimentConfig, plan: CachePlan, model, *, precision: torch.dtype,
+                    sparse: SparseSpec | None) -> TeacherForward:  # fmt: skip
+    """The plan's teacher computing what its cache stores, answering prompts first for a sequence-level cache."""
+    tokenizer = load_tokenizer(plan.teacher_path)
+    return TeacherForward(model, teacher_task(cfg), Collator.for_model(tokenizer, model.config), cfg.capture,
+                          device=next(model.parameters()).device, precision=precision, sparse=sparse,
+                          generation=cfg.generation,
+                          stops=stop_ids(model, tokenizer) if cfg.generation else ())  # fmt: skip
+
+
 class TeacherForward:
     """The teacher's outputs for a window of rows (a shard), unpadded and in row order.
 
@@ -401,26 +418,53 @@ class TeacherForward:
     the window's rows and the two limits: never on which process or rank computes it.
     Outputs are reduced on the device before they are copied back: padding dropped,
     only the configured layers and heads kept, hidden states cast to their storage dtype,
-    a causal LM's distributions selected (top-k, sampled or dense: ``sparse``).
+    a causal LM's distributions selected (top-k, sampled or dense: ``sparse``) from each row's
+    first scored position. With ``generation`` the rows are prompts: the teacher answers each
+    first (``answer``), and the outputs are those of prompt + answer.
     """
 
     def __init__(self, model, task: Task, collate: Collator, capture: CaptureConfig, *, device: torch.device,
-                 precision: torch.dtype, sparse: SparseSpec | None = None):  # fmt: skip
+                 precision: torch.dtype, sparse: SparseSpec | None = None, generation: Generation | None = None,
+                 stops: list[int] = ()):  # fmt: skip
         self.model, self.task, self.collate, self.capture = model, task, collate, capture
         self.device, self.precision, self.sparse = device, precision, sparse
+        self.generation, self.stops = generation, list(stops)
         self.hidden_dtype = torch.float16 if capture.hidden_dtype == "float16" else torch.float32
         self.attention_dtype = torch.float16 if capture.attention_dtype == "float16" else torch.float32
         self.heads = list(capture.attention_heads) if capture.attention_heads is not None else None
 
     @torch.inference_mode()
+    def answer(self, rows: ShardRows, split: str) -> ShardRows:
+        """``rows`` of prompts, each followed by the teacher's answer. Prompts are batched as the forward
+        pass batches rows (``token_budget_batches``, counting each answer's tokens), and a sampled
+        batch is seeded by the generation seed, the split and its first row's example id: the answers
+        depend on the rows, the limits and the seed only."""
+        gen, prompts = self.generation, rows.input_ids
+        answered = [None] * len(rows)
+        for index in token_budget_batches(rows.lengths + gen.max_new_tokens, max_rows=self.capture.batch_size,
+                                          max_tokens=self.capture.batch_tokens):  # fmt: skip
+            seed = (gen.seed * 1_000_003 + SPLIT_SALT[split]) * 1_000_003 + int(rows.example_id[index[0]])
+            with autocast(self.device, self.precision):
+                answers = generate(self.model, [prompts[i] for i in index], pad_id=self.collate.pad_id,
+                                   stops=self.stops, max_new_tokens=gen.max_new_tokens, sample=gen.sample,
+                                   temperature=gen.temperature, top_p=gen.top_p, seed=seed % 2**63)  # fmt: skip
+            for i, answer in zip(index, answers, strict=True):
+                answered[i] = np.concatenate([prompts[i], answer]).astype(prompts[i].dtype)
+        return ShardRows(rows.example_id, answered, dict(rows.columns))
+
+    @torch.inference_mode()
     def __call__(self, rows: ShardRows, *, tensors: bool = True, split: str = "train") -> Captured:
         """The teacher's outputs for ``rows`` (tensors and distributions only with ``tensors``: a split that
         stores rows only gets none)."""
+        if self.generation is not None:
+            rows = self.answer(rows, split)
         capture, n, ids = self.capture, len(rows), rows.input_ids
         hidden_layers = capture.hidden_layers if tensors else ()
         attention_layers = capture.attention_layers if tensors else ()
         sparse = self.sparse if tensors else None
         lengths = rows.lengths
+        starts = self.sparse.starts(rows.columns, n) if self.sparse is not None else None
+        stored = lengths - starts if starts is not None else None  # a causal LM's positions with a distribution
         outputs = [None] * n
         distribution = [None] * n if sparse is not None else None
         covered = np.zeros(n, np.float32)  # a causal LM's: each row's mean mass of its stored distributions
@@ -442,14 +486,15 @@ class TeacherForward:
             else:  # a causal LM: its block sums, and the distributions from the same probabilities
                 temperature = self.sparse.temperature
                 tempered = None if temperature == 1 else teacher_probabilities(logits, temperature)
-                probs, stats = probabilities_and_stats(logits, batch["input_ids"], batch["attention_mask"])
+                start = torch.from_numpy(starts[index]).to(self.device)
+                probs, stats = probabilities_and_stats(logits, batch["input_ids"], batch["attention_mask"], start)
                 kept = {"outputs": stats.float()}
             if sparse is not None:
                 flat = (probs if tempered is None else tempered).flatten(0, 1)  # (B*T, V)
-                if len(real) < len(flat):  # a short block's padding: keep the real positions only
-                    flat = flat.index_select(0, real)
-                where, positions = token_coordinates(torch.from_numpy(rows.example_id[index]).to(self.device),
-                                                     torch.from_numpy(lengths[index]).to(self.device))  # fmt: skip
+                keep, where, positions = token_coordinates(torch.from_numpy(rows.example_id[index]).to(self.device),
+                                                           batch["attention_mask"], start)  # fmt: skip
+                if len(keep) < len(flat):  # padding, a prompt: keep the positions the cache stores
+                    flat = flat.index_select(0, keep)
                 selected = select_distribution(flat, sparse, seed=capture_seed(capture), split=split,
                                                example_ids=where, positions=positions)  # fmt: skip
                 kept |= {f"distribution/{name}": value for name, value in selected.items()}  # (tokens, ...)
@@ -471,9 +516,10 @@ class TeacherForward:
             if sparse is not None:
                 selected = {name.removeprefix("distribution/"): t.numpy() for name, t in host.items()
                             if isinstance(name, str) and name.startswith("distribution/")}  # fmt: skip
-                for row, (i, part) in enumerate(zip(index, host_rows(selected, lengths[index], sparse), strict=True)):
+                first = np.concatenate([[0], np.cumsum(stored[index])])
+                for row, (i, part) in enumerate(zip(index, host_rows(selected, stored[index], sparse), strict=True)):
                     distribution[i] = part
-                    covered[i] = selected[COVERED][bounds[row] : bounds[row + 1]].mean()
+                    covered[i] = selected[COVERED][first[row] : first[row + 1]].mean()
             if hidden_layers:
                 packed = host[HIDDEN].numpy()
                 for j, k in enumerate(hidden_layers):
@@ -486,15 +532,16 @@ class TeacherForward:
         columns = {self.task.outputs_column: outputs if self.task.outputs_per_token else np.stack(outputs)}
         if self.sparse is not None:
             columns[COVERED_MASS] = covered
-        return Captured(columns, distribution, out_tensors)
+        return Captured(ShardRows(rows.example_id, ids, rows.columns | columns), distribution, out_tensors)
 
 
 @dataclass(frozen=True)
 class Captured:
     """A window's teacher outputs, per row in row order."""
 
-    columns: dict[str, np.ndarray | list[np.ndarray]]  # the row columns the teacher fills: the task's outputs
-    # column ((N, C), or N arrays (L_i, C) per token; a causal LM's block sums) and a causal LM's covered mass
+    rows: ShardRows  # the rows (a prompt followed by the teacher's answer) with the columns the teacher fills:
+    # the task's outputs column ((N, C), or N arrays (L_i, C) per token; a causal LM's block sums) and a causal
+    # LM's covered mass
     distribution: list[dict[str, np.ndarray]] | None  # a causal LM's per-token distributions (cache_store layout)
     tensors: dict[tuple[str, int], list[np.ndarray]]  # (tensor, layer) -> N arrays
 

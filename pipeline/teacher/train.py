@@ -154,7 +154,7 @@ def run_teacher_train(cfg: ExperimentConfig) -> TeacherResult:
         trainable=[model],
         step_loss=step_loss,
         validate=lambda: task.metrics(
-            predict(model, validation.input_ids, task=task, collate=collate), validation, train.label_names
+            predict(model, validation, task=task, collate=collate), validation, train.label_names
         ),  # fmt: skip
         lr=cfg.teacher.learning_rate,
         weight_decay=cfg.teacher.weight_decay,

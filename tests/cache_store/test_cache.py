@@ -468,9 +468,9 @@ def test_a_shard_whose_rows_differ_from_the_declared_columns_is_refused(tmp_path
 
 def test_reader_names_both_versions_when_it_cannot_read_one(tmp_path):
     fill(new_writer(tmp_path / "c"))
-    for old in (3, 99):  # version 3: caches from before per-token distributions
+    for old in (4, 99):  # version 4: caches from before distributions starting at a row's position
         _edit_manifest(tmp_path / "c", lambda raw, v=old: raw.__setitem__("format_version", v))
-        with pytest.raises(CacheFormatError, match=f"version {old} .* reads version 4; capture the cache again"):
+        with pytest.raises(CacheFormatError, match=f"version {old} .* reads version 5; capture the cache again"):
             open_cache(tmp_path / "c")
 
 

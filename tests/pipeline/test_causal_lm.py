@@ -31,6 +31,7 @@ from pipeline.tasks.next_token import (
     teacher_probabilities,
 )
 from pipeline.teacher.capture import run_capture
+from tests.conftest import write_definition
 from tests.pipeline.test_distill import assert_cached_equals_online
 from tests.test_cli import app, runner
 
@@ -72,6 +73,19 @@ def test_documents_are_packed_into_blocks_with_the_end_of_sequence_token_between
     np.testing.assert_array_equal(joined, expected[: len(joined)])
     assert all(len(ids) == 16 for ids in rows.input_ids[:-1]) and 2 <= len(rows.input_ids[-1]) <= 16
     assert len(expected) - len(joined) <= 1  # a last block of one token predicts nothing and is left out
+
+
+def test_a_definitions_label_names_keep_the_rows_of_those_classes_as_text_without_labels(tmp_path):
+    rows = [(f"{text} {i}", kind) for i in range(20)
+            for text, kind in (("the film is great", "review"), ("a plot so long", "plot"), ("the cast is dull", "review"))]  # fmt: skip
+    (tmp_path / "mixed.csv").write_text("text,kind\n" + "".join(f"{t},{k}\n" for t, k in rows))
+    definition = write_definition(tmp_path / "mixed.yaml", path=str(tmp_path / "mixed.csv"), text_columns=["text"],
+                                  label_column="kind", label_names=["review"])  # fmt: skip
+    splits = load_splits(DataConfig(dataset=str(definition), test_size=5, validation_size=5), seed=0, task=LM)
+    texts = [t[0] for name in ("train", "validation", "test") for t in splits[name].texts]
+    assert len(texts) == 40 and not any(t.startswith("a plot") for t in texts)
+    assert splits.dropped["data set"] == {"label not in label_names": 20}
+    assert splits["train"].label_names == () and splits["train"].labeled.all()
 
 
 def test_block_statistics_give_the_lm_loss_perplexity_accuracy_and_ece_by_hand():
@@ -192,7 +206,8 @@ def test_the_cache_holds_what_a_live_teacher_computes_on_the_same_blocks(scheme,
     cache = open_cache(result.location)
     spec = cache.manifest.distribution
     assert spec == SparseSpec(scheme, vocab_size=len(load_tokenizer(tiny_lm)), temperature=1.0,
-                              k=6 if scheme == "topk" else None, draws=20 if scheme == "sampled" else None)  # fmt: skip
+                              k=6 if scheme == "topk" else None, draws=20 if scheme == "sampled" else None,
+                              start_column="target_start")  # fmt: skip
     model = LM.load_model(tiny_lm).eval()
     entry = cache.shards("train")[1]
     data = cache.read_shard(entry, distribution=True)
@@ -285,7 +300,7 @@ def test_collated_batches_carry_each_tokens_distribution(lm_config_file):
     cache = open_cache(run_capture(cfg).location)
     data = cache.read_shard(cache.shards("train")[0], distribution=True)
     rows = [data.example_distribution(i) for i in (0, 3)]
-    batch = pad_distributions(rows, 16, cache.manifest.distribution)
+    batch = pad_distributions(rows, 16, cache.manifest.distribution, np.zeros(2, np.int64))
     ids, counts = batch["teacher_distribution/ids"], batch["teacher_distribution/counts"]
     for b, row in enumerate(rows):
         starts = np.concatenate([[0], np.cumsum(row["entries"])])

@@ -197,7 +197,7 @@ def test_students_of_different_kinds_each_get_their_own_inputs(config_file, pair
         history = json.loads((result.run_dir / "passes" / "seed0-distilled.json").read_text())
         assert history  # validation ran with each model's own collator: its kept accuracy is reproducible
         validation = plan.rows["validation"]
-        logits = predict(model, validation.input_ids, task=SEQUENCE_CLASSIFICATION, collate=own)
+        logits = predict(model, validation, task=SEQUENCE_CLASSIFICATION, collate=own)
         accuracy = float((logits.argmax(-1) == validation["label"]).mean())
         logged = scalars(result.run_dir, "seed0-distilled", name)["validation/accuracy"]
         assert accuracy == pytest.approx(max(logged), abs=1e-6)

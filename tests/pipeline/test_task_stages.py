@@ -196,7 +196,7 @@ def test_cached_per_token_logits_equal_the_live_teachers_on_the_same_features(ta
     cache = open_cache(location)
     for split in ("train", "test"):
         stored = [r for d in cache.iter_shards(split) for r in d.rows["logits"]]
-        live = predict(teacher, plan.rows[split].input_ids, task=TASKS[task], collate=collate)
+        live = predict(teacher, plan.rows[split], task=TASKS[task], collate=collate)
         assert len(stored) == len(live) == len(plan.rows[split])
         for a, b in zip(stored, live, strict=True):
             assert a.shape == b.shape and a.dtype == np.float32
