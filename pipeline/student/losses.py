@@ -69,18 +69,23 @@ def topk_divergence(student: torch.Tensor, ids: torch.Tensor, probs: torch.Tenso
     return divergence(log_p, log_q, kind).mean() * temperature**2
 
 
-def sampled_kl(student: torch.Tensor, ids: torch.Tensor, counts: torch.Tensor, *, draws: int,
-               temperature: float) -> torch.Tensor:  # fmt: skip
-    """KL(p_hat || student) over N positions, times T^2, where p_hat = counts / draws estimates the teacher's
-    distribution from draws with replacement (Anshumann et al., 2025): its gradient with respect to the
-    student's logits, softmax(logits / T) - p_hat (over T), is an unbiased estimate of full KD's.
+def sampled_kl(student: torch.Tensor, ids: torch.Tensor, counts: torch.Tensor, *, draws: int, temperature: float,
+               mask: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """KL(p_hat || student) averaged over positions, times T^2, where p_hat = counts / draws estimates the
+    teacher's distribution from draws with replacement (Anshumann et al., 2025): its gradient with respect
+    to the student's logits, softmax(logits / T) - p_hat (over T), is an unbiased estimate of full KD's.
+
+    Computed as sum_j p_j log p_j - sum_j p_j z_j + logsumexp(z), z = logits / T (the p_j sum to 1), so no
+    log-softmax over the vocabulary is materialized and the logits need no gathering first.
 
     Args:
-        student: logits (N, V); ids: (N, M) distinct drawn ids (any id where counts is 0); counts: (N, M).
+        student: logits (..., V); ids: (..., M) distinct drawn ids (any id where counts is 0); counts: (..., M);
+            mask: (...) bool, the positions averaged over (None: all).
     """
-    log_s = F.log_softmax(student.float() / temperature, dim=-1)  # (N, V)
-    p_hat = counts.float() / draws  # (N, M)
-    return (p_hat * (_floored_log(p_hat) - log_s.gather(-1, ids))).sum(-1).mean() * temperature**2
+    z = student.float() if temperature == 1 else student.float() / temperature
+    p_hat = counts.float() / draws  # (..., M)
+    kl = (p_hat * (_floored_log(p_hat) - z.gather(-1, ids))).sum(-1) + torch.logsumexp(z, -1)  # (...)
+    return (kl if mask is None else kl[mask]).mean() * temperature**2
 
 
 FLOOR_LOGP = math.log(1e-12)  # the log-probability a stored probability of 0 is compared as (no -inf, no NaN)

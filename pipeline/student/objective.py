@@ -155,12 +155,13 @@ def distribution_divergence(logits: torch.Tensor, batch: dict[str, torch.Tensor]
     distributions (``logits`` (B, T, V)) over every position the cache stores one for, at the cache's
     temperature: every real position, or those from each row's ``spec.start_column`` (a prompt's answer)."""
     keep = scored(batch["attention_mask"], batch[spec.start_column] if spec.start_column else None)  # (B, T)
+    if spec.scheme == "sampled":  # over every position, then averaged over the kept ones: no (N, V) copy
+        return sampled_kl(logits, batch[distribution_key("ids")], batch[distribution_key("counts")], draws=spec.draws,
+                          temperature=spec.temperature, mask=keep)  # fmt: skip
     student = logits[keep]  # (N, V)
     teacher = {name: batch[distribution_key(name)][keep] for name in spec.arrays if name != "entries"}
     if spec.scheme == "topk":
         return topk_divergence(student, teacher["ids"], teacher["probs"], teacher["tail"], temperature=spec.temperature,
                                kind=kind, renormalize=renormalize)  # fmt: skip
-    if spec.scheme == "sampled":
-        return sampled_kl(student, teacher["ids"], teacher["counts"], draws=spec.draws, temperature=spec.temperature)
     log_q = torch.log_softmax(student.float() / spec.temperature, dim=-1)
     return divergence(teacher["logprobs"].clamp_min(FLOOR_LOGP), log_q, kind).mean() * spec.temperature**2

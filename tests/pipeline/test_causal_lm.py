@@ -197,6 +197,14 @@ def test_the_sampled_estimators_gradient_is_full_kds_on_average():
     mean = torch.stack(grads).mean(0)
     assert F.cosine_similarity(mean.flatten(), exact.flatten(), dim=0) > 0.995
     assert F.cosine_similarity(grads[0].flatten(), exact.flatten(), dim=0) < 0.995  # one draw set is noisy
+    p_hat = torch.zeros(3, 25).scatter_add_(1, drawn["ids"].clamp_min(0), drawn["counts"].float()) / 10
+    seen = p_hat > 0  # KL(p_hat || student) by its definition, over the ids drawn
+    by_definition = (p_hat * (p_hat.clamp_min(1e-12).log() - torch.log_softmax(student / T, -1)))[seen].sum() / 3 * T**2
+    torch.testing.assert_close(loss, by_definition)
+    masked = sampled_kl(student[None], drawn["ids"].clamp_min(0)[None], drawn["counts"][None], draws=10, temperature=T,
+                        mask=torch.tensor([[True, False, True]]))  # fmt: skip
+    rows = (p_hat * (p_hat.clamp_min(1e-12).log() - torch.log_softmax(student / T, -1))).sum(-1)
+    torch.testing.assert_close(masked, (rows[0] + rows[2]) / 2 * T**2)
 
 
 @pytest.mark.parametrize("scheme", ["topk", "sampled", "dense"])
