@@ -204,6 +204,41 @@ def cache_info(path: str = typer.Argument(..., help="cache directory or URL")) -
     typer.echo(json.dumps(info, indent=1))
 
 
+@cache_app.command("inspect")
+def cache_inspect(
+    path: str = typer.Argument(..., help="cache directory or URL"),
+    out: Path | None = typer.Option(
+        None, "--out", help="where summary.json, the plots and index.html go (default: inspect-<key>/)"
+    ),  # fmt: skip
+    workers: int | None = typer.Option(None, "--workers", min=1, help="run on a local dask cluster of N processes"),
+    scheduler: str | None = typer.Option(None, "--scheduler", help="run on a running dask scheduler (tcp://host:port)"),
+) -> None:
+    """What a cache holds, computed with dask shard by shard: lengths, the teacher's confidence and
+    calibration, hidden-state norms, attention entropy, covered mass; a table here, and a page to open."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from cache_store import open_cache
+    from pipeline.inspection import inspect_cache, split_table
+
+    if workers is not None and scheduler is not None:
+        raise _fail(ValueError("--workers starts a local cluster, --scheduler uses a running one: give one of them"))
+    try:
+        out = out or Path(f"inspect-{open_cache(path).manifest.key}")
+        summary = inspect_cache(path, out, workers=workers, scheduler=scheduler)
+    except (KdcacheError, CacheError) as e:
+        raise _fail(e) from None
+    rows = split_table(summary)
+    table = Table(title=f"cache {summary['key']} ({summary['task']})")
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    for column in columns:
+        table.add_column(column, justify="left" if column == "split" else "right")
+    for row in rows:
+        table.add_row(*(row.get(c, "") for c in columns))
+    Console(width=160).print(table)
+    typer.echo(f"wrote {out / 'index.html'} (open it in a browser) and {out / 'summary.json'}")
+
+
 @cache_app.command("rm")
 def cache_rm(
     path: str = typer.Argument(..., help="cache directory or URL"),
