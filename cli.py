@@ -207,7 +207,7 @@ def cache_info(path: str = typer.Argument(..., help="cache directory or URL")) -
 @cache_app.command("inspect")
 def cache_inspect(
     path: str = typer.Argument(..., help="cache directory or URL"),
-    out: Path | None = typer.Option(
+    out: str | None = typer.Option(
         None, "--out", help="where summary.json, the plots and index.html go (default: inspect-<key>/)"
     ),  # fmt: skip
     workers: int | None = typer.Option(None, "--workers", min=1, help="run on a local dask cluster of N processes"),
@@ -224,8 +224,8 @@ def cache_inspect(
     if workers is not None and scheduler is not None:
         raise _fail(ValueError("--workers starts a local cluster, --scheduler uses a running one: give one of them"))
     try:
-        out = out or Path(f"inspect-{open_cache(path).manifest.key}")
-        summary = inspect_cache(path, out, workers=workers, scheduler=scheduler)
+        folder = Path(out or f"inspect-{open_cache(path).manifest.key}")
+        summary = inspect_cache(path, folder, workers=workers, scheduler=scheduler)
     except (KdcacheError, CacheError) as e:
         raise _fail(e) from None
     rows = split_table(summary)
@@ -236,7 +236,42 @@ def cache_inspect(
     for row in rows:
         table.add_row(*(row.get(c, "") for c in columns))
     Console(width=160).print(table)
-    typer.echo(f"wrote {out / 'index.html'} (open it in a browser) and {out / 'summary.json'}")
+    typer.echo(f"wrote {folder / 'index.html'} (open it in a browser) and {folder / 'summary.json'}")
+
+
+@cache_app.command("diff")
+def cache_diff(
+    a: str = typer.Argument(..., help="cache directory or URL"),
+    b: str = typer.Argument(..., help="another teacher's cache of the same examples"),
+    as_json: bool = typer.Option(False, "--json", help="print the comparison as JSON"),
+) -> None:
+    """Two teachers over the same examples: how often they agree, KL(A || B) per split, and where they
+    disagree most."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from pipeline.inspection import diff_caches
+
+    try:
+        diff = diff_caches(a, b)
+    except (KdcacheError, CacheError) as e:
+        raise _fail(e) from None
+    if as_json:
+        typer.echo(json.dumps(diff, indent=1))
+        return
+    console = Console(width=160)
+    table = Table(title=f"cache {diff['a']} ({diff['teachers'][0]}) against {diff['b']} ({diff['teachers'][1]})")
+    for column in ("split", "outcomes", "agreement", "KL(A || B)"):
+        table.add_column(column, justify="left" if column == "split" else "right")
+    for split, entry in diff["splits"].items():
+        table.add_row(split, f"{entry['outcomes']:,}", f"{entry['agreement']:.4f}", f"{entry['kl']:.4f}")
+    console.print(table)
+    for split, entry in diff["splits"].items():
+        console.print(f"[bold]{split}[/bold]: where they disagree most")
+        for d in entry["disagreements"]:
+            console.print(f"  KL {d['kl']:.3f}  A {d['a']['class']} ({d['a']['confidence']:.2f})  "
+                          f"B {d['b']['class']} ({d['b']['confidence']:.2f})  label {d['label']}: {d['text'][:100]}",
+                          markup=False, highlight=False)  # fmt: skip
 
 
 @cache_app.command("rm")

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cache_store import open_cache
+from cache_store import ShardRows, open_cache
 from cache_store.distribution import DISTRIBUTION_DIR
 
 from .contract import ATTENTION, HIDDEN, SPLITS, CacheMetadata
@@ -52,7 +52,7 @@ def shard_sums(location: str, split: str, index: int) -> dict[str, np.ndarray]:
             "lengths": np.bincount(lengths // LENGTH_BIN)}  # fmt: skip
     outcomes = TASKS[meta.task].class_outcomes(rows)
     if outcomes is not None:
-        sums |= class_sums(*outcomes, classes=len(meta.label_names))
+        sums |= class_sums(*outcomes[:2], classes=len(meta.label_names))
     if LM_STATS in rows.columns:
         sums[LM_STATS] = np.asarray(rows[LM_STATS], np.float64).reshape(-1, STATS_FIELDS).sum(0)
     if any(path.startswith(f"tensors.zarr/{DISTRIBUTION_DIR}/") for path in entry.arrays):
@@ -225,6 +225,11 @@ def _reliability(bins: np.ndarray) -> list[dict]:
             for k, (c, s, a) in enumerate(bins) if c]  # fmt: skip
 
 
+def _log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
 def _fractions(counts: np.ndarray) -> list[float]:
     total = counts.sum()
     return (counts / total).tolist() if total else counts.tolist()
@@ -360,3 +365,51 @@ def inspect_cache(location: str, out: Path, *, workers: int | None = None, sched
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     write_page(summary, plot(summary, out), out / "index.html")
     return summary
+
+
+DISAGREEMENTS = 5  # outcomes per split that `diff_caches` shows, the largest KL first
+
+
+def diff_caches(a: str, b: str, *, top: int = DISAGREEMENTS) -> dict:
+    """Two class-task caches of the same examples compared per split: how often their teachers'
+    top classes agree, the mean KL(A || B) over outcomes, and the ``top`` outcomes with the largest
+    KL, with their rows' text (decoded by A's tokenizer) and both teachers' classes and confidence.
+
+    Raises:
+        DataError: the caches hold different examples (data or tokenizer fingerprints), tasks or
+            classes, or a task whose outcomes are not classes.
+    """
+    from .contract import TOKENIZER
+    from .errors import DataError
+    from .models import load_tokenizer
+
+    caches = open_cache(a), open_cache(b)
+    metas = [CacheMetadata.from_manifest(c.manifest) for c in caches]
+    for what in ("data_fingerprint", "tokenizer_fingerprint", "task", "label_names"):
+        first, second = (getattr(m, what) for m in metas)
+        if first != second:
+            raise DataError(f"caches {caches[0].key} and {caches[1].key} differ in {what} ({first} vs {second}): "
+                            "diff compares two teachers over the same examples")  # fmt: skip
+    task = TASKS[metas[0].task]
+    tokenizer = load_tokenizer(caches[0].attachment(TOKENIZER))
+    out = {"a": caches[0].key, "b": caches[1].key, "teachers": [m.teacher_name for m in metas], "splits": {}}
+    for split in SPLITS:
+        rows = [ShardRows.concat([c.read_shard(e).rows for e in c.shards(split)]) for c in caches]
+        outcomes = [task.class_outcomes(r) for r in rows]
+        if outcomes[0] is None:
+            raise DataError(f"cache diff compares class predictions; task {metas[0].task} has none")
+        (logits_a, labels, owner), (logits_b, _, _) = outcomes
+        log_p, log_q = (_log_softmax(np.asarray(x, np.float64)) for x in (logits_a, logits_b))
+        kl = (np.exp(log_p) * (log_p - log_q)).sum(-1)
+        agree = log_p.argmax(-1) == log_q.argmax(-1)
+        worst = np.argsort(-kl, kind="stable")[:top]
+        names = [*metas[0].label_names]
+        out["splits"][split] = {
+            "outcomes": len(kl), "agreement": float(agree.mean()), "kl": float(kl.mean()),
+            "disagreements": [{"text": tokenizer.decode(rows[0].input_ids[owner[i]], skip_special_tokens=True),
+                               "label": names[labels[i]] if labels[i] >= 0 else None, "kl": float(kl[i]),
+                               "a": {"class": names[log_p[i].argmax()], "confidence": float(np.exp(log_p[i].max()))},
+                               "b": {"class": names[log_q[i].argmax()], "confidence": float(np.exp(log_q[i].max()))}}
+                              for i in worst],
+        }  # fmt: skip
+    return out

@@ -146,10 +146,10 @@ class Task(ABC):
             return rows.sum() * 0.0
         return F.cross_entropy(rows, targets, ignore_index=IGNORED)
 
-    def class_outcomes(self, rows: ShardRows) -> tuple[np.ndarray, np.ndarray] | None:
-        """The teacher's class logits at every outcome the task labels, and each outcome's class, for
-        inspection: (n, C) float and (n,) int, the class -1 where the outcome has no label. None for a
-        task whose outcomes are not classes (answer spans, next tokens)."""
+    def class_outcomes(self, rows: ShardRows) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """The teacher's class logits at every outcome the task labels, each outcome's class and its row,
+        for inspection: (n, C) float, (n,) int (-1 where the outcome has no label) and (n,) int. None
+        for a task whose outcomes are not classes (answer spans, next tokens)."""
         return None
 
     # --- metrics ------------------------------------------------------------------------------

@@ -43,9 +43,9 @@ class SequenceClassification(Task):
     def labeled(self, rows: ShardRows) -> np.ndarray:
         return rows[LABEL] != UNLABELED
 
-    def class_outcomes(self, rows: ShardRows) -> tuple[np.ndarray, np.ndarray]:
+    def class_outcomes(self, rows: ShardRows) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Each row's logits and class (UNLABELED, -1, for transfer text)."""
-        return np.asarray(rows[LOGITS]), np.asarray(rows[LABEL], np.int64)
+        return np.asarray(rows[LOGITS]), np.asarray(rows[LABEL], np.int64), np.arange(len(rows))
 
     def hard_targets(self, batch):
         labels = batch[LABEL]

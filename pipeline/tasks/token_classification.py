@@ -90,20 +90,18 @@ class TokenClassification(Task):
     def labeled(self, rows: ShardRows) -> np.ndarray:
         return np.array([bool((labels != IGNORED).any()) for labels in rows[LABEL]], dtype=bool)
 
-    def class_outcomes(self, rows: ShardRows) -> tuple[np.ndarray, np.ndarray]:
+    def class_outcomes(self, rows: ShardRows) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The first sub-tokens of words with a tag, with it, and every token of a row without tags (class -1)."""
-        logits, classes = [], []
-        for labels, values in zip(rows[LABEL], rows[LOGITS], strict=True):
+        logits, classes, owners = [], [], []
+        for row, (labels, values) in enumerate(zip(rows[LABEL], rows[LOGITS], strict=True)):
             tagged = labels != IGNORED
-            if tagged.any():
-                logits.append(values[tagged])
-                classes.append(labels[tagged])
-            else:
-                logits.append(values)
-                classes.append(np.full(len(values), -1))
-        width = rows[LOGITS][0].shape[-1] if len(rows) else 0
-        return (np.concatenate(logits) if logits else np.zeros((0, width), np.float32),
-                np.concatenate(classes).astype(np.int64) if classes else np.zeros(0, np.int64))  # fmt: skip
+            keep = tagged if tagged.any() else np.ones(len(labels), bool)
+            logits.append(values[keep])
+            classes.append(np.where(tagged, labels, -1)[keep])
+            owners.append(np.full(int(keep.sum()), row))
+        if not logits:
+            return np.zeros((0, 0), np.float32), np.zeros(0, np.int64), np.zeros(0, np.int64)
+        return np.concatenate(logits), np.concatenate(classes).astype(np.int64), np.concatenate(owners)
 
     def distributions(self, logits, batch):
         """Each real token's class logits (tokens, C)."""

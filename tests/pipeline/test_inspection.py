@@ -3,6 +3,7 @@ figures on a dask.distributed cluster on loopback and on local worker processes,
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -11,7 +12,7 @@ import pytest
 
 from cache_store import open_cache
 from pipeline.contract import ATTENTION, HIDDEN
-from pipeline.inspection import BINS, LENGTH_BIN, inspect_cache
+from pipeline.inspection import BINS, LENGTH_BIN, diff_caches, inspect_cache
 from pipeline.teacher import run_capture, run_teacher_train
 from tests.test_cli import app, runner
 
@@ -92,3 +93,39 @@ def test_the_cli_runs_local_workers_and_prints_the_table(cache_path, tmp_path):
     assert summary == inspect_cache(cache_path, tmp_path / "again", progress=False)
     both = runner.invoke(app, ["cache", "inspect", cache_path, "--workers", "2", "--scheduler", "tcp://x:1"])
     assert both.exit_code == 1 and "give one of them" in both.output
+
+
+def other_teacher_cache(config) -> str:
+    """A cache of another teacher (fine-tuned at another learning rate) over the same examples."""
+    other = dataclasses.replace(config, teacher=dataclasses.replace(config.teacher, learning_rate=5e-3, epochs=2))
+    run_teacher_train(other)
+    return str(run_capture(other).location)
+
+
+def test_diff_compares_two_teachers_over_the_same_examples(cache_path, config, tmp_path):
+    other = other_teacher_cache(config)
+    diff = diff_caches(cache_path, other, top=3)
+    for split in ("train", "validation", "test"):
+        a, b = (np.concatenate([c.read_shard(e).rows["logits"] for e in c.shards(split)]).astype(np.float64)
+                for c in (open_cache(cache_path), open_cache(other)))  # fmt: skip
+        log_p = a - np.log(np.exp(a).sum(-1, keepdims=True))
+        log_q = b - np.log(np.exp(b).sum(-1, keepdims=True))
+        kl = (np.exp(log_p) * (log_p - log_q)).sum(-1)
+        entry = diff["splits"][split]
+        assert entry["agreement"] == pytest.approx((a.argmax(-1) == b.argmax(-1)).mean())
+        assert entry["kl"] == pytest.approx(kl.mean())
+        assert [d["kl"] for d in entry["disagreements"]] == pytest.approx(sorted(kl, reverse=True)[:3])
+        assert all(d["text"] for d in entry["disagreements"])
+    same = diff_caches(cache_path, cache_path)["splits"]["test"]
+    assert same["agreement"] == 1.0 and same["kl"] == pytest.approx(0.0, abs=1e-12)
+    result = runner.invoke(app, ["cache", "diff", cache_path, other])
+    assert result.exit_code == 0 and "agreement" in result.output and "disagree most" in result.output
+
+
+def test_diff_refuses_caches_of_other_examples_in_one_line(cache_path, config):
+    fewer = dataclasses.replace(config, data=dataclasses.replace(config.data, test_size=10))
+    run_teacher_train(fewer)
+    other = str(run_capture(fewer).location)
+    result = runner.invoke(app, ["cache", "diff", cache_path, other])
+    assert result.exit_code == 1 and "differ in data_fingerprint" in result.output
+    assert len(result.output.strip().splitlines()) == 1
