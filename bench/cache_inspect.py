@@ -7,7 +7,7 @@ child process, small and large in turn for ``--rounds`` rounds after one warm-up
 child's peak resident memory comes from the kernel (``wait4``'s rusage). The goal: peak memory
 grows by less than 20% when the cache grows 10x (each shard is reduced to sums in its task).
 
-    python bench/inspect.py [--rows 1000] [--rounds 3] [--json]
+    python bench/cache_inspect.py [--rows 1000] [--rounds 3] [--json]
 """
 
 from __future__ import annotations
