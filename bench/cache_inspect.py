@@ -28,6 +28,8 @@ from rich.console import Console
 from rich.table import Table
 from rounds import ratio, spread
 
+from cache_store import open_cache
+
 ROOT = Path(__file__).resolve().parents[1]
 KDCACHE = Path(sys.executable).parent / "kdcache"
 
@@ -80,10 +82,7 @@ def main() -> None:
             "small": make_cache(experiment(work, args.rows)),
             "large": make_cache(experiment(work, 10 * args.rows)),
         }
-        sizes = {}
-        for name, path in caches.items():
-            manifest = json.loads(Path(path, "manifest.json").read_text())
-            sizes[name] = sum(s["bytes"] for split in manifest["splits"].values() for s in split["shards"])
+        sizes = {name: open_cache(path).manifest.bytes for name, path in caches.items()}
         runs = {name: [] for name in caches}
         for round_ in range(args.rounds + 1):  # round 0 warms up (imports, page cache) and is not counted
             for name, path in caches.items():
