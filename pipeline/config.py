@@ -346,6 +346,32 @@ class StudentConfig:
         _check(self.freeze_layers >= 0, f"student {self.name!r}: freeze_layers must be >= 0")
 
 
+SELECT_BY = ("confidence", "margin", "entropy", "correct")  # what distill.select keeps training rows by
+
+
+@dataclass(frozen=True)
+class Selection:
+    """distill.select: the training rows students and baselines learn from, kept by the teacher's cached
+    class distribution per row (sequence classification). Planned from the cached rows before any
+    training, the same for every seed and epoch."""
+
+    by: str = "confidence"  # confidence (top probability), margin (top minus second), entropy (nats), or
+    # correct: the labeled rows the teacher gets right, and every unlabeled row
+    min: float | None = None  # keep rows whose measure is at least this
+    max: float | None = None  # keep rows whose measure is at most this
+    keep: float | None = None  # keep this fraction of each shard's rows, the surest first (highest
+    # confidence or margin, lowest entropy)
+
+    def __post_init__(self):
+        _check(self.by in SELECT_BY, f"distill.select.by must be one of {list(SELECT_BY)}; got {self.by!r}")
+        bounds = [name for name in ("min", "max", "keep") if getattr(self, name) is not None]
+        if self.by == "correct":
+            _check(not bounds, f"distill.select.by correct takes no {', '.join(bounds)}")
+        else:
+            _check(bool(bounds), f"distill.select.by {self.by} needs min, max or keep")
+        _check(self.keep is None or 0 < self.keep <= 1, f"distill.select.keep must be in (0, 1]; got {self.keep!r}")
+
+
 @dataclass(frozen=True)
 class DistillConfig:
     students: tuple[StudentConfig, ...]
@@ -363,6 +389,7 @@ class DistillConfig:
     loader_workers: int = 0  # DataLoader worker processes (0: read in the training process)
     checkpoint_steps: int = 200  # save a resumable checkpoint every this many steps (and after every epoch)
     run_root: str = "runs"  # each run writes <run_root>/<timestamp>-<name>/; <run_root>/latest points to it
+    select: Selection | None = None  # train on the rows the teacher's outputs choose; None: every row
 
     def __post_init__(self):
         _check(len(self.students) > 0, "distill.students must list at least one student")

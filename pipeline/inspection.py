@@ -21,6 +21,7 @@ from __future__ import annotations
 import html
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +71,32 @@ def shard_sums(location: str, split: str, index: int) -> dict[str, np.ndarray]:
     return sums
 
 
+@dataclass(frozen=True)
+class TeacherStats:
+    """The teacher's class distribution per outcome (a row, or a token), measured: what inspection
+    sums and what sample selection keeps rows by."""
+
+    labels: np.ndarray  # (N,) the class ids; -1 where there is none
+    confidence: np.ndarray  # (N,) the top probability
+    margin: np.ndarray  # (N,) top probability minus the second
+    entropy: np.ndarray  # (N,) of the distribution, in nats
+    correct: np.ndarray  # (N,) bool: the top class is the label (False without one)
+    predicted: np.ndarray  # (N,) the top class
+
+    @classmethod
+    def from_logits(cls, logits: np.ndarray, labels: np.ndarray) -> TeacherStats:
+        z = np.asarray(logits, np.float64)
+        p = np.exp(z - z.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        ranked = -np.sort(-p, axis=-1)
+        second = ranked[:, 1] if p.shape[1] > 1 else np.zeros(len(p))
+        entropy = -(p * np.log(np.clip(p, 1e-12, None))).sum(-1)
+        labels = np.asarray(labels, np.int64)
+        predicted = p.argmax(-1)
+        return cls(labels, ranked[:, 0], ranked[:, 0] - second, entropy, (predicted == labels) & (labels >= 0),
+                   predicted)  # fmt: skip
+
+
 def class_sums(logits: np.ndarray, labels: np.ndarray, *, classes: int) -> dict[str, np.ndarray]:
     """Sums over outcomes of the teacher's class distributions, grouped by class (row ``classes``:
     the outcomes without a label, ``labels`` -1):
@@ -79,20 +106,14 @@ def class_sums(logits: np.ndarray, labels: np.ndarray, *, classes: int) -> dict[
     - ``histograms`` (classes + 1, 3, BINS): confidence, margin and entropy over log C, in [0, 1];
     - ``reliability`` (ECE_BINS, 3): per confidence bin over labeled outcomes: count, confidence sum, correct.
     """
-    z = np.asarray(logits, np.float64)
-    p = np.exp(z - z.max(-1, keepdims=True))
-    p /= p.sum(-1, keepdims=True)
-    ranked = -np.sort(-p, axis=-1)
-    confidence = ranked[:, 0]
-    margin = confidence - (ranked[:, 1] if p.shape[1] > 1 else 0)
-    entropy = -(p * np.log(np.clip(p, 1e-12, None))).sum(-1)
-    labeled = labels >= 0
-    correct = (p.argmax(-1) == labels) & labeled
+    stats = TeacherStats.from_logits(logits, labels)
+    confidence, margin, entropy, correct = stats.confidence, stats.margin, stats.entropy, stats.correct
+    labeled = stats.labels >= 0
     group = np.where(labeled, labels, classes)
     per_class = np.zeros((classes + 1, len(PER_CLASS)))
-    np.add.at(per_class, group, np.stack([np.ones(len(p)), confidence, margin, entropy, correct], -1))
+    np.add.at(per_class, group, np.stack([np.ones(len(labels)), confidence, margin, entropy, correct], -1))
     histograms = np.zeros((classes + 1, len(MEASURES), BINS))
-    for k, values in enumerate((confidence, margin, entropy / math.log(max(p.shape[1], 2)))):
+    for k, values in enumerate((confidence, margin, entropy / math.log(max(np.shape(logits)[1], 2)))):
         np.add.at(histograms, (group, k, _bin(values, BINS)), 1)
     reliability = np.zeros((ECE_BINS, 3))
     bins = _bin(confidence[labeled], ECE_BINS)

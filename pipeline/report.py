@@ -99,9 +99,10 @@ def _row(entry: dict, task: Task) -> tuple[str, ...]:
 
 
 def write_report(run_dir: Path, results: list[ModelResult], *, task: Task, config: dict, cache_key: str,
-                 samples: tuple[dict, ...] = ()) -> list[dict]:  # fmt: skip
+                 samples: tuple[dict, ...] = (), selection: dict | None = None) -> list[dict]:  # fmt: skip
     """Print the table and write report.md, report.json and report.png into ``run_dir``; with a causal
-    LM's ``samples`` (the teacher's greedy continuations), each model's beside the teacher's."""
+    LM's ``samples`` (the teacher's greedy continuations), each model's beside the teacher's; with
+    ``selection`` ({by, kept, of}: ``distill.select``), how many training rows it kept."""
     summary = summarize(results, task)
     columns, rows = _columns(task), [_row(entry, task) for entry in summary]
     table = Table(title=f"kdcache run {run_dir.name} (test split)")
@@ -123,6 +124,9 @@ def write_report(run_dir: Path, results: list[ModelResult], *, task: Task, confi
         f"{primary}) are the ones tested, one per seed; throughput is inference at batch 32 on this run's device "
         "(the teacher's only when its weights were loaded). The teacher's metrics are those of its cached outputs."
     )
+    if selection is not None:
+        note += (f" distill.select ({selection['by']}) kept {selection['kept']:,} of {selection['of']:,} training rows "
+                 "for every epoch; the baselines learn the labeled ones among them.")  # fmt: skip
     side_by_side = _continuations(results, samples)
     text = f"# kdcache run {run_dir.name}\n\n{note}\n\n" + "\n".join(lines) + "\n" + _continuations_md(side_by_side)
     (run_dir / "report.md").write_text(text)
@@ -132,6 +136,7 @@ def write_report(run_dir: Path, results: list[ModelResult], *, task: Task, confi
         "cache_key": cache_key,
         "models": summary,
         "continuations": side_by_side,
+        "selection": selection,
         "runs": [dataclasses.asdict(r) for r in results],
         "config": config,
     }

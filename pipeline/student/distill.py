@@ -36,7 +36,7 @@ from ..training import Checkpoint, Collator, EpochRecord, Learner, evaluate, fit
 from .inputs import TeacherCache, locate_cache
 from .losses import ATTENTION_TERMS
 from .objective import BASELINE_LOSS, Objective, layer_pairs
-from .streaming import CacheSource, LiveTeacher, Select, StudentStream, TokenSource
+from .streaming import CacheSource, LiveTeacher, Select, StudentStream, TokenSource, row_selection
 from .students import build_student, check_student_fits, merged
 
 CONFIG_RECORD = "config.json"
@@ -87,6 +87,8 @@ def _distill(cfg: ExperimentConfig, ranks: Ranks, location, *, online: bool, res
     task, manifest = cache.task, cache.cache.manifest
     say(f"distill: reading cache {cache.key} ({manifest.rows} rows, {manifest.bytes / 1e6:.1f} MB) of teacher "
         f"{cache.meta.teacher_name}")  # fmt: skip
+    if select is None and cfg.distill.select is not None:
+        select = row_selection(cfg.distill.select)
     if online and select is not None:
         raise ConfigError("sample selection reads cached teacher statistics; it cannot run with --online")
     if select is not None and task.per_token:
@@ -108,10 +110,16 @@ def _distill(cfg: ExperimentConfig, ranks: Ranks, location, *, online: bool, res
     device = resolve_device(cfg.device, ranks)
     kinds = (True, False) if cfg.distill.baselines else (True,)
     batches = {}  # kind -> batches per epoch on each rank; a rank with none is refused before any training
+    selection = None  # what distill.select kept, for the report
     for kd in kinds:
         stream = student_stream(cfg, source, cache, seed=0, kd=kd, select=select, ranks=ranks)
         require_batches(stream, "distilled" if kd else "baselines")
         batches[kd] = len(stream)
+        if kd and select is not None:
+            kept = {"kept": sum(map(len, stream.selected)), "of": sum(len(source.rows(k)) for k in range(len(source)))}
+            selection = {"by": dataclasses.asdict(cfg.distill.select) if cfg.distill.select else "a function"} | kept
+            say(f"distill: the selection keeps {kept['kept']:,} of {kept['of']:,} training rows "
+                "(the baselines: the labeled ones among them)")  # fmt: skip
     epochs = {True: cfg.distill.epochs}
     if cfg.distill.baselines:
         epochs[False] = baseline_epochs(cfg, student_steps=cfg.distill.epochs * batches[True], per_epoch=batches[False])
@@ -167,7 +175,7 @@ def _distill(cfg: ExperimentConfig, ranks: Ranks, location, *, online: bool, res
     if ranks.is_main:  # the teacher's row last: timing its inference does not delay the first training step
         results.insert(0, teacher_result(cache, teacher_model, test, device, seed=cfg.seed))
         write_report(run_dir, results, task=task, config=dataclasses.asdict(cfg), cache_key=cache.key,
-                     samples=cache.meta.samples)  # fmt: skip
+                     samples=cache.meta.samples, selection=selection)  # fmt: skip
     return RunResult(run_dir, results)
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -33,35 +32,38 @@ from cache_store import Cache, ShardData, ShardRows, TensorSpec
 from cache_store.distribution import PerToken, SparseSpec, decode_arrays, encode_rows, row_offsets
 from cache_store.shard import decode, encode
 
+from ..config import Selection
 from ..contract import ATTENTION, EXAMPLE_ID, HIDDEN, TEACHER_LOGITS, distribution_key, tensor_key
+from ..inspection import TeacherStats
 from ..runtime import autocast
 from ..tasks import LABEL, LOGITS, Task
 from ..tasks.causal_lm import host_rows
 from ..tasks.next_token import scored, select_distribution, teacher_probabilities, token_coordinates
 from ..training import Batch, Collator, collate_rows, length_grouped_batches, to_device
 
-
-@dataclass(frozen=True)
-class TeacherStats:
-    """Per-row teacher statistics of one shard, for sample selection."""
-
-    labels: np.ndarray  # (N,) the class ids; UNLABELED where hidden
-    confidence: np.ndarray  # (N,) the teacher's top probability
-    margin: np.ndarray  # (N,) top probability minus the second
-    entropy: np.ndarray  # (N,) of the teacher's distribution, in nats
-    correct: np.ndarray  # (N,) bool: the teacher's top class is the label (False when unlabeled)
-
-    @classmethod
-    def from_logits(cls, logits: np.ndarray, labels: np.ndarray) -> TeacherStats:
-        z = logits - logits.max(-1, keepdims=True)
-        p = np.exp(z) / np.exp(z).sum(-1, keepdims=True)  # (N, C)
-        top = np.sort(p, axis=-1)[:, ::-1]
-        entropy = -(p * np.log(np.clip(p, 1e-12, None))).sum(-1)
-        second = top[:, 1] if p.shape[1] > 1 else np.zeros(len(p))
-        return cls(labels, top[:, 0], top[:, 0] - second, entropy, logits.argmax(-1) == labels)
-
-
 Select = Callable[[TeacherStats], np.ndarray]  # a boolean mask of the rows to stream
+
+
+def row_selection(selection: Selection) -> Select:
+    """The rows ``distill.select`` keeps of a shard, from the teacher's statistics of its rows."""
+
+    def keep(stats: TeacherStats) -> np.ndarray:
+        if selection.by == "correct":
+            return stats.correct | (stats.labels < 0)
+        values = getattr(stats, selection.by)
+        mask = np.ones(len(values), bool)
+        if selection.min is not None:
+            mask &= values >= selection.min
+        if selection.max is not None:
+            mask &= values <= selection.max
+        if selection.keep is not None:
+            surest = values if selection.by != "entropy" else -values
+            chosen = np.zeros(len(values), bool)
+            chosen[np.argsort(-surest, kind="stable")[: round(selection.keep * len(values))]] = True
+            mask &= chosen
+        return mask
+
+    return keep
 
 
 class CacheSource:

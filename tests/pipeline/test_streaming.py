@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import numpy as np
 import pytest
 import torch
 
 from cache_store import open_cache
-from pipeline.student.streaming import CacheSource, StudentStream, TeacherStats
+from pipeline.config import ConfigError, Selection
+from pipeline.inspection import TeacherStats
+from pipeline.student.distill import run_distill
+from pipeline.student.streaming import CacheSource, StudentStream, row_selection
 from pipeline.tasks import SEQUENCE_CLASSIFICATION
 from pipeline.teacher import run_teacher_train
 from pipeline.teacher.capture import run_capture
@@ -82,3 +88,36 @@ def test_selection_and_labeled_only_choose_the_streamed_rows(source):
 def softmax(z):
     e = np.exp(z - z.max(-1, keepdims=True))
     return e / e.sum(-1, keepdims=True)
+
+
+def test_configured_selection_keeps_rows_by_threshold_fraction_or_correctness():
+    logits = np.log(np.array([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8], [0.45, 0.55], [0.99, 0.01]]))
+    stats = TeacherStats.from_logits(logits, np.array([0, 1, 1, -1, 1]))
+    keep = lambda **s: np.flatnonzero(row_selection(Selection(**s))(stats)).tolist()  # noqa: E731
+    assert keep(by="confidence", min=0.8) == [0, 2, 4]
+    assert keep(by="margin", max=0.3) == [1, 3]
+    assert keep(by="confidence", keep=0.4) == [0, 4]  # the surest 2 of 5
+    assert keep(by="entropy", keep=0.4) == [0, 4]  # the lowest entropy
+    assert keep(by="confidence", min=0.7, keep=0.6) == [0, 2, 4]
+    assert keep(by="correct") == [0, 2, 3]  # right on labeled rows 0 and 2; row 3 is unlabeled
+    for bad, message in (({"by": "correct", "min": 0.5}, "takes no min"), ({"by": "margin"}, "needs min, max or keep"),
+                         ({"keep": 1.5}, "must be in"), ({"by": "loss", "min": 1}, "must be one of")):  # fmt: skip
+        with pytest.raises(ConfigError, match=message):
+            Selection(**bad)
+
+
+def test_distill_select_trains_on_the_kept_rows_and_reports_them(config, tmp_path):
+    run_teacher_train(config)
+    cache = open_cache(run_capture(config).location)
+    selection = Selection(by="confidence", keep=0.5)
+    cfg = dataclasses.replace(config, distill=dataclasses.replace(config.distill, select=selection, baselines=False))
+    result = run_distill(cfg)
+    report = json.loads((result.run_dir / "report.json").read_text())
+    rows = [cache.read_shard(e).rows for e in cache.shards("train")]
+    expected = sum(int(round(0.5 * len(r))) for r in rows)  # per shard, the surest half
+    assert report["selection"]["kept"] == expected and report["selection"]["of"] == sum(map(len, rows))
+    assert report["selection"]["by"]["by"] == "confidence"
+    student = next(m for m in report["models"] if m["role"] == "student")
+    per_shard = sum(-(-int(round(0.5 * len(r))) // cfg.distill.batch_size) for r in rows)  # batches stay in a shard
+    assert student["steps"] == cfg.distill.epochs * per_shard
+    assert "distill.select" in (result.run_dir / "report.md").read_text()
