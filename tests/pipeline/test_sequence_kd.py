@@ -5,6 +5,8 @@ built from a config."""
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -192,3 +194,16 @@ def test_a_template_that_leaves_no_room_for_the_text_is_refused(config_file):
     cfg = load_config(config_file(), ["data.max_length=8"])
     with pytest.raises(ConfigError, match="leaving none of data.max_length 8"):
         plan_cache(cfg)
+
+
+def test_a_resumed_capture_answers_the_missing_prompts_as_the_first_run_did(config_file):
+    cfg = load_config(config_file(sample=True, temperature=1.5))
+    location = Path(run_capture(cfg).location.path(""))
+    shards = sorted(p for p in location.rglob("shard-*") if p.is_dir())
+    before = {str(p.relative_to(location)): p.read_bytes() for s in shards for p in sorted(s.rglob("*")) if p.is_file()}
+    (location / "manifest.json").unlink()  # as if the run had died before its last shards and the manifest
+    for shard in shards[1::2]:
+        shutil.rmtree(shard)
+    assert not run_capture(cfg).reused
+    after = {str(p.relative_to(location)): p.read_bytes() for s in shards for p in sorted(s.rglob("*")) if p.is_file()}
+    assert after == before
