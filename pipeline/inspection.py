@@ -18,6 +18,7 @@ from its block sums, and the probability mass its stored distributions cover.
 
 from __future__ import annotations
 
+import functools
 import html
 import json
 import math
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cache_store import ShardRows, open_cache
+from cache_store import Cache, ShardRows, open_cache
 from cache_store.distribution import DISTRIBUTION_DIR
 
 from .contract import ATTENTION, HIDDEN, SPLITS, CacheMetadata
@@ -40,9 +41,16 @@ MEASURES = ("confidence", "margin", "entropy")  # of the teacher's class distrib
 PER_CLASS = ("outcomes", "confidence", "margin", "entropy", "correct")  # the per-class sums' fields
 
 
+@functools.lru_cache(maxsize=4)
+def _opened(location: str) -> Cache:
+    """The cache at ``location``, opened once per process: every shard task of a run reads its manifest
+    (which lists every shard) only once, whatever the number of shards."""
+    return open_cache(location)
+
+
 def shard_sums(location: str, split: str, index: int) -> dict[str, np.ndarray]:
     """One shard's additive statistics (see the module docstring): read and reduced in one task."""
-    cache = open_cache(location)
+    cache = _opened(location)
     manifest, entry = cache.manifest, cache.shards(split)[index]
     meta = CacheMetadata.from_manifest(manifest)
     stored = manifest.splits[split].tensors
@@ -378,7 +386,8 @@ def inspect_cache(location: str, out: Path, *, workers: int | None = None, sched
                   progress: bool = True) -> dict:  # fmt: skip
     """Compute the cache's figures (``compute_sums``), and write ``summary.json``, the plots and
     ``index.html`` into ``out``; returns the summary."""
-    cache = open_cache(location)
+    _opened.cache_clear()  # a cache removed and captured again since the last run is read afresh
+    cache = _opened(str(location))
     shards = [(split, k) for split in SPLITS for k in range(len(cache.shards(split)))]
     totals = compute_sums(str(location), shards, workers=workers, scheduler=scheduler, progress=progress)
     summary = summarize(cache.manifest, {split: totals[split] for split in SPLITS if split in totals})

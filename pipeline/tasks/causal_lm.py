@@ -237,7 +237,8 @@ def continuations(model, tokenizer, samples: tuple[dict, ...]) -> list[str]:
     (its new text only), one prompt at a time (no padding)."""
     model.eval()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return [tokenizer.decode(generate(model, [np.asarray(s["prompt_ids"])], pad_id=pad, stops=stop_ids(model, tokenizer),
+    stops = stop_ids(model, tokenizer)
+    return [tokenizer.decode(generate(model, [np.asarray(s["prompt_ids"])], pad_id=pad, stops=stops,
                                       max_new_tokens=s["new_tokens"])[0], skip_special_tokens=True)
             for s in samples]  # fmt: skip
 
