@@ -52,11 +52,12 @@ def _fail(error: Exception) -> typer.Exit:
 def teacher_train(
     config: Path = ConfigOption, max_examples: int | None = MaxExamplesOption, overrides: list[str] = SetOption
 ) -> None:
-    """Fine-tune the teacher on the task (reused when already trained)."""
+    """Fine-tune the teacher on the task (reused when already trained); every teacher distill.teachers names by config."""
     from pipeline.teacher import run_teacher_train
 
     try:
-        run_teacher_train(_load(config, overrides, max_examples=max_examples))
+        for cfg in _load(config, overrides, max_examples=max_examples).teacher_stages():
+            run_teacher_train(cfg)
     except (KdcacheError, CacheError) as e:
         raise _fail(e) from None
 
@@ -74,25 +75,26 @@ def teacher_cache(
     ),
     overrides: list[str] = SetOption,
 ) -> None:
-    """Run the teacher over the data once and write its outputs into a cache (resumes a partial one)."""
+    """Run the teacher over the data once and write its outputs into a cache (resumes a partial one); every
+    teacher distill.teachers names by config, one after the other."""
     from pipeline.teacher import estimate_capture, run_capture
 
     try:
-        cfg = _load(config, overrides, max_examples=max_examples, cache_root=cache_root)
-        if dry_run:
-            _print_estimate(estimate_capture(cfg))
-            return
-        result = run_capture(cfg, num_shards=num_shards, shard_index=shard_index)
+        for cfg in _load(config, overrides, max_examples=max_examples, cache_root=cache_root).teacher_stages():
+            if dry_run:
+                _print_estimate(estimate_capture(cfg))
+                continue
+            result = run_capture(cfg, num_shards=num_shards, shard_index=shard_index)
+            if as_json:
+                manifest = result.manifest
+                summary = {
+                    "path": str(result.location), "key": result.key, "complete": manifest is not None,
+                    "rows": manifest.rows if manifest else None, "bytes": manifest.bytes if manifest else None,
+                    "reused": result.reused,
+                }  # fmt: skip
+                typer.echo(json.dumps(summary))
     except (KdcacheError, CacheError) as e:
         raise _fail(e) from None
-    if as_json:
-        manifest = result.manifest
-        summary = {
-            "path": str(result.location), "key": result.key, "complete": manifest is not None,
-            "rows": manifest.rows if manifest else None, "bytes": manifest.bytes if manifest else None,
-            "reused": result.reused,
-        }  # fmt: skip
-        typer.echo(json.dumps(summary))
 
 
 def _print_estimate(estimate) -> None:

@@ -60,12 +60,12 @@ class FirstShards:
 class MemorySource(FirstShards):
     """Shards decoded into memory before training starts."""
 
-    def __init__(self, source, wanted: list[tuple[str, int]]):
+    def __init__(self, source, wanted: list[tuple[int, str, int]]):
         super().__init__(source, len(source))
         self.shards = [source.read(k, wanted) for k in range(len(source))]
 
     def rows(self, shard: int):
-        return self.shards[shard].rows
+        return self.shards[shard][0].rows
 
     def read(self, shard: int, wanted, distribution: bool = False):
         return self.shards[shard]
@@ -89,7 +89,7 @@ def main() -> None:
     teacher = cache.task.load_model(cache.teacher_dir(search=(TEACHER_ROOT,))).to(device).eval()
     test = cache.rows("test")
     cached = FirstShards(CacheSource(cache.cache, "train"), args.shards)
-    wanted = [("hidden_states", t) for t in student.teacher_layers]
+    wanted = [(0, "hidden_states", t) for t in student.teacher_layers]
     online = TokenSource(cache.rows("train"), shard_rows=cache.cache.manifest.shard_rows)
     sources = {"cached": cached, "in memory": MemorySource(cached, wanted), "online": FirstShards(online, args.shards)}
     live = LiveTeacher(teacher, task=cache.task, tokenizer=tokenizer, specs=cache.cache.manifest.tensors, heads=cache.meta.stored_heads,

@@ -168,6 +168,8 @@ class TeacherConfig:
     precision: str = "auto"  # autocast dtype: auto, float32, bfloat16 or float16 (float16 adds loss scaling)
     checkpoint_steps: int = 500  # save a resumable checkpoint every this many steps (and after every epoch)
     output_root: str = "models/teachers"  # fine-tuned teachers live in <output_root>/<key>/
+    seed: int | None = None  # the fine-tuning's initialization and batch order; None: the experiment's seed
+    # (which also splits the data): teachers of other seeds over the same rows, for distill.teachers
 
     def __post_init__(self):
         _check(self.epochs >= 1, f"teacher.epochs must be >= 1; got {self.epochs!r}")
@@ -260,6 +262,7 @@ class CaptureConfig:
 # The loss terms (pipeline/losses.py holds them): logits, hidden states, attention maps.
 LOSS_KINDS = ("kl", "reverse_kl", "jsd", "logit_mse", "ce", "hidden_mse", "hidden_cosine", "cls_mse", "attention_mse",
               "attention_kl")  # fmt: skip
+FEATURE_KINDS = ("hidden_mse", "hidden_cosine", "cls_mse", "attention_mse", "attention_kl")  # compare tensors
 TAILS = ("bucket", "renormalize")  # a top-k cache's KL: the other ids as one outcome, or left out
 MAPPINGS = ("auto", "uniform", "last")  # or explicit pairs in layer_map
 
@@ -275,6 +278,8 @@ class LossTerm:
     # None: 2.0, or for a causal-lm cache the temperature its distributions were taken at (the only one it allows)
     temperature_end: float | None = None  # linear schedule, as weight_end (not with a causal-lm cache)
     tail: str = "bucket"  # a top-k causal-lm cache: the ids outside the top k as one outcome, or renormalize
+    teacher: int | None = None  # hidden and attention terms: the distill.teachers position whose tensors they
+    # compare; None: the student's first teacher
 
     def __post_init__(self):
         _check(self.kind in LOSS_KINDS, f"unknown loss kind {self.kind!r}; choose from {list(LOSS_KINDS)}")
@@ -285,6 +290,9 @@ class LossTerm:
             f"loss {self.kind}: temperature must be > 0; got {self.temperature!r}",
         )
         _check(self.tail in TAILS, f"loss {self.kind}: tail must be one of {list(TAILS)}; got {self.tail!r}")
+        _check(self.teacher is None or self.kind in FEATURE_KINDS,
+               f"loss {self.kind}: only hidden and attention terms name a teacher; logit terms learn from the "
+               "student's teachers (its teachers:), fused")  # fmt: skip
 
 
 DEFAULT_TEMPERATURE = 2.0  # of a kl term that names none, on a cache of logits
@@ -330,8 +338,12 @@ class StudentConfig:
     freeze_embeddings: bool = False  # keep the word embeddings fixed (faster steps on CPU)
     freeze_layers: int = 0  # keep the first k transformer layers fixed
     lora: LoraConfig | None = None  # train LoRA adapters through peft instead of the full weights
+    teachers: tuple[int, ...] | None = None  # the distill.teachers (by position) its logit terms learn from; None: all
+    fusion: Fusion | None = None  # how it fuses them; None: distill.fusion
 
     def __post_init__(self):
+        _check(self.teachers is None or (len(self.teachers) > 0 and min(self.teachers) >= 0),
+               f"student {self.name!r}: teachers must list teacher positions (0-based) or be null")  # fmt: skip
         given = [self.teacher_layers is not None, self.pretrained is not None, self.architecture is not None]
         bad_pairs = [list(p) for p in self.layer_map or () if len(p) != 2 or min(p) < 0]
         _check(
@@ -344,6 +356,27 @@ class StudentConfig:
         )
         _check(self.mapping in MAPPINGS, f"student {self.name!r}: mapping must be one of {list(MAPPINGS)}")
         _check(self.freeze_layers >= 0, f"student {self.name!r}: freeze_layers must be >= 0")
+
+
+FUSION_RULES = ("mean", "weighted", "confidence", "best")
+
+
+@dataclass(frozen=True)
+class Fusion:
+    """How a student's logit targets fuse several teachers' class distributions (at the term's temperature):
+    ``mean`` of their probabilities, ``weighted`` mean (``weights``, one per teacher of distill.teachers),
+    ``confidence``: per outcome, each teacher weighted by its top probability, or ``best``: per outcome, the
+    teacher that is right on a labeled one (the most confident of those right), else the most confident."""
+
+    rule: str = "mean"
+    weights: tuple[float, ...] | None = None
+
+    def __post_init__(self):
+        _check(self.rule in FUSION_RULES, f"fusion.rule must be one of {list(FUSION_RULES)}; got {self.rule!r}")
+        _check((self.rule == "weighted") == (self.weights is not None),
+               "fusion.weights are given with rule weighted, and only then")  # fmt: skip
+        _check(self.weights is None or (min(self.weights) >= 0 and sum(self.weights) > 0),
+               f"fusion.weights must be >= 0 and not all 0; got {self.weights!r}")  # fmt: skip
 
 
 SELECT_BY = ("confidence", "margin", "entropy", "correct")  # what distill.select keeps training rows by
@@ -390,6 +423,9 @@ class DistillConfig:
     checkpoint_steps: int = 200  # save a resumable checkpoint every this many steps (and after every epoch)
     run_root: str = "runs"  # each run writes <run_root>/<timestamp>-<name>/; <run_root>/latest points to it
     select: Selection | None = None  # train on the rows the teacher's outputs choose; None: every row
+    teachers: tuple[str, ...] = ()  # teacher caches over the same examples: paths, URLs, or configs (.yaml) whose
+    # teacher-cache made them; the first gives the rows, tokenizer and test split; none: the config's own cache
+    fusion: Fusion = field(default_factory=Fusion)  # how students with several teachers fuse their logits
 
     def __post_init__(self):
         _check(len(self.students) > 0, "distill.students must list at least one student")
@@ -404,6 +440,17 @@ class DistillConfig:
             self.baseline_epochs is None or self.baseline_epochs >= 1,
             f"distill.baseline_epochs must be >= 1 or null; got {self.baseline_epochs!r}",
         )
+        count = max(len(self.teachers), 1)
+        for student in self.students:
+            outside = sorted(t for t in student.teachers or () if t >= count)
+            _check(not outside, f"student {student.name!r}: teachers {outside} beyond the {count} of distill.teachers")
+            terms = [t.teacher for t in student.loss or self.loss if t.teacher is not None]
+            _check(max(terms, default=0) < count,
+                   f"student {student.name!r}: a loss term names teacher {max(terms, default=0)}, beyond the {count} "
+                   "of distill.teachers")  # fmt: skip
+        for fusion in (self.fusion, *(s.fusion for s in self.students if s.fusion is not None)):
+            _check(fusion.weights is None or len(fusion.weights) == count,
+                   f"fusion.weights must give one weight per teacher ({count}); got {fusion.weights!r}")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -442,6 +489,18 @@ class ExperimentConfig:
             return None
         return self.capture.generate or Generation()
 
+    @property
+    def teacher_seed(self) -> int:
+        """The seed of the teacher's fine-tuning: ``teacher.seed``, or the experiment's."""
+        return self.seed if self.teacher is None or self.teacher.seed is None else self.teacher.seed
+
+    def teacher_stages(self) -> list[ExperimentConfig]:
+        """The experiments whose teacher stages this one needs: the config files among ``distill.teachers``
+        (as they are written), and this one when it has its own data: and teacher: (or names no such file)."""
+        named = [load_config(t) for t in self.distill.teachers if t.endswith((".yaml", ".yml"))] if self.distill else []
+        own = self.data is not None or self.teacher is not None or not named
+        return [*([self] if own else []), *(c for c in named if c.name != self.name)]
+
     def require(self, *sections: str, stage: str) -> None:
         """Refuse a config that lacks a section ``stage`` needs."""
         missing = [name for name in sections if getattr(self, name) is None]
@@ -460,11 +519,32 @@ def load_config(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -
     Raises:
         ConfigError: unknown or missing keys, or values out of range; the message names the key.
     """
-    raw = _read_yaml(path)
+    raw = _read_config(Path(path))
     for override in overrides:
         _apply_override(raw, override)
     raw.setdefault("name", Path(path).stem)
     return _build(ExperimentConfig, raw, str(path))
+
+
+def _read_config(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A config file's keys; with ``extends: other.yaml`` (relative to the file), the other file's keys
+    with this one's merged over them, section by section (lists are replaced, and the name is not inherited)."""
+    raw = _read_yaml(path)
+    base = raw.pop("extends", None)
+    if base is None:
+        return raw
+    parent = path.parent / str(base)
+    _check(parent.resolve() not in seen, f"{path}: extends {base}, which extends it again")
+    inherited = _read_config(parent, (*seen, path.resolve()))
+    inherited.pop("name", None)
+    return _merged(inherited, raw)
+
+
+def _merged(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merged(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return out
 
 
 def _apply_override(raw: dict, override: str) -> None:

@@ -34,9 +34,14 @@ def distribution_key(name: str) -> str:
     return f"teacher_distribution/{name}"
 
 
-def tensor_key(name: str, layer: int) -> str:
-    """The batch key of a teacher tensor: ``hidden_states/3``."""
-    return f"{name}/{layer}"
+def tensor_key(name: str, layer: int, teacher: int = 0) -> str:
+    """The batch key of a teacher tensor: ``hidden_states/3``; of the ``teacher``-th of several, ``teacher2/hidden_states/3``."""
+    return teacher_key(f"{name}/{layer}", teacher)
+
+
+def teacher_key(key: str, teacher: int) -> str:
+    """The batch key of what the ``teacher``-th of several teachers gives under ``key`` (the first's keeps it)."""
+    return key if teacher == 0 else f"teacher{teacher}/{key}"
 
 
 def update_rows(fp: Fingerprint, name: str, rows: ShardRows) -> Fingerprint:

@@ -115,10 +115,16 @@ def collate_rows(collate: Collator, rows: ShardRows, index: np.ndarray, fills: d
     batch = collate([rows.input_ids[i] for i in index])
     length = batch["input_ids"].shape[1]
     for name, fill in fills.items():
-        value = rows[name]
-        value = value[index] if isinstance(value, np.ndarray) else padded([value[i] for i in index], length, fill)
-        batch[name] = torch.from_numpy(value.astype(np.int64) if value.dtype.kind == "i" else value)
+        batch[name] = column_batch(rows, name, index, length, fill)
     return batch
+
+
+def column_batch(rows: ShardRows, name: str, index: np.ndarray, length: int, fill) -> torch.Tensor:
+    """Column ``name`` of the rows at ``index``: stacked, or padded to ``length`` with ``fill`` where it is
+    per token; integers as int64."""
+    value = rows[name]
+    value = value[index] if isinstance(value, np.ndarray) else padded([value[i] for i in index], length, fill)
+    return torch.from_numpy(value.astype(np.int64) if value.dtype.kind == "i" else value)
 
 
 @torch.inference_mode()

@@ -33,11 +33,11 @@ from ..report import ModelResult, write_report
 from ..runtime import ALONE, Ranks, barrier, process_group, resolve_device
 from ..tasks.causal_lm import continuations
 from ..training import Checkpoint, Collator, EpochRecord, Learner, evaluate, fit, predict
-from .inputs import TeacherCache, locate_cache
+from .inputs import TeacherCache, open_teachers, teacher_locations
 from .losses import ATTENTION_TERMS
 from .objective import BASELINE_LOSS, Objective, layer_pairs
 from .streaming import CacheSource, LiveTeacher, Select, StudentStream, TokenSource, row_selection
-from .students import build_student, check_student_fits, merged
+from .students import build_student, check_student_fits, feature_teacher, merged
 
 CONFIG_RECORD = "config.json"
 TEACHER_ROOT = Path("models/teachers")  # where fine-tuned teachers live by default: searched for a cache's teacher
@@ -55,8 +55,8 @@ def run_distill(cfg: ExperimentConfig, *, cache_location: str | Location | None 
     """Distill every configured student (for each seed) from a teacher cache, evaluate them, write the report.
 
     Args:
-        cache_location: the cache (a path or URL, e.g. a shared one); None: the cache
-            ``teacher-cache`` made for this config (``locate_cache``).
+        cache_location: the cache (a path or URL, e.g. a shared one); None: ``distill.teachers``, or
+            the cache ``teacher-cache`` made for this config (``teacher_locations``).
         online: run the teacher live on every batch instead of reading its outputs from the
             cache (the batches are the same; for comparison).
         resume: a run directory to continue (its config must be this one).
@@ -70,32 +70,37 @@ def run_distill(cfg: ExperimentConfig, *, cache_location: str | Location | None 
         CacheError: no cache there, or a damaged one.
     """
     cfg.require("distill", stage="distill")
-    location = cache_location if cache_location is not None else locate_cache(cfg)
+    locations = teacher_locations(cfg, cache_location)
     ranks = Ranks.from_env()
     with process_group(ranks):
-        return _distill(cfg, ranks, location, online=online, resume=resume, select=select, teacher=teacher)
+        return _distill(cfg, ranks, locations, online=online, resume=resume, select=select, teacher=teacher)
 
 
-def _distill(cfg: ExperimentConfig, ranks: Ranks, location, *, online: bool, resume: str | Path | None,
+def _distill(cfg: ExperimentConfig, ranks: Ranks, locations: list, *, online: bool, resume: str | Path | None,
              select: Select | None, teacher: str | None) -> RunResult:  # fmt: skip
     say = tqdm.write if ranks.is_main else lambda message: None
-    cache = TeacherCache(location)
+    teachers = open_teachers(locations)
+    cache = teachers[0]
     if cfg.task is not None and cfg.task != cache.meta.task:
         raise ConfigError(
             f"config {cfg.name!r} is for {cfg.task}, but cache {cache.key} holds a {cache.meta.task} teacher"
         )
     task, manifest = cache.task, cache.cache.manifest
-    say(f"distill: reading cache {cache.key} ({manifest.rows} rows, {manifest.bytes / 1e6:.1f} MB) of teacher "
-        f"{cache.meta.teacher_name}")  # fmt: skip
+    for k, each in enumerate(teachers):
+        say(f"distill: reading cache {each.key} ({each.cache.manifest.rows} rows, {each.cache.manifest.bytes / 1e6:.1f} "
+            f"MB) of teacher {f'{k} ' if len(teachers) > 1 else ''}{each.meta.teacher_name}")  # fmt: skip
     if select is None and cfg.distill.select is not None:
         select = row_selection(cfg.distill.select)
     if online and select is not None:
         raise ConfigError("sample selection reads cached teacher statistics; it cannot run with --online")
+    if online and len(teachers) > 1:
+        raise ConfigError("--online runs one teacher live; distill.teachers names several")
     if select is not None and task.per_token:
         raise ConfigError(f"sample selection reads one logit vector per row; cache {cache.key} is {task.name}")
-    stored = None if online else cache.stored("train")
     for spec in cfg.distill.students:
-        check_student_fits(spec, cfg.distill.loss, cache, stored)
+        features = teachers[feature_teacher(spec, cfg.distill.loss)]
+        check_student_fits(spec, cfg.distill.loss, features, None if online else features.stored("train"),
+                           teachers=len(spec.teachers or teachers))  # fmt: skip
     teacher_model = None
     if online or any(spec.teacher_layers is not None for spec in cfg.distill.students):
         search = (Path(cfg.teacher.output_root),) if cfg.teacher is not None else (TEACHER_ROOT,)
@@ -104,7 +109,7 @@ def _distill(cfg: ExperimentConfig, ranks: Ranks, location, *, online: bool, res
         source = TokenSource(cache.rows("train"), shard_rows=manifest.shard_rows)
         say("distill: the teacher runs live on every batch (--online)")
     else:
-        source = CacheSource(cache.cache, "train")
+        source = CacheSource([each.cache for each in teachers], "train")
     run_dir = _run_dir(cfg, resume, ranks, say)
     test = cache.rows("test")
     device = resolve_device(cfg.device, ranks)
@@ -154,16 +159,20 @@ def _distill(cfg: ExperimentConfig, ranks: Ranks, location, *, online: bool, res
                 continue
             trained = train_pass(cfg, cache, source, run_dir, name, seed=seed, kd=kd, epochs=epochs[kd],
                                  device=device, teacher_model=teacher_model, live=live, select=select,
-                                 ranks=ranks)  # fmt: skip
+                                 ranks=ranks, teachers=teachers)  # fmt: skip
             barrier(ranks)
             if not ranks.is_main:  # rank 0 saves, evaluates and reports
                 continue
             done = []
-            for spec, (student, history) in zip(cfg.distill.students, trained, strict=True):
-                model_name = spec.name if kd else f"{spec.name}-no-kd"
+            for spec, (student, history) in zip(pass_students(cfg, kd), trained, strict=True):
+                model_name = model_label(spec, kd)
                 directory = run_dir / "models" / f"{model_name}-seed{seed}"
                 save_model(student, cache.tokenizer, directory)
-                baseline = f"{spec.name}-no-kd" if kd and cfg.distill.baselines else None
+                baseline = (
+                    model_label(baseline_of(spec, cfg.distill.students), False)
+                    if kd and cfg.distill.baselines
+                    else None
+                )
                 role = "student" if kd else "baseline"
                 done.append(evaluated(student, model_name, role, seed, directory, history, baseline))
             record.parent.mkdir(exist_ok=True)
@@ -173,14 +182,16 @@ def _distill(cfg: ExperimentConfig, ranks: Ranks, location, *, online: bool, res
             results += done
     barrier(ranks)
     if ranks.is_main:  # the teacher's row last: timing its inference does not delay the first training step
-        results.insert(0, teacher_result(cache, teacher_model, test, device, seed=cfg.seed))
+        results[:0] = [teacher_result(each, teacher_model if k == 0 else None, test, device, seed=cfg.seed,
+                                      name="teacher" if k == 0 else f"teacher-{k}")
+                       for k, each in enumerate(teachers)]  # fmt: skip
         write_report(run_dir, results, task=task, config=dataclasses.asdict(cfg), cache_key=cache.key,
                      samples=cache.meta.samples, selection=selection)  # fmt: skip
     return RunResult(run_dir, results)
 
 
-def teacher_result(cache: TeacherCache, model: nn.Module | None, test, device: torch.device, *,
-                   seed: int) -> ModelResult:  # fmt: skip
+def teacher_result(cache: TeacherCache, model: nn.Module | None, test, device: torch.device, *, seed: int,
+                   name: str = "teacher") -> ModelResult:  # fmt: skip
     """The teacher's row of the report, from the cache: its metrics on test from the cached logits,
     its size and steps; its inference speed only when its weights are loaded anyway."""
     card = cache.meta.teacher
@@ -188,7 +199,7 @@ def teacher_result(cache: TeacherCache, model: nn.Module | None, test, device: t
     if model is not None:
         collate = Collator.for_model(cache.tokenizer, model.config)
         speed = evaluate(model.to(device), test, task=cache.task, label_names=cache.label_names, collate=collate)
-    return ModelResult(name="teacher", role="teacher", seed=seed, metrics=card.metrics["test"],
+    return ModelResult(name=name, role="teacher", seed=seed, metrics=card.metrics["test"],
                        params=card.params, size_bytes=card.size_bytes,
                        examples_per_s=speed and speed.examples_per_s, tokens_per_s=speed and speed.tokens_per_s,
                        path=cache.meta.teacher_name, steps=card.steps)  # fmt: skip
@@ -207,6 +218,27 @@ def student_stream(cfg: ExperimentConfig, source, cache: TeacherCache, *, seed: 
                          seed=seed, wanted=wanted, labeled_only=not kd, select=select,
                          block_rows=cfg.distill.block_rows, buffer_rows=cfg.distill.buffer_rows, rank=ranks.rank,
                          world=ranks.world, distribution=cache.distribution if distributions else None)  # fmt: skip
+
+
+def baseline_of(spec: StudentConfig, students: tuple[StudentConfig, ...]) -> StudentConfig:
+    """The first of ``students`` whose hard-label baseline is ``spec``'s: the same model, built and frozen
+    alike (their losses, teachers and layer mappings play no part in a baseline)."""
+
+    def model(s: StudentConfig) -> StudentConfig:
+        return dataclasses.replace(s, name="", loss=None, teachers=None, fusion=None, layer_map=None, mapping="auto")
+
+    return next(s for s in students if model(s) == model(spec))
+
+
+def pass_students(cfg: ExperimentConfig, kd: bool) -> list[StudentConfig]:
+    """The models a pass trains: every student (kd), or one baseline per distinct student model."""
+    students = cfg.distill.students
+    return list(students) if kd else [s for s in students if baseline_of(s, students) is s]
+
+
+def model_label(spec: StudentConfig, kd: bool) -> str:
+    """A model's name in the report: the student's, or its baseline's (``minilm-l2-no-kd``)."""
+    return spec.name if kd else f"{spec.name}-no-kd"
 
 
 def baseline_epochs(cfg: ExperimentConfig, *, student_steps: int, per_epoch: int) -> int:
@@ -236,8 +268,8 @@ def require_batches(stream: StudentStream, pass_name: str) -> None:
 
 def train_pass(cfg: ExperimentConfig, teacher: TeacherCache, source, run_dir: Path, name: str, *, seed: int,
                kd: bool, epochs: int, device: torch.device, teacher_model: nn.Module | None = None,
-               live: LiveTeacher | None = None, select: Select | None = None,
-               ranks: Ranks = ALONE) -> list[tuple[nn.Module, list[EpochRecord]]]:  # fmt: skip
+               live: LiveTeacher | None = None, select: Select | None = None, ranks: Ranks = ALONE,
+               teachers: list[TeacherCache] | None = None) -> list[tuple[nn.Module, list[EpochRecord]]]:  # fmt: skip
     """Train every student (kd) or every baseline (not kd) of one seed on one stream of batches.
 
     Under torchrun each rank streams its own part and DDP averages the gradients. Each
@@ -246,22 +278,26 @@ def train_pass(cfg: ExperimentConfig, teacher: TeacherCache, source, run_dir: Pa
 
     Args:
         teacher_model: the teacher, loaded when a student is cut from its layers.
+        teachers: every teacher's cache when there are several (``teacher`` is the first; ``source`` reads them all).
 
     Returns:
         Per student: the model holding its best validation epoch's weights, and its epochs.
     """
     students, objectives, collators = [], [], []
-    teacher_config, tokenizer = teacher.teacher_config, teacher.tokenizer
-    for spec in cfg.distill.students:
+    teachers = teachers or [teacher]
+    for spec in pass_students(cfg, kd):
         torch.manual_seed(seed)
         terms = (spec.loss or cfg.distill.loss) if kd else BASELINE_LOSS
         wants_attention = any(t.kind in ATTENTION_TERMS for t in terms)
         student = build_student(spec, teacher, teacher_model, attention_maps=wants_attention).to(device)
-        pairs = layer_pairs(spec, student.config.num_hidden_layers, teacher_config.num_hidden_layers)
-        collate = Collator.for_model(tokenizer, student.config)
-        objective = Objective(student, teacher.task, terms, pairs, teacher_width=teacher_config.hidden_size,
-                              inputs=collate.inputs, attention_heads=teacher.meta.stored_heads,
-                              sparse=teacher.distribution)  # fmt: skip
+        k = feature_teacher(spec, terms)
+        features = teachers[k]
+        pairs = layer_pairs(spec, student.config.num_hidden_layers, features.teacher_config.num_hidden_layers)
+        collate = Collator.for_model(teacher.tokenizer, student.config)
+        objective = Objective(student, teacher.task, terms, pairs, teacher_width=features.teacher_config.hidden_size,
+                              inputs=collate.inputs, attention_heads=features.meta.stored_heads,
+                              sparse=teacher.distribution, teachers=spec.teachers or tuple(range(len(teachers))),
+                              fusion=spec.fusion or cfg.distill.fusion, feature_teacher=k)  # fmt: skip
         students.append(student)
         objectives.append(objective.to(device))
         collators.append(collate)
@@ -284,7 +320,7 @@ def train_pass(cfg: ExperimentConfig, teacher: TeacherCache, source, run_dir: Pa
     def learner(spec: StudentConfig, student: nn.Module, objective: Objective, collate: Collator) -> Learner:
         step_loss = objective if ranks.world == 1 else DistributedDataParallel(objective)  # gradients averaged
         return Learner(
-            name=spec.name if kd else f"{spec.name}-no-kd",
+            name=model_label(spec, kd),
             model=student,
             trainable=[objective],
             step_loss=lambda batch, step: step_loss(batch, progress=step / max(total - 1, 1)),
@@ -301,9 +337,9 @@ def train_pass(cfg: ExperimentConfig, teacher: TeacherCache, source, run_dir: Pa
 
     def epoch_batches(epoch: int, start: int):
         loader = stream.loader(epoch, start, workers=cfg.distill.loader_workers, pin_memory=device.type == "cuda")
-        return loader if live is None else (live.annotate(batch, wanted) for batch in loader)
+        return loader if live is None else (live.annotate(batch, [(n, t) for _, n, t in wanted]) for batch in loader)
 
-    learners = [learner(*args) for args in zip(cfg.distill.students, students, objectives, collators, strict=True)]
+    learners = [learner(*args) for args in zip(pass_students(cfg, kd), students, objectives, collators, strict=True)]
     fit(
         learners,
         epochs=epochs,

@@ -17,7 +17,7 @@ from transformers import AutoConfig
 from cache_store import Cache, CacheFormatError, CacheNotFoundError, Location, ShardRows, named_cache, open_cache
 from cache_store.distribution import SparseSpec
 
-from ..config import ExperimentConfig
+from ..config import ExperimentConfig, load_config
 from ..contract import TEACHER, TEACHER_RECORD, TOKENIZER, CacheMetadata, experiment_identity, teacher_fingerprint
 from ..errors import ConfigError
 from ..models import load_tokenizer, model_dir
@@ -113,6 +113,46 @@ class TeacherCache:
                 "copy of that one"
             )
         return directory
+
+
+def teacher_locations(cfg: ExperimentConfig, cache: str | Location | None = None) -> list[str | Location]:
+    """Where the run's teachers' caches are: ``distill.teachers`` (a config file names the cache its
+    ``teacher-cache`` made), or else the one cache: ``cache`` (--cache) or the config's own.
+
+    Raises:
+        ConfigError: both --cache and distill.teachers, or a config among the teachers without its cache.
+    """
+    if not cfg.distill.teachers:
+        return [cache if cache is not None else locate_cache(cfg)]
+    if cache is not None:
+        raise ConfigError(
+            f"config {cfg.name!r} names its teachers' caches in distill.teachers; give them there "
+            "(--set 'distill.teachers=[...]'), not with --cache"
+        )
+    return [locate_cache(load_config(t)) if t.endswith((".yaml", ".yml")) else t for t in cfg.distill.teachers]
+
+
+def open_teachers(locations: list[str | Location]) -> list[TeacherCache]:
+    """The teachers' caches, which must hold the same examples: the same task, tokenizer, rows and labels.
+
+    Raises:
+        ConfigError: two caches that differ there (the message says in what), or a causal LM cache among
+            several (fusion reads logits).
+    """
+    caches = [TeacherCache(location) for location in locations]
+    first = caches[0]
+    for other in caches[1:]:
+        for what, field in (("task", "task"), ("tokenizer", "tokenizer_fingerprint"),
+                            ("rows (data fingerprint)", "data_fingerprint"), ("label names", "label_names")):  # fmt: skip
+            mine, theirs = getattr(first.meta, field), getattr(other.meta, field)
+            if mine != theirs:
+                raise ConfigError(
+                    f"teacher caches {first.key} and {other.key} are not over the same examples: their {what} differ "
+                    f"({mine} vs {theirs}); capture every teacher from the same data and tokenizer"
+                )
+    if len(caches) > 1 and first.distribution is not None:
+        raise ConfigError(f"cache {first.key} holds a causal LM's sparse distributions; fusing teachers needs logits")
+    return caches
 
 
 def locate_cache(cfg: ExperimentConfig) -> Location:

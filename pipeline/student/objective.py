@@ -7,11 +7,12 @@ from torch import nn
 
 from cache_store.distribution import SparseSpec
 
-from ..config import DEFAULT_TEMPERATURE, LossTerm, StudentConfig
-from ..contract import ATTENTION, HIDDEN, TEACHER_LOGITS, distribution_key, tensor_key
+from ..config import DEFAULT_TEMPERATURE, Fusion, LossTerm, StudentConfig
+from ..contract import ATTENTION, HIDDEN, TEACHER_LOGITS, distribution_key, teacher_key, tensor_key
 from ..errors import ConfigError
 from ..tasks import Task
 from ..tasks.next_token import scored
+from .fusion import fused_log_probs
 from .losses import (
     ATTENTION_TERMS,
     DIVERGENCES,
@@ -25,6 +26,7 @@ from .losses import (
 )
 
 BASELINE_LOSS = (LossTerm("ce", 1.0),)  # the no-KD baseline: hard labels only
+MEAN = Fusion()
 
 
 def layer_pairs(spec: StudentConfig, student_depth: int, teacher_depth: int) -> tuple[tuple[int, int], ...]:
@@ -73,13 +75,20 @@ class Objective(nn.Module):
             student's maps of the same heads are compared with them (None: all heads).
         sparse: a causal LM cache's distributions (top-k, sampled or dense): the divergence terms
             compare them with the student's next-token distributions at the cache's temperature.
+        teachers: the positions of the teachers whose logits the logit terms learn from, fused by
+            ``fusion`` (``fusion.fused_log_probs``) when there are several.
+        feature_teacher: the position of the teacher whose hidden states and attention maps the
+            feature terms compare (``pairs`` and ``teacher_width`` are its).
     """
 
     def __init__(self, student: nn.Module, task: Task, terms: tuple[LossTerm, ...], pairs: tuple[tuple[int, int], ...],
                  *, teacher_width: int, inputs: tuple[str, ...] = ("input_ids", "attention_mask"),
-                 attention_heads: tuple[int, ...] | None = None, sparse: SparseSpec | None = None):  # fmt: skip
+                 attention_heads: tuple[int, ...] | None = None, sparse: SparseSpec | None = None,
+                 teachers: tuple[int, ...] = (0,), fusion: Fusion = MEAN,
+                 feature_teacher: int = 0):  # fmt: skip
         super().__init__()
         self.student, self.task, self.terms, self.inputs, self.sparse = student, task, terms, inputs, sparse
+        self.teachers, self.fusion, self.feature_teacher = teachers, fusion, feature_teacher
         self.attention_heads = list(attention_heads) if attention_heads is not None else None
         kinds = {t.kind for t in terms}
         self.hidden_pairs = pairs if kinds & set(HIDDEN_TERMS) else ()
@@ -93,10 +102,22 @@ class Objective(nn.Module):
         )
 
     @property
-    def wanted(self) -> list[tuple[str, int]]:
-        """The cached teacher tensors this objective reads: (tensor, layer)."""
-        hidden = sorted({t for _, t in self.hidden_pairs})
-        return [(HIDDEN, t) for t in hidden] + [(ATTENTION, t) for t in sorted({t for _, t in self.attention_pairs})]
+    def wanted(self) -> list[tuple[int, str, int]]:
+        """The cached teacher tensors this objective reads: (teacher, tensor, layer)."""
+        k = self.feature_teacher
+        hidden = [(k, HIDDEN, t) for t in sorted({t for _, t in self.hidden_pairs})]
+        return hidden + [(k, ATTENTION, t) for t in sorted({t for _, t in self.attention_pairs})]
+
+    def teacher_distributions(self, batch: dict[str, torch.Tensor], temperature: float) -> torch.Tensor:
+        """The teacher logits (N, C) the logit terms compare with: the one teacher's ``Task.distributions``,
+        or several teachers' fused at ``temperature`` (as logits whose softmax at it is the fused distribution)."""
+        rows = [self.task.distributions(batch[teacher_key(TEACHER_LOGITS, k)], batch) for k in self.teachers]
+        if len(rows) == 1:
+            return rows[0]
+        weights = self.fusion.weights and tuple(self.fusion.weights[k] for k in self.teachers)
+        fused = fused_log_probs(rows, self.task.hard_targets(batch), self.fusion.rule, temperature=temperature,
+                                weights=weights)  # fmt: skip
+        return temperature * fused
 
     def forward(
         self, batch: dict[str, torch.Tensor], progress: float = 0.0
@@ -117,8 +138,8 @@ class Objective(nn.Module):
                                                 renormalize=term.tail == "renormalize")  # fmt: skip
             elif term.kind in (*DIVERGENCES, "logit_mse"):
                 student = self.task.distributions(logits, batch)
-                teacher = self.task.distributions(batch[TEACHER_LOGITS], batch)
                 temperature = scheduled(term.temperature or DEFAULT_TEMPERATURE, term.temperature_end, progress)
+                teacher = self.teacher_distributions(batch, temperature)
                 value = (
                     logit_mse(student, teacher)
                     if term.kind == "logit_mse"
@@ -129,14 +150,18 @@ class Objective(nn.Module):
             elif term.kind in HIDDEN_TERMS:
                 value = sum(
                     HIDDEN_TERMS[term.kind](
-                        self.projections[str(s)](out.hidden_states[s]), batch[tensor_key(HIDDEN, t)], mask
+                        self.projections[str(s)](out.hidden_states[s]),
+                        batch[tensor_key(HIDDEN, t, self.feature_teacher)],
+                        mask,
                     )
                     for s, t in self.hidden_pairs
                 ) / len(self.hidden_pairs)
             else:
                 value = sum(
                     ATTENTION_TERMS[term.kind](
-                        self._student_maps(out.attentions[s - 1]), batch[tensor_key(ATTENTION, t)], mask
+                        self._student_maps(out.attentions[s - 1]),
+                        batch[tensor_key(ATTENTION, t, self.feature_teacher)],
+                        mask,
                     )
                     for s, t in self.attention_pairs
                 ) / len(self.attention_pairs)

@@ -20,7 +20,7 @@ worker keeps the shard it is on and reads its next one on a thread meanwhile.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -33,15 +33,17 @@ from cache_store.distribution import PerToken, SparseSpec, decode_arrays, encode
 from cache_store.shard import decode, encode
 
 from ..config import Selection
-from ..contract import ATTENTION, EXAMPLE_ID, HIDDEN, TEACHER_LOGITS, distribution_key, tensor_key
+from ..contract import ATTENTION, EXAMPLE_ID, HIDDEN, TEACHER_LOGITS, distribution_key, teacher_key, tensor_key
+from ..errors import ConfigError
 from ..inspection import TeacherStats
 from ..runtime import autocast
 from ..tasks import LABEL, LOGITS, Task
 from ..tasks.causal_lm import host_rows
 from ..tasks.next_token import scored, select_distribution, teacher_probabilities, token_coordinates
-from ..training import Batch, Collator, collate_rows, length_grouped_batches, to_device
+from ..training import Batch, Collator, collate_rows, column_batch, length_grouped_batches, to_device
 
 Select = Callable[[TeacherStats], np.ndarray]  # a boolean mask of the rows to stream
+Wanted = tuple[int, str, int]  # a teacher tensor a batch carries: (teacher position, tensor name, layer)
 
 
 def row_selection(selection: Selection) -> Select:
@@ -67,27 +69,50 @@ def row_selection(selection: Selection) -> Select:
 
 
 class CacheSource:
-    """Shards of one cache split: their row counts, row statistics, and the shards themselves.
+    """Shards of one split of a teacher's cache, or of several teachers' caches over the same examples:
+    their row counts, row statistics (the first teacher's), and the shards themselves.
 
     Each shard's rows are read once and kept (they are small beside its tensors): every
     pass plans its batches from them.
+
+    Raises:
+        ConfigError: the caches split the examples into other shards (capture.shard_rows differs).
     """
 
-    def __init__(self, cache: Cache, split: str):
-        self.cache, self.split = cache, split
-        self.entries = cache.shards(split)
+    def __init__(self, caches: Cache | Sequence[Cache], split: str):
+        self.caches = [caches] if isinstance(caches, Cache) else list(caches)
+        self.split = split
+        self.entries = [cache.shards(split) for cache in self.caches]  # per teacher, per shard
+        first = self.caches[0]
+        for cache, entries in zip(self.caches[1:], self.entries[1:], strict=True):
+            if [e.rows for e in entries] != [e.rows for e in self.entries[0]]:
+                raise ConfigError(
+                    f"teacher caches {first.key} and {cache.key} cut {split} into other shards ({len(self.entries[0])} "
+                    f"and {len(entries)}); capture every teacher with the same capture.shard_rows"
+                )
         self._rows: dict[int, ShardRows] = {}
 
     def __len__(self) -> int:
-        return len(self.entries)
+        return len(self.entries[0])
 
     def rows(self, shard: int) -> ShardRows:
         if shard not in self._rows:
-            self._rows[shard] = self.cache.read_shard(self.entries[shard], []).rows
+            self._rows[shard] = self.caches[0].read_shard(self.entries[0][shard], []).rows
         return self._rows[shard]
 
-    def read(self, shard: int, wanted: list[tuple[str, int]], distribution: bool = False) -> ShardData:
-        return self.cache.read_shard(self.entries[shard], wanted, distribution=distribution)
+    def read(self, shard: int, wanted: list[Wanted], distribution: bool = False) -> list[ShardData]:
+        """Each teacher's part of ``shard``: its rows (with its logits) and the tensors ``wanted`` of it."""
+        out = []
+        for k, (cache, entries) in enumerate(zip(self.caches, self.entries, strict=True)):
+            mine = [(name, layer) for teacher, name, layer in wanted if teacher == k]
+            data = cache.read_shard(entries[shard], mine, distribution=distribution and k == 0)
+            if k and not np.array_equal(data.rows.example_id, out[0].rows.example_id):
+                raise ConfigError(
+                    f"teacher caches {self.caches[0].key} and {cache.key} hold other examples in shard {shard} of "
+                    f"{self.split}; fuse only caches captured from the same data"
+                )
+            out.append(data)
+        return out
 
 
 class TokenSource:
@@ -104,8 +129,8 @@ class TokenSource:
     def rows(self, shard: int) -> ShardRows:
         return self.shards[shard]
 
-    def read(self, shard: int, wanted: list[tuple[str, int]], distribution: bool = False) -> ShardData:
-        return ShardData(rows=self.rows(shard), tensors={}, offsets={}, specs={})
+    def read(self, shard: int, wanted: list[Wanted], distribution: bool = False) -> list[ShardData]:
+        return [ShardData(rows=self.rows(shard), tensors={}, offsets={}, specs={})]
 
 
 class StudentStream(IterableDataset):
@@ -113,7 +138,7 @@ class StudentStream(IterableDataset):
 
     Args:
         task: the cache's task: which rows are labeled, and the row columns a batch carries.
-        wanted: the teacher tensors each batch carries, (name, layer), padded to the batch.
+        wanted: the teacher tensors each batch carries, (teacher, name, layer), padded to the batch.
         distribution: a causal LM cache's distributions, when each batch carries them (``pad_distributions``).
         labeled_only: stream labeled rows only (the hard-label baseline).
         select: sample selection over the teacher's row statistics; None streams every row.
@@ -121,7 +146,7 @@ class StudentStream(IterableDataset):
     """
 
     def __init__(self, source: CacheSource | TokenSource, *, task: Task, collate: Collator, batch_size: int, seed: int,
-                 wanted: list[tuple[str, int]] = (), labeled_only: bool = False, select: Select | None = None,
+                 wanted: list[Wanted] = (), labeled_only: bool = False, select: Select | None = None,
                  block_rows: int = 256, buffer_rows: int = 1024, rank: int = 0, world: int = 1,
                  distribution: SparseSpec | None = None):  # fmt: skip
         self.source, self.collate, self.batch_size, self.seed = source, collate, batch_size, seed
@@ -196,21 +221,23 @@ class StudentStream(IterableDataset):
                 for rows in batches:
                     yield self._collate(data, rows)
 
-    def _collate(self, data: ShardData, rows: np.ndarray) -> Batch:
-        """input_ids, attention_mask (B, T), the task's columns (label: (B,) or (B, T), ...) and the
-        teacher's logits (B, C) or (B, T, C), zero-padded."""
-        cached = LOGITS in data.rows.columns  # not when the teacher runs live
-        batch = collate_rows(self.collate, data.rows, rows, self.fills | ({LOGITS: 0} if cached else {}))
+    def _collate(self, teachers: list[ShardData], rows: np.ndarray) -> Batch:
+        """input_ids, attention_mask (B, T), the task's columns (label: (B,) or (B, T), ...) and each
+        teacher's logits (B, C) or (B, T, C), zero-padded (``teacher_key``)."""
+        data = teachers[0]
+        batch = collate_rows(self.collate, data.rows, rows, self.fills)
         batch[EXAMPLE_ID] = torch.from_numpy(data.rows.example_id[rows])
-        if cached:
-            batch[TEACHER_LOGITS] = batch.pop(LOGITS)
+        if LOGITS in data.rows.columns:  # not when the teacher runs live
+            length = batch["input_ids"].shape[1]
+            for k, part in enumerate(teachers):
+                batch[teacher_key(TEACHER_LOGITS, k)] = column_batch(part.rows, LOGITS, rows, length, 0)
         if data.distribution is not None:
             per_row = [data.example_distribution(i) for i in rows]
             starts = self.distribution.starts(data.rows.columns, len(data.rows))[rows]
             batch |= pad_distributions(per_row, batch["input_ids"].shape[1], self.distribution, starts)
-        for name, layer in self.wanted:
-            arrays = [data.example_tensor(name, layer, i) for i in rows]
-            batch[tensor_key(name, layer)] = _pad_tensors(arrays, batch["input_ids"].shape[1], name)
+        for k, name, layer in self.wanted:
+            arrays = [teachers[k].example_tensor(name, layer, i) for i in rows]
+            batch[tensor_key(name, layer, k)] = _pad_tensors(arrays, batch["input_ids"].shape[1], name)
         return batch
 
     def loader(self, epoch: int, start: int = 0, *, workers: int = 0, pin_memory: bool = False) -> DataLoader:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 from transformers import AutoConfig
 
-from ..config import LossTerm, StudentConfig
+from ..config import FEATURE_KINDS, LossTerm, StudentConfig
 from ..contract import ATTENTION, HIDDEN, tokenizer_fingerprint
 from ..errors import ConfigError
 from ..models import cut_student, encoder_layers, load_tokenizer, model_dir
@@ -62,12 +62,30 @@ def merged(student: nn.Module) -> nn.Module:
     return student.merge_and_unload() if hasattr(student, "merge_and_unload") else student
 
 
+def feature_teacher(spec: StudentConfig, losses: tuple[LossTerm, ...]) -> int:
+    """The position of the teacher whose hidden states and attention maps ``spec``'s feature terms compare:
+    the one they name, or the student's first teacher.
+
+    Raises:
+        ConfigError: its feature terms name different teachers.
+    """
+    named = sorted({t.teacher for t in spec.loss or losses if t.kind in FEATURE_KINDS and t.teacher is not None})
+    if len(named) > 1:
+        raise ConfigError(f"student {spec.name!r}: its hidden and attention terms name teachers {named}; a student "
+                          "compares its layers with one teacher's")  # fmt: skip
+    return named[0] if named else (spec.teachers or (0,))[0]
+
+
 def check_student_fits(spec: StudentConfig, losses: tuple[LossTerm, ...], teacher: TeacherCache,
-                       stored: dict[str, tuple[int, ...]] | None) -> None:  # fmt: skip
+                       stored: dict[str, tuple[int, ...]] | None, *, teachers: int = 1) -> None:  # fmt: skip
     """Refuse a student whose tokenizer differs from the cache's, whose layer mapping needs
     layers outside the student or teacher tensors the cache does not hold (``stored``: tensor
-    name -> layers; None when the teacher runs live), or whose attention maps cannot be
-    compared head for head with the stored subset of the teacher's heads."""
+    name -> layers; None when the teacher runs live), whose attention maps cannot be
+    compared head for head with the stored subset of the teacher's heads, or that fuses
+    ``teachers`` (several) by raw-logit MSE. ``teacher`` is the one its feature terms compare with."""
+    if teachers > 1 and any(t.kind == "logit_mse" for t in spec.loss or losses):
+        raise ConfigError(f"student {spec.name!r}: logit_mse compares raw logits, which {teachers} teachers do not fuse "
+                          "into; use kl, reverse_kl or jsd")  # fmt: skip
     teacher_config, stored_heads = teacher.teacher_config, teacher.meta.stored_heads
     if spec.pretrained is not None:
         theirs = tokenizer_fingerprint(load_tokenizer(model_dir(spec.pretrained)))

@@ -54,9 +54,9 @@ def teacher_key(cfg: ExperimentConfig, base: Path, splits: Splits, tokenizer) ->
     for name, data in (("train", labeled_train(splits)), ("validation", splits["validation"])):
         update_rows(fp, name, task.encode(tokenizer, data, cfg.data))
     fp.update_json("task", task.name)
-    ignored = ("base_model", "output_root", "checkpoint_steps")  # base_model is hashed by content above
+    ignored = ("base_model", "output_root", "checkpoint_steps", "seed")  # base_model is hashed by content above
     settings = {k: v for k, v in dataclasses.asdict(cfg.teacher).items() if k not in ignored}
-    settings |= {"seed": cfg.seed, "max_length": cfg.data.max_length, "training_version": TRAINING_VERSION}
+    settings |= {"seed": cfg.teacher_seed, "max_length": cfg.data.max_length, "training_version": TRAINING_VERSION}
     return fp.update_json("settings", settings).hexdigest()
 
 
@@ -126,7 +126,7 @@ def run_teacher_train(cfg: ExperimentConfig) -> TeacherResult:
     train_rows = task.encode(tokenizer, train, cfg.data)
     validation = task.encode(tokenizer, splits["validation"], cfg.data)
     device = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.teacher_seed)
     model = task.load_model(base, num_labels=len(train.label_names)).to(device)
     model.config.id2label = dict(enumerate(train.label_names))
     model.config.label2id = {name: i for i, name in enumerate(train.label_names)}
@@ -137,7 +137,7 @@ def run_teacher_train(cfg: ExperimentConfig) -> TeacherResult:
     steps = len(length_grouped_batches(lengths, batch_size, np.random.default_rng(0)))
 
     def epoch_batches(epoch: int, start: int):
-        order = length_grouped_batches(lengths, batch_size, np.random.default_rng([cfg.seed, epoch]))
+        order = length_grouped_batches(lengths, batch_size, np.random.default_rng([cfg.teacher_seed, epoch]))
         for index in order[start:]:
             yield collate_rows(collate, train_rows, index, task.batch_columns)
 
@@ -159,7 +159,7 @@ def run_teacher_train(cfg: ExperimentConfig) -> TeacherResult:
         lr=cfg.teacher.learning_rate,
         weight_decay=cfg.teacher.weight_decay,
         warmup_ratio=cfg.teacher.warmup_ratio,
-        seed=cfg.seed,
+        seed=cfg.teacher_seed,
         primary_metric=task.primary_metric,
         lower_is_better=task.lower_is_better,
     )

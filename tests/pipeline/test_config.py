@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_every_shipped_config_loads():
-    for path in sorted((ROOT / "configs").glob("*.yaml")):
+    for path in sorted((ROOT / "configs").rglob("*.yaml")):
         cfg = load_config(path)
         assert cfg.distill.students, path
 
@@ -120,3 +120,17 @@ def test_fractions_label_numbers_and_layer_pairs_from_yaml(tmp_path):
     with pytest.raises(ConfigError, match=r"student 'minilm-l2': layer_map must list \[student layer, teacher layer\] "
                        r"pairs of layers >= 0; got \[\[1, 3, 5\]\]"):  # fmt: skip
         load_config(write(tmp_path, raw))
+
+
+def test_a_config_extends_another_section_by_section_without_its_name(tmp_path):
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump({
+        "name": "base", "seed": 3, "data": {"dataset": "d.yaml", "max_length": 64},
+        "teacher": {"base_model": "m", "epochs": 2}, "capture": {"hidden_layers": [1, 2]}}))  # fmt: skip
+    (tmp_path / "child.yaml").write_text(yaml.safe_dump({
+        "extends": "base.yaml", "teacher": {"seed": 7}, "capture": {"hidden_layers": []}}))  # fmt: skip
+    child = load_config(tmp_path / "child.yaml")
+    assert (child.name, child.seed, child.data.max_length, child.teacher.epochs) == ("child", 3, 64, 2)
+    assert (child.teacher_seed, child.capture.hidden_layers) == (7, ())
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump({"extends": "child.yaml"}))
+    with pytest.raises(ConfigError, match="which extends it again"):
+        load_config(tmp_path / "child.yaml")

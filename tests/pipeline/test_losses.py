@@ -140,7 +140,7 @@ def test_objective_weighs_each_term_and_follows_linear_schedules(tiny_teacher):
     terms = (LossTerm("kl", 1.0, weight_end=0.0, temperature=4.0, temperature_end=1.0), LossTerm("ce", 0.5),
              LossTerm("hidden_mse", 2.0))  # fmt: skip
     objective = Objective(student, SEQUENCE_CLASSIFICATION, terms, ((2, 4),), teacher_width=32)
-    assert objective.wanted == [("hidden_states", 4)]
+    assert objective.wanted == [(0, "hidden_states", 4)]
     with torch.no_grad():
         start, parts = objective(batch, progress=0.0)
         end, parts_end = objective(batch, progress=1.0)

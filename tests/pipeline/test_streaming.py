@@ -19,7 +19,7 @@ from pipeline.teacher import run_teacher_train
 from pipeline.teacher.capture import run_capture
 from pipeline.training import Collator
 
-WANTED = [("hidden_states", 2), ("attentions", 4)]
+WANTED = [(0, "hidden_states", 2), (0, "attentions", 4)]
 
 
 @pytest.fixture
@@ -49,7 +49,7 @@ def test_an_epoch_streams_every_row_once_in_an_order_set_by_seed_and_epoch(sourc
     s = stream(source)
     plan = s.plan(0)
     seen = sorted((shard, int(i)) for shard, rows in plan for i in rows)
-    assert seen == [(shard, i) for shard in range(len(source)) for i in range(source.entries[shard].rows)]
+    assert seen == [(shard, i) for shard in range(len(source)) for i in range(source.entries[0][shard].rows)]
     assert len(plan) == len(s) and all(len(rows) <= 8 for _, rows in plan)
     assert [r.tolist() for _, r in stream(source).plan(0)] == [r.tolist() for _, r in plan]  # reproducible
     assert [r.tolist() for _, r in s.plan(1)] != [r.tolist() for _, r in plan]  # reshuffled each epoch
