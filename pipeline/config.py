@@ -406,6 +406,28 @@ class Selection:
 
 
 @dataclass(frozen=True)
+class Curriculum:
+    """distill.curriculum: easy rows first, then harder ones ("baby steps"). Each epoch streams the easiest
+    fraction of each shard's rows by the teacher's cached class distribution (highest confidence or margin,
+    lowest entropy; sequence classification), growing linearly from ``start`` at the first epoch to every
+    row at epoch ``epochs``; planned before any training, the same for every seed."""
+
+    by: str = "confidence"  # confidence, margin or entropy
+    start: float = 0.5  # the fraction of each shard's rows the first epoch streams
+    epochs: int | None = None  # every row from this epoch (1-based) on; None: the students' last
+
+    def __post_init__(self):
+        _check(self.by in SELECT_BY[:3], f"distill.curriculum.by must be one of {list(SELECT_BY[:3])}; got {self.by!r}")
+        _check(0 < self.start <= 1, f"distill.curriculum.start must be in (0, 1]; got {self.start!r}")
+        _check(self.epochs is None or self.epochs >= 1, f"distill.curriculum.epochs must be >= 1; got {self.epochs!r}")
+
+    def fraction(self, epoch: int, epochs: int) -> float:
+        """The fraction of rows epoch ``epoch`` (0-based) streams, when the students train ``epochs`` epochs."""
+        full = (self.epochs or epochs) - 1
+        return 1.0 if epoch >= full else self.start + (1 - self.start) * epoch / full
+
+
+@dataclass(frozen=True)
 class DistillConfig:
     students: tuple[StudentConfig, ...]
     loss: tuple[LossTerm, ...] = DEFAULT_LOSS  # the terms every student uses unless it names its own
@@ -423,6 +445,8 @@ class DistillConfig:
     checkpoint_steps: int = 200  # save a resumable checkpoint every this many steps (and after every epoch)
     run_root: str = "runs"  # each run writes <run_root>/<timestamp>-<name>/; <run_root>/latest points to it
     select: Selection | None = None  # train on the rows the teacher's outputs choose; None: every row
+    curriculum: Curriculum | None = None  # easy rows first, a growing fraction per epoch; None: every row each epoch
+    trackers: tuple[str, ...] = ("tensorboard",)  # where training scalars go: tensorboard, wandb (offline by default)
     teachers: tuple[str, ...] = ()  # teacher caches over the same examples: paths, URLs, or configs (.yaml) whose
     # teacher-cache made them; the first gives the rows, tokenizer and test split; none: the config's own cache
     fusion: Fusion = field(default_factory=Fusion)  # how students with several teachers fuse their logits
@@ -440,6 +464,8 @@ class DistillConfig:
             self.baseline_epochs is None or self.baseline_epochs >= 1,
             f"distill.baseline_epochs must be >= 1 or null; got {self.baseline_epochs!r}",
         )
+        unknown = sorted(set(self.trackers) - {"tensorboard", "wandb"})
+        _check(not unknown, f"distill.trackers: unknown {unknown}; choose from ['tensorboard', 'wandb']")
         count = max(len(self.teachers), 1)
         for student in self.students:
             outside = sorted(t for t in student.teachers or () if t >= count)

@@ -102,7 +102,8 @@ def write_report(run_dir: Path, results: list[ModelResult], *, task: Task, confi
                  samples: tuple[dict, ...] = (), selection: dict | None = None) -> list[dict]:  # fmt: skip
     """Print the table and write report.md, report.json and report.png into ``run_dir``; with a causal
     LM's ``samples`` (the teacher's greedy continuations), each model's beside the teacher's; with
-    ``selection`` ({by, kept, of}: ``distill.select``), how many training rows it kept."""
+    ``selection`` ({select, curriculum, kept_per_epoch, of}: ``distill.select`` and ``distill.curriculum``), how many
+    training rows each epoch kept."""
     summary = summarize(results, task)
     columns, rows = _columns(task), [_row(entry, task) for entry in summary]
     table = Table(title=f"kdcache run {run_dir.name} (test split)")
@@ -125,8 +126,12 @@ def write_report(run_dir: Path, results: list[ModelResult], *, task: Task, confi
         "(the teacher's only when its weights were loaded). The teacher's metrics are those of its cached outputs."
     )
     if selection is not None:
-        note += (f" distill.select ({selection['by']}) kept {selection['kept']:,} of {selection['of']:,} training rows "
-                 "for every epoch; the baselines learn the labeled ones among them.")  # fmt: skip
+        chosen = " and ".join(
+            f"distill.{name} ({selection[name]})" for name in ("select", "curriculum") if selection[name]
+        )
+        kept = ", ".join(f"{n:,}" for n in selection["kept_per_epoch"])
+        note += (f" {chosen or 'a row selection'} kept {kept} of {selection['of']:,} training rows in the students' "
+                 "epochs; the baselines learn the labeled ones among them.")  # fmt: skip
     side_by_side = _continuations(results, samples)
     text = f"# kdcache run {run_dir.name}\n\n{note}\n\n" + "\n".join(lines) + "\n" + _continuations_md(side_by_side)
     (run_dir / "report.md").write_text(text)

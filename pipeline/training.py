@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +20,7 @@ from cache_store import ShardRows
 from .errors import CheckpointError
 from .runtime import CPU, autocast
 from .tasks.base import Outputs, Task, padded
+from .tracking import Tracker
 
 Batch = dict[str, torch.Tensor]
 
@@ -333,31 +334,36 @@ def fit(
     learners: list[Learner],
     *,
     epochs: int,
-    steps_per_epoch: int,
+    steps_per_epoch: int | Sequence[int],
     epoch_batches: Callable[[int, int], Iterable[Batch]],
     desc: str,
     device: torch.device = CPU,
     precision: torch.dtype = torch.float32,
     checkpoint: Checkpoint | None = None,
     checkpoint_steps: int = 500,
-    log_dir: Path | None = None,
+    trackers: Sequence[Tracker] | None = None,
+    epoch_scalars: Callable[[int], dict[str, float]] | None = None,
     quiet: bool = False,
 ) -> None:
     """Train every learner on the same batches for ``epochs``, validate each after every
     epoch, and leave each model holding its best epoch's weights (history in ``learner.history``).
 
     Args:
+        steps_per_epoch: batches per epoch: the same for every epoch, or one count per epoch.
         epoch_batches: ``(epoch, start)`` -> the batches of that epoch from batch ``start`` on;
             the same each time it is called (a resumed run starts where the checkpoint stopped).
         precision: autocast dtype on ``device``; float16 adds dynamic loss scaling.
         checkpoint: where to save every learner's state and the position every
             ``checkpoint_steps`` steps and after every epoch, and to resume from when it
             exists; the caller removes it once the results are saved.
-        log_dir: TensorBoard event files, one directory per learner: every loss term, the
+        trackers: one per learner (``tracking.open_trackers``), closed at the end: every loss term, the
             learning rate and examples/s per step, validation metrics per epoch.
+        epoch_scalars: ``epoch`` -> scalars every tracker records at the epoch's first step (rows kept).
         quiet: no progress bar or messages (the other ranks of a torchrun job).
     """
-    total_steps = epochs * steps_per_epoch
+    per_epoch = [steps_per_epoch] * epochs if isinstance(steps_per_epoch, int) else list(steps_per_epoch)
+    first_steps = np.concatenate([[0], np.cumsum(per_epoch)]).tolist()  # each epoch's first global step
+    total_steps = first_steps[-1]
     states = [_LearnerState(learner, total_steps, device, precision) for learner in learners]
     first_epoch, first_step = 0, 0
     say = _silent if quiet else tqdm.write
@@ -373,7 +379,7 @@ def fit(
             ) from None
         first_epoch, first_step = saved["epoch"], saved["step"]
         say(f"{desc}: resuming from {checkpoint.path} at epoch {first_epoch + 1}, step {first_step}")
-    writers = _tensorboard(log_dir, learners)
+    writers = list(trackers) if trackers is not None else [Tracker() for _ in learners]
 
     def save(epoch: int, step: int) -> None:
         learner_states = {state.learner.name: state.state_dict() for state in states}
@@ -384,12 +390,15 @@ def fit(
             learner.model.train()
         step = first_step if epoch == first_epoch else 0
         seen, start = 0, time.perf_counter()
-        bar = tqdm(total=steps_per_epoch, initial=step, desc=f"{desc} epoch {epoch + 1}/{epochs}", unit="step",
+        for name, value in (epoch_scalars(epoch) if epoch_scalars else {}).items():
+            for writer in writers:
+                writer.add_scalar(name, value, first_steps[epoch])
+        bar = tqdm(total=per_epoch[epoch], initial=step, desc=f"{desc} epoch {epoch + 1}/{epochs}", unit="step",
                    leave=False, disable=quiet)  # fmt: skip
         with bar:
             for batch in epoch_batches(epoch, step):
                 batch = to_device(batch, device)
-                global_step = epoch * steps_per_epoch + step
+                global_step = first_steps[epoch] + step
                 terms = [state.step(batch, global_step, device, precision) for state in states]
                 seen, step = seen + len(batch["input_ids"]), step + 1
                 rate = seen / (time.perf_counter() - start)
@@ -400,13 +409,13 @@ def fit(
                     writer.add_scalar("examples_per_s", rate, global_step)
                 bar.update(1)
                 bar.set_postfix(loss=f"{np.mean(states[0].losses[-50:]):.4f}", ex_s=f"{rate:.0f}")
-                if checkpoint and step % checkpoint_steps == 0 and step < steps_per_epoch:
+                if checkpoint and step % checkpoint_steps == 0 and step < per_epoch[epoch]:
                     save(epoch, step)
         for writer, state in zip(writers, states, strict=True):
-            metrics = state.end_epoch(epoch, (epoch + 1) * steps_per_epoch)
+            metrics = state.end_epoch(epoch, first_steps[epoch + 1])
             record = state.learner.history[-1]
             for name, value in metrics.items():
-                writer.add_scalar(f"validation/{name}", value, (epoch + 1) * steps_per_epoch)
+                writer.add_scalar(f"validation/{name}", value, first_steps[epoch + 1])
             primary = state.learner.primary_metric
             say(f"{state.learner.name} epoch {epoch + 1}: loss {record.train_loss:.4f}, "
                 f"validation {primary} {record.validation[primary]:.4f}")  # fmt: skip
@@ -420,19 +429,3 @@ def fit(
 
 def _silent(message: str) -> None:
     pass
-
-
-class _NoWriter:
-    def add_scalar(self, *args) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _tensorboard(log_dir: Path | None, learners: list[Learner]) -> list:
-    if log_dir is None:
-        return [_NoWriter() for _ in learners]
-    from torch.utils.tensorboard import SummaryWriter
-
-    return [SummaryWriter(str(Path(log_dir) / learner.name)) for learner in learners]

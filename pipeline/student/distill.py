@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -32,6 +33,7 @@ from ..models import count_parameters, directory_bytes, save_model
 from ..report import ModelResult, write_report
 from ..runtime import ALONE, Ranks, barrier, process_group, resolve_device
 from ..tasks.causal_lm import continuations
+from ..tracking import open_trackers
 from ..training import Checkpoint, Collator, EpochRecord, Learner, evaluate, fit, predict
 from .inputs import TeacherCache, open_teachers, teacher_locations
 from .losses import ATTENTION_TERMS
@@ -89,8 +91,8 @@ def _distill(cfg: ExperimentConfig, ranks: Ranks, locations: list, *, online: bo
     for k, each in enumerate(teachers):
         say(f"distill: reading cache {each.key} ({each.cache.manifest.rows} rows, {each.cache.manifest.bytes / 1e6:.1f} "
             f"MB) of teacher {f'{k} ' if len(teachers) > 1 else ''}{each.meta.teacher_name}")  # fmt: skip
-    if select is None and cfg.distill.select is not None:
-        select = row_selection(cfg.distill.select)
+    if select is None and (cfg.distill.select is not None or cfg.distill.curriculum is not None):
+        select = row_selection(cfg.distill.select, cfg.distill.curriculum, epochs=cfg.distill.epochs)
     if online and select is not None:
         raise ConfigError("sample selection reads cached teacher statistics; it cannot run with --online")
     if online and len(teachers) > 1:
@@ -114,22 +116,25 @@ def _distill(cfg: ExperimentConfig, ranks: Ranks, locations: list, *, online: bo
     test = cache.rows("test")
     device = resolve_device(cfg.device, ranks)
     kinds = (True, False) if cfg.distill.baselines else (True,)
-    batches = {}  # kind -> batches per epoch on each rank; a rank with none is refused before any training
-    selection = None  # what distill.select kept, for the report
+    streams = {}  # kind -> its stream (for the batch counts); a rank with no batch is refused before any training
     for kd in kinds:
-        stream = student_stream(cfg, source, cache, seed=0, kd=kd, select=select, ranks=ranks)
-        require_batches(stream, "distilled" if kd else "baselines")
-        batches[kd] = len(stream)
-        if kd and select is not None:
-            kept = {"kept": sum(map(len, stream.selected)), "of": sum(len(source.rows(k)) for k in range(len(source)))}
-            selection = {"by": dataclasses.asdict(cfg.distill.select) if cfg.distill.select else "a function"} | kept
-            say(f"distill: the selection keeps {kept['kept']:,} of {kept['of']:,} training rows "
-                "(the baselines: the labeled ones among them)")  # fmt: skip
+        streams[kd] = student_stream(cfg, source, cache, seed=0, kd=kd, select=select, ranks=ranks)
+        require_batches(streams[kd], "distilled" if kd else "baselines")
     epochs = {True: cfg.distill.epochs}
+    student_steps = sum(map(streams[True].steps, range(cfg.distill.epochs)))
+    selection = None  # what distill.select and distill.curriculum kept, for the report
+    if select is not None:
+        kept = [sum(map(len, streams[True].selected(epoch))) for epoch in range(cfg.distill.epochs)]
+        given = {name: getattr(cfg.distill, name) for name in ("select", "curriculum")}
+        selection = {name: value and dataclasses.asdict(value) for name, value in given.items()} | {
+            "kept_per_epoch": kept, "of": sum(len(source.rows(k)) for k in range(len(source)))}  # fmt: skip
+        say(f"distill: the selection keeps {', '.join(f'{n:,}' for n in kept)} of {selection['of']:,} training rows "
+            "per epoch (the baselines: the labeled ones among them)")  # fmt: skip
     if cfg.distill.baselines:
-        epochs[False] = baseline_epochs(cfg, student_steps=cfg.distill.epochs * batches[True], per_epoch=batches[False])
-        say(f"distill: students train {epochs[True]} epochs ({epochs[True] * batches[True]} steps), baselines "
-            f"{epochs[False]} ({epochs[False] * batches[False]} steps: at least as many as their students)")  # fmt: skip
+        epochs[False] = baseline_epochs(cfg, student_steps=student_steps, steps_in=streams[False].steps)
+        baseline_steps = sum(map(streams[False].steps, range(epochs[False])))
+        say(f"distill: students train {epochs[True]} epochs ({student_steps} steps), baselines {epochs[False]} "
+            f"({baseline_steps} steps: at least as many as their students)")  # fmt: skip
 
     def evaluated(model, name, role, seed, directory, history, baseline=None) -> ModelResult:
         result = evaluate(model.to(device), test, task=task, label_names=cache.label_names,
@@ -241,15 +246,18 @@ def model_label(spec: StudentConfig, kd: bool) -> str:
     return spec.name if kd else f"{spec.name}-no-kd"
 
 
-def baseline_epochs(cfg: ExperimentConfig, *, student_steps: int, per_epoch: int) -> int:
-    """Epochs for the baselines: ``distill.baseline_epochs``, or by default the fewest that give a
-    baseline at least its student's ``student_steps`` optimizer steps at ``per_epoch`` batches an
-    epoch (it sees only the labeled rows, so its epochs are shorter). A baseline keeps its best
-    validation epoch, as a student does.
+def baseline_epochs(cfg: ExperimentConfig, *, student_steps: int, steps_in: Callable[[int], int]) -> int:
+    """Epochs for the baselines: ``distill.baseline_epochs``, or by default the fewest (and at least
+    the students') that give a baseline at least its student's ``student_steps`` optimizer steps,
+    ``steps_in(epoch)`` batches an epoch (it sees only the labeled rows, so its epochs are shorter).
+    A baseline keeps its best validation epoch, as a student does.
     """
     if cfg.distill.baseline_epochs is not None:
         return cfg.distill.baseline_epochs
-    return max(cfg.distill.epochs, -(-student_steps // per_epoch))
+    epochs, steps = 0, 0
+    while epochs < cfg.distill.epochs or steps < student_steps:
+        steps, epochs = steps + steps_in(epochs), epochs + 1
+    return epochs
 
 
 def require_batches(stream: StudentStream, pass_name: str) -> None:
@@ -314,7 +322,8 @@ def train_pass(cfg: ExperimentConfig, teacher: TeacherCache, source, run_dir: Pa
         distributions=kd and live is None,
     )  # the live teacher adds them to each batch
     require_batches(stream, name)
-    total = epochs * len(stream)
+    steps = [stream.steps(epoch) for epoch in range(epochs)]
+    total = sum(steps)
     validation, task = teacher.rows("validation"), teacher.task
 
     def learner(spec: StudentConfig, student: nn.Module, objective: Objective, collate: Collator) -> Learner:
@@ -340,16 +349,21 @@ def train_pass(cfg: ExperimentConfig, teacher: TeacherCache, source, run_dir: Pa
         return loader if live is None else (live.annotate(batch, [(n, t) for _, n, t in wanted]) for batch in loader)
 
     learners = [learner(*args) for args in zip(pass_students(cfg, kd), students, objectives, collators, strict=True)]
+    trackers = None
+    if ranks.is_main:
+        trackers = open_trackers(cfg.distill.trackers, run_dir, name, [learner.name for learner in learners],
+                                 config=dataclasses.asdict(cfg))  # fmt: skip
     fit(
         learners,
         epochs=epochs,
-        steps_per_epoch=len(stream),
+        steps_per_epoch=steps,
         epoch_batches=epoch_batches,
         desc=f"{name} ({len(students)} student{'s' if len(students) > 1 else ''})",
         device=device,
         checkpoint=Checkpoint(run_dir / "checkpoints" / f"{name}{f'.rank{ranks.rank}' if ranks.world > 1 else ''}.pt"),
         checkpoint_steps=cfg.distill.checkpoint_steps,
-        log_dir=run_dir / "tensorboard" / name if ranks.is_main else None,
+        trackers=trackers,
+        epoch_scalars=lambda epoch: {"rows_kept": sum(map(len, stream.selected(epoch)))},
         quiet=not ranks.is_main,
     )
     return [(merged(student), learner.history) for student, learner in zip(students, learners, strict=True)]

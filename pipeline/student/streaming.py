@@ -32,7 +32,7 @@ from cache_store import Cache, ShardData, ShardRows, TensorSpec
 from cache_store.distribution import PerToken, SparseSpec, decode_arrays, encode_rows, row_offsets
 from cache_store.shard import decode, encode
 
-from ..config import Selection
+from ..config import Curriculum, Selection
 from ..contract import ATTENTION, EXAMPLE_ID, HIDDEN, TEACHER_LOGITS, distribution_key, teacher_key, tensor_key
 from ..errors import ConfigError
 from ..inspection import TeacherStats
@@ -42,30 +42,40 @@ from ..tasks.causal_lm import host_rows
 from ..tasks.next_token import scored, select_distribution, teacher_probabilities, token_coordinates
 from ..training import Batch, Collator, collate_rows, column_batch, length_grouped_batches, to_device
 
-Select = Callable[[TeacherStats], np.ndarray]  # a boolean mask of the rows to stream
+Select = Callable[[TeacherStats, int], np.ndarray]  # a shard's rows to stream in an epoch, as a boolean mask
 Wanted = tuple[int, str, int]  # a teacher tensor a batch carries: (teacher position, tensor name, layer)
 
 
-def row_selection(selection: Selection) -> Select:
-    """The rows ``distill.select`` keeps of a shard, from the teacher's statistics of its rows."""
+def row_selection(selection: Selection | None, curriculum: Curriculum | None = None, *, epochs: int = 1) -> Select:
+    """The rows of a shard an epoch streams, from the teacher's statistics of its rows: those ``distill.select``
+    keeps, and of them, with ``distill.curriculum``, those among the epoch's easiest fraction of the shard
+    (``Curriculum.fraction`` over the students' ``epochs``)."""
 
-    def keep(stats: TeacherStats) -> np.ndarray:
-        if selection.by == "correct":
-            return stats.correct | (stats.labels < 0)
-        values = getattr(stats, selection.by)
-        mask = np.ones(len(values), bool)
-        if selection.min is not None:
-            mask &= values >= selection.min
-        if selection.max is not None:
-            mask &= values <= selection.max
-        if selection.keep is not None:
-            surest = values if selection.by != "entropy" else -values
-            chosen = np.zeros(len(values), bool)
-            chosen[np.argsort(-surest, kind="stable")[: round(selection.keep * len(values))]] = True
-            mask &= chosen
+    def keep(stats: TeacherStats, epoch: int) -> np.ndarray:
+        mask = kept(selection, stats) if selection is not None else np.ones(len(stats.confidence), bool)
+        if curriculum is not None:
+            mask &= kept(Selection(by=curriculum.by, keep=curriculum.fraction(epoch, epochs)), stats)
         return mask
 
     return keep
+
+
+def kept(selection: Selection, stats: TeacherStats) -> np.ndarray:
+    """A boolean mask of the rows ``selection`` keeps."""
+    if selection.by == "correct":
+        return stats.correct | (stats.labels < 0)
+    values = getattr(stats, selection.by)
+    mask = np.ones(len(values), bool)
+    if selection.min is not None:
+        mask &= values >= selection.min
+    if selection.max is not None:
+        mask &= values <= selection.max
+    if selection.keep is not None:
+        surest = values if selection.by != "entropy" else -values
+        chosen = np.zeros(len(values), bool)
+        chosen[np.argsort(-surest, kind="stable")[: round(selection.keep * len(values))]] = True
+        mask &= chosen
+    return mask
 
 
 class CacheSource:
@@ -141,7 +151,8 @@ class StudentStream(IterableDataset):
         wanted: the teacher tensors each batch carries, (teacher, name, layer), padded to the batch.
         distribution: a causal LM cache's distributions, when each batch carries them (``pad_distributions``).
         labeled_only: stream labeled rows only (the hard-label baseline).
-        select: sample selection over the teacher's row statistics; None streams every row.
+        select: sample selection over the teacher's row statistics, per epoch (``row_selection``); None
+            streams every row.
         rank, world: this process's part under torchrun.
     """
 
@@ -153,18 +164,24 @@ class StudentStream(IterableDataset):
         self.distribution = distribution
         self.fills = dict(task.batch_columns)
         self.wanted, self.block_rows, self.buffer_rows = list(wanted), block_rows, buffer_rows
-        self.rank, self.world, self.labeled_only = rank, world, labeled_only
-        self.selected, self.lengths = [], []  # per shard: the rows to stream, every row's length
+        self.rank, self.world, self.labeled_only, self.select = rank, world, labeled_only, select
+        self.eligible, self.stats, self.lengths = [], [], []  # per shard: labeled rows, teacher statistics, lengths
         for shard in range(len(source)):
             rows = source.rows(shard)
-            keep = np.ones(len(rows), bool)
-            if labeled_only:
-                keep &= task.labeled(rows)
-            if select is not None:
-                keep &= np.asarray(select(TeacherStats.from_logits(rows[LOGITS], rows[LABEL])), bool)
-            self.selected.append(np.flatnonzero(keep))
+            self.eligible.append(task.labeled(rows) if labeled_only else np.ones(len(rows), bool))
+            self.stats.append(TeacherStats.from_logits(rows[LOGITS], rows[LABEL]) if select is not None else None)
             self.lengths.append(rows.lengths)
+        self._selected: dict[int, list[np.ndarray]] = {}
         self._epoch, self._start = 0, 0
+
+    def selected(self, epoch: int) -> list[np.ndarray]:
+        """Per shard, the rows ``epoch`` streams."""
+        if epoch not in self._selected:
+            self._selected[epoch] = [
+                np.flatnonzero(eligible if stats is None else eligible & np.asarray(self.select(stats, epoch), bool))
+                for eligible, stats in zip(self.eligible, self.stats, strict=True)
+            ]
+        return self._selected[epoch]
 
     def _shards(self, rank: int) -> np.ndarray:
         """The shards of ``rank``: every world-th, the same each epoch (their order is shuffled per epoch)."""
@@ -173,33 +190,38 @@ class StudentStream(IterableDataset):
     def _pools(self, rows: np.ndarray) -> list[np.ndarray]:
         return [rows[i : i + self.buffer_rows] for i in range(0, len(rows), self.buffer_rows)]
 
-    def batches_per_rank(self) -> list[int]:
-        """How many batches each rank's shards give per epoch."""
+    def batches_per_rank(self, epoch: int = 0) -> list[int]:
+        """How many batches each rank's shards give in ``epoch``."""
+        selected = self.selected(epoch)
         return [
             sum(
                 -(-len(pool) // self.batch_size)
                 for shard in self._shards(rank)
-                for pool in self._pools(self.selected[shard])
+                for pool in self._pools(selected[shard])
             )
             for rank in range(self.world)
         ]
 
+    def steps(self, epoch: int = 0) -> int:
+        """Batches in ``epoch`` on each rank: the fewest any rank has."""
+        return min(self.batches_per_rank(epoch))
+
     def __len__(self) -> int:
-        """Batches per epoch on each rank: the fewest any rank has."""
-        return min(self.batches_per_rank())
+        """Batches in the epoch being iterated (``at``)."""
+        return self.steps(self._epoch)
 
     def plan(self, epoch: int) -> list[tuple[int, np.ndarray]]:
         """This rank's batches of ``epoch``: (shard, row indices) each."""
         rng = np.random.default_rng([self.seed, epoch, self.rank])
         batches = []
         for shard in rng.permutation(self._shards(self.rank)):
-            rows = self.selected[shard]
+            rows = self.selected(epoch)[shard]
             blocks = [rows[i : i + self.block_rows] for i in range(0, len(rows), self.block_rows)]
             rows = np.concatenate([blocks[b] for b in rng.permutation(len(blocks))]) if blocks else rows
             for pool in self._pools(rows):
                 grouped = length_grouped_batches(self.lengths[shard][pool], self.batch_size, rng, window=len(pool))
                 batches += [(int(shard), pool[b]) for b in grouped]
-        return batches[: len(self)]
+        return batches[: self.steps(epoch)]
 
     def at(self, epoch: int, start: int = 0) -> StudentStream:
         """Iterate ``epoch`` from batch ``start`` (a resumed run)."""
