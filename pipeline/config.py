@@ -428,6 +428,34 @@ class Curriculum:
 
 
 @dataclass(frozen=True)
+class TaskSource:
+    """One task of a multi-task student (distill.tasks): its teacher's cache, and its name in the reports."""
+
+    cache: str  # a path, URL, or config file (.yaml) whose teacher-cache made the cache
+    name: str | None = None  # None: the config's name, or the cache's key
+
+
+SAMPLING_RULES = ("proportional", "round_robin", "temperature")
+
+
+@dataclass(frozen=True)
+class TaskSampling:
+    """How a multi-task student's epoch interleaves its tasks' batches. An epoch takes as many steps as all the
+    tasks' epochs together; ``proportional``: each task its own batches, in a seeded random order; ``round_robin``:
+    the tasks in turn, equal shares; ``temperature``: shares proportional to (a task's batches)^(1/temperature),
+    in a seeded random order (1: proportional; large: equal). A task whose share exceeds its batches goes on into
+    its next epoch's."""
+
+    rule: str = "proportional"
+    temperature: float = 2.0
+
+    def __post_init__(self):
+        _check(self.rule in SAMPLING_RULES, f"distill.task_sampling.rule must be one of {list(SAMPLING_RULES)}; got "
+                                            f"{self.rule!r}")  # fmt: skip
+        _check(self.temperature > 0, f"distill.task_sampling.temperature must be > 0; got {self.temperature!r}")
+
+
+@dataclass(frozen=True)
 class DistillConfig:
     students: tuple[StudentConfig, ...]
     loss: tuple[LossTerm, ...] = DEFAULT_LOSS  # the terms every student uses unless it names its own
@@ -450,6 +478,8 @@ class DistillConfig:
     teachers: tuple[str, ...] = ()  # teacher caches over the same examples: paths, URLs, or configs (.yaml) whose
     # teacher-cache made them; the first gives the rows, tokenizer and test split; none: the config's own cache
     fusion: Fusion = field(default_factory=Fusion)  # how students with several teachers fuse their logits
+    tasks: tuple[TaskSource, ...] = ()  # several tasks per student: one shared encoder, a head per task's cache
+    task_sampling: TaskSampling = field(default_factory=TaskSampling)  # how a multi-task epoch interleaves them
 
     def __post_init__(self):
         _check(len(self.students) > 0, "distill.students must list at least one student")
@@ -464,6 +494,11 @@ class DistillConfig:
             self.baseline_epochs is None or self.baseline_epochs >= 1,
             f"distill.baseline_epochs must be >= 1 or null; got {self.baseline_epochs!r}",
         )
+        if self.tasks:
+            _check(len(self.tasks) >= 2, "distill.tasks lists the tasks of a multi-task student: at least two")
+            _check(not self.teachers, "distill.tasks and distill.teachers: give each task one teacher's cache")
+            _check(self.select is None and self.curriculum is None,
+                   "distill.select and distill.curriculum apply to one task's rows, not to distill.tasks")  # fmt: skip
         unknown = sorted(set(self.trackers) - {"tensorboard", "wandb"})
         _check(not unknown, f"distill.trackers: unknown {unknown}; choose from ['tensorboard', 'wandb']")
         count = max(len(self.teachers), 1)
@@ -521,9 +556,11 @@ class ExperimentConfig:
         return self.seed if self.teacher is None or self.teacher.seed is None else self.teacher.seed
 
     def teacher_stages(self) -> list[ExperimentConfig]:
-        """The experiments whose teacher stages this one needs: the config files among ``distill.teachers``
-        (as they are written), and this one when it has its own data: and teacher: (or names no such file)."""
-        named = [load_config(t) for t in self.distill.teachers if t.endswith((".yaml", ".yml"))] if self.distill else []
+        """The experiments whose teacher stages this one needs: the config files among ``distill.teachers`` and
+        ``distill.tasks`` (as they are written), and this one when it has its own data: and teacher: (or names no
+        such file)."""
+        caches = [*self.distill.teachers, *(t.cache for t in self.distill.tasks)] if self.distill else []
+        named = [load_config(c) for c in caches if c.endswith((".yaml", ".yml"))]
         own = self.data is not None or self.teacher is not None or not named
         return [*([self] if own else []), *(c for c in named if c.name != self.name)]
 

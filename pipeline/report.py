@@ -150,6 +150,32 @@ def write_report(run_dir: Path, results: list[ModelResult], *, task: Task, confi
     return summary
 
 
+def write_multitask_report(run_dir: Path, tasks: dict[str, tuple[Task, list[dict]]]) -> None:
+    """report.md and report.json of a multi-task run: each model's primary test metric on every task (mean ±
+    std over seeds), from each task's summary (``write_report`` wrote its own report in ``<run>/<task>/``)."""
+    models = list(dict.fromkeys(entry["name"] for _, summary in tasks.values() for entry in summary))
+    header = ["model"] + [f"{name}: {task.metric_labels[task.primary_metric]}" for name, (task, _) in tasks.items()]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for model in models:
+        cells = [model]
+        for task, summary in tasks.values():
+            entry = next((e for e in summary if e["name"] == model), None)
+            primary = task.primary_metric
+            cells.append("-" if entry is None else
+                         f"{entry['metrics'][primary]:.4f} ± {entry['metrics_std'][primary]:.4f}")  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    note = ("Each task's teacher, its students and baselines trained on that task alone, and the multi-task students "
+            "(one encoder, a head per task) on all of them; test metrics, mean ± standard deviation over seeds. "
+            "Each task's full report is in its directory.")  # fmt: skip
+    (run_dir / "report.md").write_text(
+        f"# kdcache run {run_dir.name} (multi-task)\n\n{note}\n\n" + "\n".join(lines) + "\n"
+    )
+    report = {"tasks": {name: {"task": task.name, "primary_metric": task.primary_metric, "models": summary}
+                        for name, (task, summary) in tasks.items()}}  # fmt: skip
+    (run_dir / "report.json").write_text(json.dumps(report, indent=1))
+    print("\n".join(lines))
+
+
 def _continuations(results: list[ModelResult], samples: tuple[dict, ...]) -> list[dict]:
     """Per prompt: the teacher's greedy continuation and each model's (its first seed's)."""
     first = {}
@@ -171,7 +197,7 @@ def _continuations_md(side_by_side: list[dict]) -> str:
     return "\n".join(lines)
 
 
-_COLORS = {"teacher": "#444444", "student": "#1f77b4", "baseline": "#ff7f0e"}
+_COLORS = {"teacher": "#444444", "student": "#1f77b4", "baseline": "#ff7f0e", "multi-task": "#2ca02c"}
 
 
 def plot_summary(summary: list[dict], task: Task, path: Path, *, title: str) -> None:

@@ -37,6 +37,7 @@ from ..tracking import open_trackers
 from ..training import Checkpoint, Collator, EpochRecord, Learner, evaluate, fit, predict
 from .inputs import TeacherCache, open_teachers, teacher_locations
 from .losses import ATTENTION_TERMS
+from .multitask import run_multitask
 from .objective import BASELINE_LOSS, Objective, layer_pairs
 from .streaming import CacheSource, LiveTeacher, Select, StudentStream, TokenSource, row_selection
 from .students import build_student, check_student_fits, feature_teacher, merged
@@ -72,14 +73,26 @@ def run_distill(cfg: ExperimentConfig, *, cache_location: str | Location | None 
         CacheError: no cache there, or a damaged one.
     """
     cfg.require("distill", stage="distill")
-    locations = teacher_locations(cfg, cache_location)
     ranks = Ranks.from_env()
+    if cfg.distill.tasks:
+        if cache_location is not None or online or select is not None:
+            raise ConfigError("distill.tasks names every task's cache; --cache, --online and select do not apply")
+        with process_group(ranks):
+            run_dir = _run_dir(cfg, resume, ranks, tqdm.write)
+
+            def single_task(task_cfg: ExperimentConfig, location, task_dir: Path) -> list[ModelResult]:
+                return _distill(task_cfg, ranks, [location], online=False, resume=None, select=None, teacher=teacher,
+                                run_dir=task_dir).models  # fmt: skip
+
+            return RunResult(run_dir, run_multitask(cfg, ranks, run_dir, single_task))
+    locations = teacher_locations(cfg, cache_location)
     with process_group(ranks):
         return _distill(cfg, ranks, locations, online=online, resume=resume, select=select, teacher=teacher)
 
 
 def _distill(cfg: ExperimentConfig, ranks: Ranks, locations: list, *, online: bool, resume: str | Path | None,
-             select: Select | None, teacher: str | None) -> RunResult:  # fmt: skip
+             select: Select | None, teacher: str | None, run_dir: Path | None = None) -> RunResult:  # fmt: skip
+    """One task's run from its teachers' caches (in ``run_dir``, made there when given; else a new or resumed one)."""
     say = tqdm.write if ranks.is_main else lambda message: None
     teachers = open_teachers(locations)
     cache = teachers[0]
@@ -112,7 +125,9 @@ def _distill(cfg: ExperimentConfig, ranks: Ranks, locations: list, *, online: bo
         say("distill: the teacher runs live on every batch (--online)")
     else:
         source = CacheSource([each.cache for each in teachers], "train")
-    run_dir = _run_dir(cfg, resume, ranks, say)
+    if run_dir is None:
+        run_dir = _run_dir(cfg, resume, ranks, say)
+    run_dir.mkdir(parents=True, exist_ok=True)
     test = cache.rows("test")
     device = resolve_device(cfg.device, ranks)
     kinds = (True, False) if cfg.distill.baselines else (True,)

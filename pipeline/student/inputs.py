@@ -129,7 +129,12 @@ def teacher_locations(cfg: ExperimentConfig, cache: str | Location | None = None
             f"config {cfg.name!r} names its teachers' caches in distill.teachers; give them there "
             "(--set 'distill.teachers=[...]'), not with --cache"
         )
-    return [locate_cache(load_config(t)) if t.endswith((".yaml", ".yml")) else t for t in cfg.distill.teachers]
+    return [named_location(t) for t in cfg.distill.teachers]
+
+
+def named_location(entry: str) -> str | Location:
+    """A cache's path or URL as given, or for a config file the cache its ``teacher-cache`` made."""
+    return locate_cache(load_config(entry)) if entry.endswith((".yaml", ".yml")) else entry
 
 
 def open_teachers(locations: list[str | Location]) -> list[TeacherCache]:
