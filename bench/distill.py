@@ -32,8 +32,8 @@ from rounds import interleaved, ratio, spread
 
 from pipeline.config import load_config
 from pipeline.runtime import resolve_device
-from pipeline.student.distill import TEACHER_ROOT, student_stream, train_pass
-from pipeline.student.inputs import TeacherCache, locate_cache
+from pipeline.student.distill import student_stream, train_pass
+from pipeline.student.inputs import TEACHER_ROOT, TeacherCache, locate_cache
 from pipeline.student.streaming import CacheSource, LiveTeacher, TokenSource
 from pipeline.training import Collator, evaluate
 

@@ -26,8 +26,8 @@ from rounds import interleaved, ratio, spread
 
 from pipeline.config import load_config
 from pipeline.runtime import resolve_device
-from pipeline.student.distill import TEACHER_ROOT, student_stream, train_pass
-from pipeline.student.inputs import open_teachers, teacher_locations
+from pipeline.student.distill import student_stream, train_pass
+from pipeline.student.inputs import TEACHER_ROOT, open_teachers, teacher_locations
 from pipeline.student.streaming import CacheSource
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -35,7 +35,7 @@ from ..runtime import ALONE, Ranks, barrier, process_group, resolve_device
 from ..tasks.causal_lm import continuations
 from ..tracking import open_trackers
 from ..training import Checkpoint, Collator, EpochRecord, Learner, evaluate, fit, predict
-from .inputs import TeacherCache, open_teachers, teacher_locations
+from .inputs import TeacherCache, open_teachers, teacher_locations, teacher_roots
 from .losses import ATTENTION_TERMS
 from .multitask import run_multitask
 from .objective import BASELINE_LOSS, Objective, layer_pairs
@@ -43,7 +43,6 @@ from .streaming import CacheSource, LiveTeacher, Select, StudentStream, TokenSou
 from .students import build_student, check_student_fits, feature_teacher, merged
 
 CONFIG_RECORD = "config.json"
-TEACHER_ROOT = Path("models/teachers")  # where fine-tuned teachers live by default: searched for a cache's teacher
 
 
 @dataclass(frozen=True)
@@ -118,8 +117,7 @@ def _distill(cfg: ExperimentConfig, ranks: Ranks, locations: list, *, online: bo
                            teachers=len(spec.teachers or teachers))  # fmt: skip
     teacher_model = None
     if online or any(spec.teacher_layers is not None for spec in cfg.distill.students):
-        search = (Path(cfg.teacher.output_root),) if cfg.teacher is not None else (TEACHER_ROOT,)
-        teacher_model = task.load_model(cache.teacher_dir(teacher, search=search))
+        teacher_model = task.load_model(cache.teacher_dir(teacher, search=teacher_roots(cfg)))
     if online:
         source = TokenSource(cache.rows("train"), shard_rows=manifest.shard_rows)
         say("distill: the teacher runs live on every batch (--online)")

@@ -24,6 +24,13 @@ from ..models import load_tokenizer, model_dir
 from ..runtime import PRECISIONS
 from ..tasks import TASKS, Task
 
+TEACHER_ROOT = Path("models/teachers")  # where fine-tuned teachers live by default: searched for a cache's teacher
+
+
+def teacher_roots(cfg: ExperimentConfig) -> tuple[Path, ...]:
+    """Where to look for a local copy of a cache's teacher: the config's teacher.output_root, or the default."""
+    return (Path(cfg.teacher.output_root),) if cfg.teacher is not None else (TEACHER_ROOT,)
+
 
 class TeacherCache:
     """A teacher cache as the student stage reads it.

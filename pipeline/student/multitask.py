@@ -30,7 +30,7 @@ from ..report import ModelResult, write_multitask_report, write_report
 from ..runtime import Ranks, resolve_device
 from ..tracking import open_trackers
 from ..training import Checkpoint, Collator, Learner, evaluate, fit, predict
-from .inputs import TeacherCache, named_location
+from .inputs import TeacherCache, named_location, teacher_roots
 from .losses import ATTENTION_TERMS
 from .objective import Objective, layer_pairs
 from .streaming import CacheSource, StudentStream
@@ -130,8 +130,7 @@ def run_multitask(cfg: ExperimentConfig, ranks: Ranks, run_dir: Path, single_tas
     first = caches[0]
     teacher_model = None
     if any(spec.teacher_layers is not None for spec in cfg.distill.students):
-        search = (Path(cfg.teacher.output_root),) if cfg.teacher is not None else (Path("models/teachers"),)
-        teacher_model = first.task.load_model(first.teacher_dir(search=search))
+        teacher_model = first.task.load_model(first.teacher_dir(search=teacher_roots(cfg)))
     sources = [CacheSource(cache.cache, "train") for cache in caches]
     for seed in cfg.distill.seeds:
         record = run_dir / "passes" / f"seed{seed}-{MULTITASK}.json"
