@@ -103,7 +103,8 @@ def print_table(figures: dict, counts: list[int]) -> None:
         table.add_column(column, justify="right")
     for n in counts:
         vs = "1" if n == 1 else spread(figures, f"train_{n}_vs_1")
-        over = spread(figures, f"stream_{n}_vs_train_{n}")
+        name = f"stream_{n}_vs_train_{n}"
+        over = f"{figures[name]:.0f}x ({figures[f'{name}_min']:.0f}-{figures[f'{name}_max']:.0f})"
         table.add_row(str(n), f"{figures[f'train_{n}_steps_per_s']:.2f}", vs,
                       f"{figures[f'stream_{n}_steps_per_s']:.1f}", over)  # fmt: skip
     Console().print(table)
