@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import lzma
 import os
 import random
 import socket
@@ -199,3 +200,54 @@ def s3_bucket():
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+TAGS = ["O", "B-good", "I-good", "B-bad"]
+
+
+def tagged_sentence(rng: random.Random) -> list[tuple[str, str]]:
+    """Filler words around one or two entities: a run of GOOD words (good), a BAD word (bad)."""
+    words = [(w, "O") for w in rng.choices(FILLER, k=rng.randint(2, 8))]
+    for _ in range(rng.randint(1, 2)):
+        at = rng.randint(0, len(words))
+        if rng.random() < 0.5:
+            run = rng.choices(GOOD, k=rng.randint(1, 2))
+            entity = [(run[0], "B-good")] + [(w, "I-good") for w in run[1:]]
+        else:
+            entity = [(rng.choice(BAD), "B-bad")]
+        words[at:at] = entity
+    return words
+
+
+def write_conll(path, sentences: int, seed: int) -> None:
+    rng = random.Random(seed)
+    text = "-DOCSTART-\tO\n\n" + "".join(
+        "".join(f"{w}\t{t}\n" for w, t in tagged_sentence(rng)) + "\n" for _ in range(sentences)
+    )
+    if path.suffix == ".xz":
+        path.write_bytes(lzma.compress(text.encode()))
+    else:
+        path.write_text(text)
+
+
+@pytest.fixture(scope="session")
+def ner_dataset(tmp_path_factory):
+    """CoNLL train (xz-compressed), dev and test files of synthetic tagged sentences, with their own splits."""
+    root = tmp_path_factory.mktemp("ner-data")
+    for name, n, seed in (("train.conll.xz", 120, 0), ("dev.conll", 20, 1), ("test.conll", 20, 2)):
+        write_conll(root / name, n, seed)
+    files = {"train": str(root / "train.conll.xz"), "validation": str(root / "dev.conll"),
+             "test": str(root / "test.conll")}  # fmt: skip
+    return write_definition(root / "ner.yaml", files=files, text_columns=["tokens"], label_column="tags",
+                            label_names=TAGS)  # fmt: skip
+
+
+def task_config(tmp_path, tiny_teacher, dataset, task: str, **data) -> dict:
+    raw = tiny_config_dict(tmp_path, tiny_teacher, dataset)
+    raw["task"] = task
+    raw["data"] = {"dataset": str(dataset), "validation_size": 20, "max_length": 24, **data}
+    raw["teacher"]["epochs"] = 2
+    raw["distill"]["loss"] = [{"kind": "kl", "weight": 0.5}, {"kind": "ce", "weight": 0.5},
+                              {"kind": "hidden_mse", "weight": 1.0}]  # fmt: skip
+    raw["capture"]["attention_layers"] = []
+    return raw

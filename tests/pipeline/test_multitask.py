@@ -16,7 +16,7 @@ from pipeline.student.streaming import CacheSource, StudentStream
 from pipeline.teacher import run_teacher_train
 from pipeline.teacher.capture import run_capture
 from pipeline.training import Collator
-from tests.conftest import tiny_config_dict
+from tests.conftest import task_config, tiny_config_dict
 
 
 def test_the_batch_rules_share_an_epoch_between_tasks_as_stated():
@@ -38,23 +38,21 @@ def test_the_batch_rules_share_an_epoch_between_tasks_as_stated():
 
 
 @pytest.fixture
-def two_tasks(tmp_path, tiny_teacher, tiny_dataset, pairs_dataset):
-    """Config files of two tasks (reviews; sentence pairs) whose teachers share the tiny tokenizer, both
-    captured, and a config of a multi-task student over them."""
+def two_tasks(tmp_path, tiny_teacher, tiny_dataset, ner_dataset):
+    """Config files of two tasks of different shapes (review sentiment; NER tags per word) whose teachers
+    share the tiny tokenizer, both captured, and a config of a multi-task student over them."""
+    reviews = tiny_config_dict(tmp_path, tiny_teacher, tiny_dataset) | {"name": "reviews"}
+    ner = task_config(tmp_path, tiny_teacher, ner_dataset, "token-classification") | {"name": "ner"}
     paths = []
-    for name, dataset in (("reviews", tiny_dataset), ("pairs", pairs_dataset)):
-        raw = tiny_config_dict(tmp_path, tiny_teacher, dataset) | {"name": name}
-        if name == "pairs":  # fewer rows: the tasks' epochs differ in length
-            raw["data"]["max_examples"] = 80
-        path = tmp_path / f"{name}.yaml"
+    for raw in (reviews, ner):
+        path = tmp_path / f"{raw['name']}.yaml"
         path.write_text(yaml.safe_dump(raw))
         cfg = load_config(path)
         run_teacher_train(cfg)
         run_capture(cfg)
         paths.append(path)
-    raw = tiny_config_dict(tmp_path, tiny_teacher, tiny_dataset)
-    distill = raw["distill"] | {"tasks": [{"cache": str(paths[0])}, {"cache": str(paths[1]), "name": "nli"}],
-                                "epochs": 2}  # fmt: skip
+    distill = reviews["distill"] | {"tasks": [{"cache": str(paths[0])}, {"cache": str(paths[1]), "name": "tags"}],
+                                    "loss": ner["distill"]["loss"], "epochs": 2}  # fmt: skip
     path = tmp_path / "both.yaml"
     path.write_text(yaml.safe_dump({"name": "both", "distill": distill}))
     return load_config(path)
@@ -86,27 +84,30 @@ def test_every_task_model_shares_one_encoder(two_tasks, tiny_teacher):
     first = AutoModelForSequenceClassification.from_pretrained(str(tiny_teacher))
     models = shared_encoder_models(first, caches, attention_maps=False)
     assert models[1].bert is models[0].bert and models[1].classifier is not models[0].classifier
+    assert type(models[1]).__name__ == "BertForTokenClassification" and models[1].num_labels == len(
+        caches[1].label_names
+    )
     ids = torch.tensor([[2, 10, 11, 3]])
     before = models[0](input_ids=ids).logits.detach()
     optimizer = torch.optim.SGD(models[1].parameters(), lr=1.0)
-    models[1](input_ids=ids, labels=torch.tensor([1])).loss.backward()
+    models[1](input_ids=ids, labels=torch.tensor([[1, 2, 0, 1]])).loss.backward()
     optimizer.step()
     assert not torch.allclose(models[0](input_ids=ids).logits, before)  # task 1's step moved task 0's encoder
 
 
 def test_a_multitask_run_reports_each_task_beside_its_single_task_students(two_tasks):
-    assert [c.name for c in two_tasks.teacher_stages()] == ["reviews", "pairs"]
+    assert [c.name for c in two_tasks.teacher_stages()] == ["reviews", "ner"]
     result = run_distill(two_tasks)
     report = json.loads((result.run_dir / "report.json").read_text())
-    assert list(report["tasks"]) == ["reviews", "nli"]
-    for name in ("reviews", "nli"):
+    assert list(report["tasks"]) == ["reviews", "tags"]
+    for name in ("reviews", "tags"):
         task = json.loads((result.run_dir / name / "report.json").read_text())
         models = {m["name"]: m for m in task["models"]}
         assert {"teacher", "tiny-l2", "tiny-l2-no-kd", "tiny-l2-multi-task"} == set(models)
         assert models["tiny-l2-multi-task"]["role"] == "multi-task"
     steps = {name: {m["name"]: m["steps"] for m in report["tasks"][name]["models"]} for name in report["tasks"]}
     # proportional: a multi-task epoch is both tasks' epochs
-    assert steps["reviews"]["tiny-l2-multi-task"] == steps["reviews"]["tiny-l2"] + steps["nli"]["tiny-l2"]
+    assert steps["reviews"]["tiny-l2-multi-task"] == steps["reviews"]["tiny-l2"] + steps["tags"]["tiny-l2"]
     saved = list((result.run_dir / "models").glob("tiny-l2-multi-task-*-seed0"))
     assert len(saved) == 2
     assert "tiny-l2-multi-task" in (result.run_dir / "report.md").read_text()
