@@ -560,7 +560,7 @@ class ExperimentConfig:
         ``distill.tasks`` (as they are written), and this one when it has its own data: and teacher: (or names no
         such file)."""
         caches = [*self.distill.teachers, *(t.cache for t in self.distill.tasks)] if self.distill else []
-        named = [load_config(c) for c in caches if c.endswith((".yaml", ".yml"))]
+        named = [load_config(c) for c in caches if is_config_file(c)]
         own = self.data is not None or self.teacher is not None or not named
         return [*([self] if own else []), *(c for c in named if c.name != self.name)]
 
@@ -570,6 +570,11 @@ class ExperimentConfig:
         _check(
             not missing, f"config {self.name!r} has no {', '.join(f'{m}:' for m in missing)} section; {stage} needs it"
         )
+
+
+def is_config_file(entry: str) -> bool:
+    """Whether a cache entry (distill.teachers, distill.tasks) names a config file rather than a cache."""
+    return entry.endswith((".yaml", ".yml"))
 
 
 def load_config(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> ExperimentConfig:

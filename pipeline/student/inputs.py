@@ -17,7 +17,7 @@ from transformers import AutoConfig
 from cache_store import Cache, CacheFormatError, CacheNotFoundError, Location, ShardRows, named_cache, open_cache
 from cache_store.distribution import SparseSpec
 
-from ..config import ExperimentConfig, load_config
+from ..config import ExperimentConfig, is_config_file, load_config
 from ..contract import TEACHER, TEACHER_RECORD, TOKENIZER, CacheMetadata, experiment_identity, teacher_fingerprint
 from ..errors import ConfigError
 from ..models import load_tokenizer, model_dir
@@ -141,7 +141,7 @@ def teacher_locations(cfg: ExperimentConfig, cache: str | Location | None = None
 
 def named_location(entry: str) -> str | Location:
     """A cache's path or URL as given, or for a config file the cache its ``teacher-cache`` made."""
-    return locate_cache(load_config(entry)) if entry.endswith((".yaml", ".yml")) else entry
+    return locate_cache(load_config(entry)) if is_config_file(entry) else entry
 
 
 def open_teachers(locations: list[str | Location]) -> list[TeacherCache]:

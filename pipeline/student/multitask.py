@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import ExperimentConfig, StudentConfig, TaskSampling
+from ..config import ExperimentConfig, StudentConfig, TaskSampling, is_config_file
 from ..errors import ConfigError
 from ..models import count_parameters, directory_bytes, save_model
 from ..report import ModelResult, write_multitask_report, write_report
@@ -120,7 +120,7 @@ def run_multitask(cfg: ExperimentConfig, ranks: Ranks, run_dir: Path, single_tas
         raise ConfigError("multi-task students train in one process; run distill.tasks without torchrun")
     locations = [named_location(t.cache) for t in cfg.distill.tasks]
     caches = [TeacherCache(location) for location in locations]
-    names = [t.name or (Path(t.cache).stem if t.cache.endswith((".yaml", ".yml")) else c.key)
+    names = [t.name or (Path(t.cache).stem if is_config_file(t.cache) else c.key)
              for t, c in zip(cfg.distill.tasks, caches, strict=True)]  # fmt: skip
     _check_tasks(cfg, caches, names)
     single = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, tasks=()))
