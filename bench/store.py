@@ -68,7 +68,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--examples", type=int, default=4000)
     parser.add_argument("--shard-rows", type=int, default=1024)
-    parser.add_argument("--codec", default="zstd", choices=["zstd", "none"])
+    parser.add_argument("--codec", default="auto", choices=["auto", "zstd", "none"])
     parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds of the six modes")
     parser.add_argument("--passes", type=int, default=5, help="reads of the whole data per read mode and round")
     parser.add_argument("--json", action="store_true", help="end with one JSON line of the ratios")

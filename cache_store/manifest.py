@@ -14,7 +14,6 @@ and ``..`` so that a manifest from someone else cannot point it outside the cach
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import PurePosixPath
@@ -36,6 +35,7 @@ COLUMN_DTYPES = ("int32", "int64", "float16", "float32", STRING)
 ANY = "*"  # the placeholder for a column axis of any length (per example)
 CORE_COLUMNS = ("example_id", "input_ids", "length")  # every rows.arrow has them, before the declared ones
 QUANTIZATIONS = (None, "sqrt-uint8")
+CODECS = ("auto", "zstd", "none")
 PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # a cache key or name: one path segment
 
 
@@ -49,6 +49,10 @@ class TensorSpec:
     of one Zarr array per layer; trailing fixed dimensions stay as columns (so hidden
     states are a ``(total_tokens, width)`` array).
 
+    ``codec``: ``auto`` compresses an array (zstd level 1) only where that pays, measured on its first
+    MB when a shard is written (see ``cache_store.shard``); ``zstd`` always, ``none`` never. Readers
+    need not know it: each array's zarr.json says how it is stored.
+
     ``dtype`` is what readers return. bfloat16 is stored as its uint16 bit pattern (Zarr
     has no bfloat16) and read back as float32. ``quantization="sqrt-uint8"`` stores
     probabilities p as round(255 * sqrt(p)) in uint8 and reads back (q / 255)^2.
@@ -58,7 +62,7 @@ class TensorSpec:
     layers: tuple[int, ...]
     example_shape: tuple[int | str, ...]
     dtype: str = "float16"
-    codec: str = "zstd"
+    codec: str = "auto"
     quantization: str | None = None
 
     def __post_init__(self):
@@ -68,6 +72,8 @@ class TensorSpec:
             raise ValueError(f"tensor {self.name!r} shape {self.example_shape} has no {TOKENS!r} axis")
         if self.dtype not in DTYPES:
             raise ValueError(f"tensor {self.name!r} dtype must be one of {DTYPES}; got {self.dtype!r}")
+        if self.codec not in CODECS:
+            raise ValueError(f"tensor {self.name!r} codec must be one of {CODECS}; got {self.codec!r}")
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(
                 f"tensor {self.name!r} quantization must be one of {QUANTIZATIONS}; got {self.quantization!r}"
@@ -88,14 +94,14 @@ class TensorSpec:
     def shape_for(self, length: int) -> tuple[int, ...]:
         return tuple(length if d == TOKENS else int(d) for d in self.example_shape)
 
-    def leading_count(self, length: int) -> int:
-        """How many rows of the stored array one example of ``length`` tokens occupies."""
-        return math.prod(self.shape_for(length)) // math.prod(self.tail)
-
     def offsets(self, lengths: np.ndarray) -> np.ndarray:
-        """(N + 1,) row offsets of each example's block in the stored array."""
-        counts = [self.leading_count(int(n)) for n in lengths]
-        return np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]).astype(np.int64)
+        """(N + 1,) row offsets of each example's block in the stored array (an example of L tokens
+        occupies the product of its shape's axes before the trailing fixed ones: L rows of hidden
+        states, heads * L * L values of an attention map)."""
+        counts = np.ones(len(lengths), np.int64)
+        for axis in self.example_shape[: len(self.example_shape) - len(self.tail)]:
+            counts *= np.asarray(lengths, np.int64) if axis == TOKENS else int(axis)
+        return np.concatenate([[0], np.cumsum(counts)])
 
     def array_path(self, layer: int) -> str:
         return f"{self.name}/layer_{layer:02d}"
