@@ -91,7 +91,7 @@ def make_tensors(seed: int, rows: ShardRows) -> dict:
     return out
 
 
-def specs(hidden_dtype="float16", attention_dtype="float16", codec="zstd", quantization=None) -> list[TensorSpec]:
+def specs(hidden_dtype="float16", attention_dtype="float16", codec="auto", quantization=None) -> list[TensorSpec]:
     return [
         TensorSpec("hidden", (1, 3), ("L", WIDTH), dtype=hidden_dtype, codec=codec),
         TensorSpec("attn", (1, 3), (HEADS, "L", "L"), dtype=attention_dtype, codec=codec, quantization=quantization),
@@ -146,11 +146,12 @@ class CacheStoreContract:
         "options",
         [
             {},
+            {"codec": "zstd"},
             {"hidden_dtype": "float32", "attention_dtype": "float32", "codec": "none"},
             {"hidden_dtype": "bfloat16", "attention_dtype": "bfloat16"},
             {"quantization": "sqrt-uint8"},
         ],
-        ids=["float16", "float32-raw", "bfloat16", "sqrt-uint8"],
+        ids=["float16", "float16-zstd", "float32-raw", "bfloat16", "sqrt-uint8"],
     )
     def test_round_trip(self, cache_url, options):
         manifest = fill(new_writer(cache_url, **options))
