@@ -151,7 +151,7 @@ class Objective(nn.Module):
                 value = sum(
                     HIDDEN_TERMS[term.kind](
                         self.projections[str(s)](out.hidden_states[s]),
-                        batch[tensor_key(HIDDEN, t, self.feature_teacher)],
+                        batch[tensor_key(HIDDEN, t, self.feature_teacher)].float(),  # float16 as the cache stores it
                         mask,
                     )
                     for s, t in self.hidden_pairs
@@ -160,7 +160,7 @@ class Objective(nn.Module):
                 value = sum(
                     ATTENTION_TERMS[term.kind](
                         self._student_maps(out.attentions[s - 1]),
-                        batch[tensor_key(ATTENTION, t, self.feature_teacher)],
+                        batch[tensor_key(ATTENTION, t, self.feature_teacher)].float(),  # float16 as the cache stores it
                         mask,
                     )
                     for s, t in self.attention_pairs
