@@ -10,7 +10,8 @@ included). After one warm-up of each, the modes run in turn for ``--rounds`` rou
 rounds.py); rates are the median over rounds, with their spread.
 
 "Per core" divides by the processes that build batches: the main process with 0 workers, the
-workers otherwise (the main process then only receives them).
+workers otherwise (the main process then only receives them). The time to the first batch
+is reported beside: with workers, it includes starting them.
 
     python bench/loader.py [--config configs/demo.yaml] [--rounds 5] [--json]
 """
@@ -49,13 +50,15 @@ def main() -> None:
     wanted = [(0, "hidden_states", layer) for layer in student.teacher_layers]
     stream = student_stream(cfg, CacheSource(cache.cache, "train"), cache, seed=0, kd=True, wanted=wanted)
     pin = torch.cuda.is_available()
-    counts = {}
+    counts, first = {}, {workers: [] for workers in WORKERS}
 
     def epoch(workers: int):
         def run() -> float:
             start = time.perf_counter()
             examples = batch_bytes = 0
             for batch in stream.loader(0, workers=workers, pin_memory=pin):
+                if not examples:
+                    first[workers].append(time.perf_counter() - start)
                 examples += len(batch["input_ids"])
                 batch_bytes += sum(value.nbytes for value in batch.values())
             counts[workers] = examples, batch_bytes
@@ -81,6 +84,7 @@ def main() -> None:
         figures[f"{key}_examples_per_s_max"] = round(float(rates.max()), 1)
         figures[f"{key}_examples_per_s_per_core"] = round(float(np.median(rates)) / cores, 1)
         figures[f"{key}_batch_mb_s"] = round(float(np.median(rates)) * counts[workers][1] / counts[workers][0] / 1e6, 1)
+        figures[f"{key}_first_batch_ms"] = round(1e3 * float(np.median(first[workers])), 1)
     print_table(figures)
     if args.json:
         print(json.dumps(figures))
@@ -94,7 +98,7 @@ def print_table(figures: dict) -> None:
              f"{figures['layers']}, {'pinned' if figures['pinned'] else 'not pinned (no GPU)'}; median of "
              f"{figures['rounds']} interleaved rounds (min-max)")  # fmt: skip
     table = Table(title=title)
-    for column in ("loader workers", "examples/s", "examples/s per core", "batch MB/s"):
+    for column in ("loader workers", "examples/s", "examples/s per core", "batch MB/s", "first batch ms"):
         table.add_column(column, justify="right")
     for workers in WORKERS:
         key = f"loader_w{workers}"
@@ -104,6 +108,7 @@ def print_table(figures: dict) -> None:
             f"{figures[f'{key}_examples_per_s_max']:.0f})",
             f"{figures[f'{key}_examples_per_s_per_core']:.0f}",
             f"{figures[f'{key}_batch_mb_s']:.0f}",
+            f"{figures[f'{key}_first_batch_ms']:.0f}",
         )
     Console().print(table)
 

@@ -229,11 +229,22 @@ class StudentStream(IterableDataset):
         self._epoch, self._start = epoch, start
         return self
 
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Iterator[Batch] | Iterator[Handed]:
+        """The planned batches; in a DataLoader worker, its share of them, handed over in groups (``_Handover``)."""
+        planned = self.plan(self._epoch)[self._start :]
         info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        mine = self.plan(self._epoch)[self._start :][worker::workers]
-        runs = [(shard, [rows for _, rows in group]) for shard, group in itertools.groupby(mine, key=lambda b: b[0])]
+        if info is None:
+            yield from self._batches(planned)
+            return
+        size = max(1, HANDOVER_ROWS // self.batch_size)
+        groups = [planned[i : i + size] for i in range(0, len(planned), size)][info.id :: info.num_workers]
+        batches, handover = self._batches([b for group in groups for b in group]), _Handover(info.id, info.num_workers)
+        for group in groups:
+            yield handover([next(batches) for _ in group])
+
+    def _batches(self, planned: list[tuple[int, np.ndarray]]) -> Iterator[Batch]:
+        """The ``planned`` batches, each shard read on a thread while the batches of the one before are built."""
+        runs = [(shard, [rows for _, rows in group]) for shard, group in itertools.groupby(planned, key=lambda b: b[0])]
         with ThreadPoolExecutor(1) as reader:  # reads (I/O, checksums, decoding) the next shard meanwhile
             reading = self.distribution is not None
             following = reader.submit(self.source.read, runs[0][0], self.wanted, reading) if runs else None
@@ -242,7 +253,7 @@ class StudentStream(IterableDataset):
                 if i + 1 < len(runs):
                     following = reader.submit(self.source.read, runs[i + 1][0], self.wanted, reading)
                 for rows in batches:
-                    yield _packed(self._collate(data, rows)) if info else self._collate(data, rows)
+                    yield self._collate(data, rows)
 
     def _collate(self, teachers: list[ShardData], rows: np.ndarray) -> Batch:
         """input_ids, attention_mask (B, T), the task's columns (label: (B,) or (B, T), ...) and each
@@ -265,10 +276,11 @@ class StudentStream(IterableDataset):
 
     def loader(self, epoch: int, start: int = 0, *, workers: int = 0, pin_memory: bool = False) -> Iterable[Batch]:
         """The batches of ``epoch`` from batch ``start`` through a DataLoader, in plan order for any ``workers``
-        (their batches come packed, see ``_packed``)."""
-        loader = DataLoader(self.at(epoch, start), batch_size=None, num_workers=workers, pin_memory=pin_memory,
-                            prefetch_factor=2 if workers else None, persistent_workers=False)  # fmt: skip
-        return map(_unpacked, loader) if workers else loader
+        (whose batches come through ``_Handover``, and are pinned as they are taken)."""
+        loader = DataLoader(self.at(epoch, start), batch_size=None, num_workers=workers,
+                            pin_memory=pin_memory and not workers, prefetch_factor=PREFETCH if workers else None,
+                            persistent_workers=False)  # fmt: skip
+        return itertools.chain.from_iterable(map(_Taker(pin_memory), loader)) if workers else loader
 
 
 def pad_distributions(
@@ -299,30 +311,72 @@ def pad_distributions(
     return {distribution_key(name): torch.from_numpy(value) for name, value in out.items()}
 
 
-Packed = tuple[torch.Tensor, tuple]  # a batch as one flat byte tensor and each tensor's (key, dtype, shape, offset)
+PREFETCH = 2  # handovers each DataLoader worker prepares ahead of the training process
+HANDOVER_ROWS = 256  # a worker hands its batches over in groups of about this many rows (one batch at least)
+Layout = tuple[tuple[str, torch.dtype, tuple[int, ...], int], ...]  # per batch: each tensor's key, dtype, shape, offset
+Handed = tuple[int, int, torch.Tensor | None, int, tuple[Layout, ...]]  # worker, slot, the slot if new, bytes, layouts
 
 
-def _packed(batch: Batch) -> Packed:
-    """A worker's batch as one tensor in shared memory. DataLoader hands a worker's tensors over one by
-    one, each in a shared-memory file of its own (made, faulted in and its descriptor sent): one per
-    batch lets workers deliver 1.5 to 2 times as many examples (bench/loader.py, the demo's batches)."""
-    sizes = [-(-tensor.nbytes // 64) * 64 for tensor in batch.values()]  # each tensor 64-byte aligned
-    flat = torch.empty(sum(sizes), dtype=torch.uint8).share_memory_()
-    layout, offset = [], 0
-    for (key, tensor), size in zip(batch.items(), sizes, strict=True):
-        flat[offset : offset + tensor.nbytes].view(tensor.dtype).view(tensor.shape).copy_(tensor)
-        layout.append((key, tensor.dtype, tuple(tensor.shape), offset))
-        offset += size
-    return flat, tuple(layout)
+class _Handover:
+    """How a DataLoader worker hands its batches to the training process: a group of batches at a time
+    (``HANDOVER_ROWS``), copied into a shared-memory slot that it reuses; only the slot's number and the
+    layout cross over (a new slot once, when first used). DataLoader itself would put every tensor of
+    every batch into a shared-memory file of its own, made and faulted in each time (about 1 ms a MB
+    here, more than building the batch), and pass each batch through its queues.
+
+    DataLoader gives the workers at most ``PREFETCH`` x workers groups to prepare beyond those the
+    training process has taken, and that process copies each group out as it takes it (``_Taker``); so
+    with that many slots per worker, plus one for the group being copied out and one spare, a slot is
+    never rewritten before its group was copied out.
+    """
+
+    def __init__(self, worker: int, workers: int):
+        self.worker, self.count = worker, PREFETCH * workers + 2
+        self.slots: list[torch.Tensor] = []
+        self.handed = 0
+
+    def __call__(self, batches: list[Batch]) -> Handed:
+        total = sum(_aligned(tensor.nbytes) for batch in batches for tensor in batch.values())
+        slot = self.handed % self.count
+        self.handed += 1
+        new = None
+        if slot == len(self.slots) or self.slots[slot].numel() < total:
+            new = torch.empty(total + total // 4, dtype=torch.uint8).share_memory_()  # room for longer batches
+            self.slots[slot : slot + 1] = [new]  # a new slot, or a larger one in its place
+        layouts, offset = [], 0
+        for batch in batches:
+            layout = []
+            for key, tensor in batch.items():
+                self.slots[slot][offset : offset + tensor.nbytes].view(tensor.dtype).view(tensor.shape).copy_(tensor)
+                layout.append((key, tensor.dtype, tuple(tensor.shape), offset))
+                offset += _aligned(tensor.nbytes)
+            layouts.append(tuple(layout))
+        return self.worker, slot, new, total, tuple(layouts)
 
 
-def _unpacked(packed: Packed) -> Batch:
-    """Undo ``_packed``: the batch's tensors as views of the flat one (pinned with it, where it was)."""
-    flat, layout = packed
-    return {
-        key: flat[offset : offset + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
-        for key, dtype, shape, offset in layout
-    }
+def _aligned(nbytes: int) -> int:
+    """Bytes a tensor takes in a slot: rounded up to 64, so every tensor's view starts aligned."""
+    return -(-nbytes // 64) * 64
+
+
+class _Taker:
+    """The training process's side of ``_Handover``: each group copied out of its slot (into pinned memory
+    with ``pin``), its batches' tensors views of the copy."""
+
+    def __init__(self, pin: bool):
+        self.pin, self.slots = pin, {}
+
+    def __call__(self, handed: Handed) -> list[Batch]:
+        worker, slot, new, total, layouts = handed
+        if new is not None:
+            self.slots[worker, slot] = new
+        flat = torch.empty(total, dtype=torch.uint8, pin_memory=self.pin)
+        flat.copy_(self.slots[worker, slot][:total])
+        return [
+            {key: flat[offset : offset + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
+             for key, dtype, shape, offset in layout}
+            for layout in layouts
+        ]  # fmt: skip
 
 
 def _pad_tensors(arrays: list[np.ndarray], longest: int, name: str) -> torch.Tensor:

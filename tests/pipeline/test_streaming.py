@@ -13,6 +13,7 @@ import torch
 from cache_store import open_cache
 from pipeline.config import ConfigError, Curriculum, Selection
 from pipeline.inspection import TeacherStats
+from pipeline.student import streaming
 from pipeline.student.distill import run_distill
 from pipeline.student.streaming import CacheSource, StudentStream, row_selection
 from pipeline.tasks import SEQUENCE_CLASSIFICATION
@@ -59,11 +60,17 @@ def test_an_epoch_streams_every_row_once_in_an_order_set_by_seed_and_epoch(sourc
     assert first["hidden_states/2"].shape[:2] == first["input_ids"].shape and first["teacher_logits"].shape[1] == 2
 
 
-def test_workers_and_a_resumed_start_give_exactly_the_planned_batches(source):
-    s = stream(source)
+def test_workers_and_a_resumed_start_give_exactly_the_planned_batches(source, monkeypatch):
+    s = stream(source, batch_size=2)
     alone = list(s.loader(1))
-    same_batches(list(s.loader(1, workers=2)), alone)
+    monkeypatch.setattr(streaming, "HANDOVER_ROWS", 4)  # groups of 2 batches, inherited by the forked workers
+    slots = streaming.PREFETCH * 2 + 2
+    assert len(alone) > 2 * 2 * slots  # every worker reuses each of its slots, and grows some for longer batches
+    assert alone[0]["hidden_states/2"].dtype == torch.float16  # as the cache stores them
+    same_batches(list(s.loader(1, workers=2)), alone)  # held, not overwritten by later handovers
     same_batches(list(s.loader(1, 5, workers=2)), alone[5:])
+    monkeypatch.setattr(streaming, "HANDOVER_ROWS", 1000)  # one group per worker
+    same_batches(list(s.loader(1, workers=2)), alone)
 
 
 def test_ranks_get_disjoint_equal_length_parts(source):
