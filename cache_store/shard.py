@@ -411,10 +411,11 @@ def _read_arrays(location: Location, entry: ShardEntry, paths: list[str], metada
             parts = [np.frombuffer(files[n], dtype).reshape(chunk_shape) for n in names]
         except ValueError as e:
             raise CacheFormatError(f"shard {entry.path}: {path} does not match its zarr.json ({e})") from e
-        rows = entry.arrays[f"{TENSORS_DIR}/{path}"][0]
-        arrays[path] = (
-            parts[0] if len(parts) == 1 else np.concatenate([np.zeros((0, *chunk_shape[1:]), dtype), *parts])
-        )[:rows]
+        if len(parts) == 1:  # the usual case: the array is the chunk's own pages (the last chunk's zero fill cut)
+            whole = parts[0]
+        else:  # several chunks (past 256 MB, or written before), or none (no rows)
+            whole = np.concatenate([np.zeros((0, *chunk_shape[1:]), dtype), *parts])
+        arrays[path] = whole[: entry.arrays[f"{TENSORS_DIR}/{path}"][0]]
     by_zarr = [path for path, layout in layouts.items() if layout is None]
     if by_zarr:
         prefixes = tuple(f"{TENSORS_DIR}/{path}/" for path in by_zarr)
