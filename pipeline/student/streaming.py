@@ -12,9 +12,9 @@ row statistics alone, deterministically from ``(seed, epoch)``:
 
 Every rank gets the same number of batches (the fewest any rank has), as DDP needs. The
 plan is a list, so a resumed run starts at its batch number without reading what came
-before, and DataLoader workers each build every W-th batch: the order is the plan's,
-whatever the number of workers. Reads are whole shards, sequential and verified; each
-worker keeps the shard it is on and reads its next one on a thread meanwhile.
+before, and DataLoader workers each build every W-th group of batches (``_Handover``): the
+order is the plan's, whatever the number of workers. Reads are whole shards, verified; the
+process building batches keeps the shard it is on and reads its next one on a thread meanwhile.
 """
 
 from __future__ import annotations
